@@ -166,3 +166,34 @@ def _vision_config(raw: dict, source: str) -> VisionConfig:
         layer_norm_eps=float(raw.get("layer_norm_eps", 1e-6)),
         hidden_act=raw.get("hidden_act", "gelu_pytorch_tanh"),
     )
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. temperature 0 (or do_sample False) means greedy."""
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0              # 0: no top-k filter
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    do_sample: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self):
+        from .errors import InputError
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "max_new_tokens must be an integer >= 0"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(f"SamplingParams: {message} (got {self})")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0

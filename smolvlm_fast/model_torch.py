@@ -1,0 +1,328 @@
+"""The PyTorch forward of SmolVLM (idefics3 / smolvlm) and of text-only Llama models.
+
+The model never sees requests: it gets packed token ids, positions and a `ForwardBatch` (slot mapping,
+block tables, sequence lengths) built by the engine, plus the KV cache tensors allocated outside it.
+Every hot op goes through `smolvlm_fast.ops`.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import ops
+from .cache import StepMetadata
+from .config import ModelConfig, TextConfig, VisionConfig
+from .errors import CheckpointError, InputError
+from .weights.layout import check_complete, check_tensor, tensor_shapes
+
+
+@dataclass
+class ForwardBatch:
+    """Attention metadata of one step, as tensors on the model's device."""
+    positions: torch.Tensor          # [T] int32
+    slot_mapping: torch.Tensor       # [T] int32
+    block_tables: torch.Tensor       # [num_seqs, max_blocks] int32
+    seq_lens: torch.Tensor           # [num_seqs] int32
+    query_start_loc: torch.Tensor    # [num_seqs + 1] int32
+    last_token_indices: torch.Tensor  # [num_seqs] int64
+
+    @classmethod
+    def from_metadata(cls, meta: StepMetadata, device) -> "ForwardBatch":
+        def i32(values):
+            return torch.tensor(values, dtype=torch.int32, device=device)
+        return cls(i32(meta.positions), i32(meta.slot_mapping), i32(meta.block_tables), i32(meta.seq_lens),
+                   i32(meta.query_start_loc), torch.tensor(meta.last_token_indices, dtype=torch.long, device=device))
+
+
+# ---------------------------------------------------------------- vision encoder (SigLIP, variable size)
+
+class VisionLayer(nn.Module):
+    def __init__(self, v: VisionConfig):
+        super().__init__()
+        D = v.hidden_size
+        self.heads, self.eps = v.num_attention_heads, v.layer_norm_eps
+        self.layer_norm1, self.layer_norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.qkv = nn.Linear(D, 3 * D)
+        self.out_proj = nn.Linear(D, D)
+        self.fc1 = nn.Linear(D, v.intermediate_size)
+        self.fc2 = nn.Linear(v.intermediate_size, D)
+
+    def forward(self, x, key_mask):
+        B, N, D = x.shape
+        h = ops.layer_norm(x, self.layer_norm1.weight, self.layer_norm1.bias, self.eps)
+        q, k, v = self.qkv(h).view(B, N, 3, self.heads, D // self.heads).unbind(2)  # 3 x [B, N, H, Dh]
+        attn = ops.rope_attention(q, k, v, causal=False, key_mask=key_mask)  # [B, N, H, Dh]
+        x = x + self.out_proj(attn.reshape(B, N, D))
+        h = ops.layer_norm(x, self.layer_norm2.weight, self.layer_norm2.bias, self.eps)
+        return x + self.fc2(ops.gelu_tanh(self.fc1(h)))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, v: VisionConfig):
+        super().__init__()
+        self.config = v
+        self.patch_weight = nn.Parameter(torch.empty(v.hidden_size, v.num_channels, v.patch_size, v.patch_size))
+        self.patch_bias = nn.Parameter(torch.empty(v.hidden_size))
+        self.position_embedding = nn.Parameter(torch.empty(v.patches_per_side**2, v.hidden_size))
+        self.layers = nn.ModuleList(VisionLayer(v) for _ in range(v.num_hidden_layers))
+        self.post_layernorm = nn.LayerNorm(v.hidden_size)
+
+    def forward(self, pixels, patch_mask):
+        """pixels [N, C, H, W], patch_mask [N, H/P, W/P] bool -> [N, (H/P)*(W/P), D]."""
+        position_ids = bucketed_position_ids(patch_mask, self.config.patches_per_side)  # [N, h*w]
+        x = ops.patch_embed(pixels, self.patch_weight, self.patch_bias, self.position_embedding, position_ids)
+        key_mask = None if bool(patch_mask.all()) else patch_mask.flatten(1)  # [N, h*w]
+        for layer in self.layers:
+            x = layer(x, key_mask)
+        return ops.layer_norm(x, self.post_layernorm.weight, self.post_layernorm.bias, self.config.layer_norm_eps)
+
+
+def bucketed_position_ids(patch_mask, patches_per_side):
+    """Position ids of a variable-size image: fractional patch coordinates bucketed onto the learned grid.
+
+    patch_mask [N, h, w] bool -> [N, h*w] int64; padding patches get 0 (as transformers does).
+    """
+    N, h, w = patch_mask.shape
+    device = patch_mask.device
+    boundaries = torch.arange(1 / patches_per_side, 1.0, 1 / patches_per_side, device=device)
+    rows = patch_mask[:, :, 0].sum(1)  # [N] patches per column of real image
+    cols = patch_mask[:, 0, :].sum(1)  # [N]
+    frac_h = torch.arange(h, device=device, dtype=torch.float32)[None] * (1.0 / rows)[:, None]  # [N, h]
+    frac_w = torch.arange(w, device=device, dtype=torch.float32)[None] * (1.0 / cols)[:, None]  # [N, w]
+    bucket_h = torch.bucketize(frac_h.clamp(max=1.0 - 1e-6), boundaries, right=True)
+    bucket_w = torch.bucketize(frac_w.clamp(max=1.0 - 1e-6), boundaries, right=True)
+    ids = (bucket_h[:, :, None] * patches_per_side + bucket_w[:, None, :]).reshape(N, -1)  # [N, h*w]
+    return torch.where(patch_mask.reshape(N, -1), ids, torch.zeros_like(ids))
+
+
+def pixel_shuffle(x, scale):
+    """[N, S, D] -> [N, S/scale^2, D*scale^2], grouping scale x scale neighbouring patches (transformers' order)."""
+    N, S, D = x.shape
+    side = int(S**0.5)
+    x = x.view(N, side, side // scale, D * scale).permute(0, 2, 1, 3)
+    x = x.reshape(N, side // scale, side // scale, D * scale * scale).permute(0, 2, 1, 3)
+    return x.reshape(N, S // scale**2, D * scale**2)
+
+
+# ---------------------------------------------------------------- Llama decoder
+
+class TextLayer(nn.Module):
+    def __init__(self, t: TextConfig):
+        super().__init__()
+        D, Dh = t.hidden_size, t.head_dim
+        self.t = t
+        self.q_size, self.kv_size = t.num_attention_heads * Dh, t.num_key_value_heads * Dh
+        self.input_layernorm = nn.Parameter(torch.empty(D))
+        self.post_attention_layernorm = nn.Parameter(torch.empty(D))
+        self.qkv_proj = nn.Linear(D, self.q_size + 2 * self.kv_size, bias=t.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, D, bias=False)
+        self.gate_up_proj = nn.Linear(D, 2 * t.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(t.intermediate_size, D, bias=False)
+
+    def attention(self, x, batch: ForwardBatch, kv_cache, cos_sin):
+        T, Dh = x.shape[0], self.t.head_dim
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = q.view(T, -1, Dh), k.view(T, -1, Dh), v.view(T, -1, Dh)  # [T, H, Dh]
+        k_cache, v_cache = kv_cache
+        ops.write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping, cos_sin=cos_sin, positions=batch.positions)
+        out = ops.paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
+                                  query_start_loc=batch.query_start_loc, cos_sin=cos_sin, positions=batch.positions)
+        return self.o_proj(out.reshape(T, self.q_size))
+
+    def forward(self, x, residual, batch, kv_cache, cos_sin):
+        eps = self.t.rms_norm_eps
+        if residual is None:
+            x, residual = ops.rms_norm(x, self.input_layernorm, eps), x
+        else:
+            x, residual = ops.rms_norm(x, self.input_layernorm, eps, residual)
+        x = self.attention(x, batch, kv_cache, cos_sin)
+        x, residual = ops.rms_norm(x, self.post_attention_layernorm, eps, residual)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x))), residual
+
+
+class TextModel(nn.Module):
+    def __init__(self, t: TextConfig):
+        super().__init__()
+        self.t = t
+        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.layers = nn.ModuleList(TextLayer(t) for _ in range(t.num_hidden_layers))
+        self.norm = nn.Parameter(torch.empty(t.hidden_size))
+        self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+
+    def rope(self, max_position: int):
+        """The [positions, head_dim] cos/sin table, grown on demand."""
+        if self.cos_sin.shape[0] < max_position:
+            size = min(max(max_position, 2 * self.cos_sin.shape[0]), self.t.max_position_embeddings)
+            self.cos_sin = ops.rope_table(self.t.head_dim, max(size, max_position), self.t.rope_theta,
+                                          device=self.embed_tokens.weight.device)
+        return self.cos_sin
+
+    def forward(self, embeds, batch: ForwardBatch, kv_caches):
+        """embeds [T, D] -> final hidden states [T, D]."""
+        cos_sin = self.rope(int(batch.seq_lens.max()))
+        x, residual = embeds, None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, batch, kv_cache, cos_sin)
+        return ops.rms_norm(x, self.norm, self.t.rms_norm_eps, residual)[0]
+
+
+# ---------------------------------------------------------------- the whole model
+
+class SmolVLM(nn.Module):
+    """SmolVLM (vision encoder + connector + Llama decoder), or a text-only Llama when config.vision is None."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        t = config.text
+        self.vision = VisionEncoder(config.vision) if config.is_vlm else None
+        if config.is_vlm:
+            self.connector = nn.Linear(config.vision.hidden_size * config.scale_factor**2, t.hidden_size, bias=False)
+        self.text = TextModel(t)
+        self.lm_head = None if t.tie_word_embeddings else nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+
+    @property
+    def device(self):
+        return self.text.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.text.embed_tokens.weight.dtype
+
+    def encode_images(self, pixels, patch_mask):
+        """pixels [N, C, H, W], patch_mask [N, H/P, W/P] -> image features [N * image_seq_len, D_text]."""
+        hidden = self.vision(pixels.to(self.dtype), patch_mask)  # [N, S, Dv]
+        features = self.connector(pixel_shuffle(hidden, self.config.scale_factor))  # [N, S/s^2, D]
+        return features.reshape(-1, features.shape[-1])
+
+    def embed(self, input_ids, image_features=None):
+        """input_ids [T] -> [T, D], with image features written over the <image> tokens in order."""
+        embeds = self.text.embed_tokens(input_ids)
+        if self.config.is_vlm:
+            is_image = input_ids == self.config.image_token_id
+            n_tokens, n_features = int(is_image.sum()), 0 if image_features is None else image_features.shape[0]
+            if n_tokens != n_features:
+                raise InputError(f"the prompt has {n_tokens} <image> tokens but the images give {n_features} "
+                                 "features: expand prompts with the processor, one <image> per image")
+            if n_tokens:
+                embeds = embeds.masked_scatter(is_image[:, None], image_features.to(embeds.dtype))
+        return embeds
+
+    def forward(self, input_ids, batch: ForwardBatch, kv_caches, image_features=None):
+        """Packed input_ids [T] -> hidden states [T, D]; writes the new tokens' K/V into kv_caches."""
+        return self.text(self.embed(input_ids, image_features), batch, kv_caches)
+
+    def compute_logits(self, hidden):
+        weight = self.text.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return hidden @ weight.T  # [n, vocab]
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype=None):
+        """One (k_cache, v_cache) pair of [num_blocks, block_size, kv_heads, head_dim] per decoder layer."""
+        t = self.config.text
+        shape = (num_blocks, block_size, t.num_key_value_heads, t.head_dim)
+        dtype = dtype or self.dtype
+        return [(torch.empty(shape, dtype=dtype, device=self.device), torch.empty(shape, dtype=dtype, device=self.device))
+                for _ in range(t.num_hidden_layers)]
+
+
+# ---------------------------------------------------------------- loading
+
+def _parameter_for(hf_name: str, config: ModelConfig):
+    """Map a Hugging Face tensor name to (our parameter name, part index in a fused parameter or None)."""
+    text_prefix = "model.text_model." if config.is_vlm else "model."
+    fused = {"self_attn.q_proj": ("qkv_proj", 0), "self_attn.k_proj": ("qkv_proj", 1),
+             "self_attn.v_proj": ("qkv_proj", 2), "mlp.gate_proj": ("gate_up_proj", 0),
+             "mlp.up_proj": ("gate_up_proj", 1), "self_attn.o_proj": ("o_proj", None),
+             "mlp.down_proj": ("down_proj", None)}
+    vision_fused = {"self_attn.q_proj": ("qkv", 0), "self_attn.k_proj": ("qkv", 1), "self_attn.v_proj": ("qkv", 2),
+                    "self_attn.out_proj": ("out_proj", None), "mlp.fc1": ("fc1", None), "mlp.fc2": ("fc2", None)}
+    renames = {"model.vision_model.embeddings.patch_embedding.weight": "vision.patch_weight",
+               "model.vision_model.embeddings.patch_embedding.bias": "vision.patch_bias",
+               "model.vision_model.embeddings.position_embedding.weight": "vision.position_embedding",
+               "model.connector.modality_projection.proj.weight": "connector.weight",
+               f"{text_prefix}norm.weight": "text.norm", "lm_head.weight": "lm_head.weight",
+               f"{text_prefix}embed_tokens.weight": "text.embed_tokens.weight"}
+    if hf_name in renames:
+        return renames[hf_name], None
+    if hf_name.startswith("model.vision_model."):
+        name = hf_name.removeprefix("model.vision_model.").replace("encoder.layers.", "layers.")
+        table, prefix = vision_fused, "vision."
+    elif hf_name.startswith(text_prefix):
+        name, table, prefix = hf_name.removeprefix(text_prefix), fused, "text."
+        if name.endswith("layernorm.weight"):
+            return prefix + name.removesuffix(".weight"), None
+    else:
+        return None, None
+    for hf_part, (ours, part) in table.items():
+        if f".{hf_part}." in f".{name}":
+            return prefix + name.replace(hf_part, ours), part
+    return prefix + name, None
+
+
+def load_weights(model: SmolVLM, tensors: Iterable[tuple[str, object]], source: str) -> None:
+    """Copy (hf_name, tensor) pairs into the model, checking names and shapes against the config."""
+    expected = tensor_shapes(model.config)
+    params = dict(model.named_parameters())
+    seen = set()
+    with torch.no_grad():
+        for hf_name, tensor in tensors:
+            if hf_name not in expected:
+                continue  # e.g. rotary inv_freq buffers or a tied lm_head copy
+            tensor = torch.as_tensor(tensor)
+            check_tensor(hf_name, tuple(tensor.shape), expected, source)
+            name, part = _parameter_for(hf_name, model.config)
+            target = params[name]
+            if part is not None:
+                size = tensor.shape[0]
+                offsets = _fused_offsets(model, name)
+                target = target[offsets[part]:offsets[part] + size]
+            target.copy_(tensor.to(target.dtype))
+            seen.add(hf_name)
+    check_complete(seen, expected, source)
+
+
+def _fused_offsets(model: SmolVLM, name: str) -> list[int]:
+    if name.startswith("vision."):
+        D = model.config.vision.hidden_size
+        return [0, D, 2 * D]
+    t = model.config.text
+    if "gate_up_proj" in name:
+        return [0, t.intermediate_size]
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    return [0, q, q + kv]
+
+
+def build_model(config: ModelConfig, tensors, source: str, device="cpu", dtype=torch.float32) -> SmolVLM:
+    """An empty model on `device` in `dtype`, filled from (hf_name, tensor) pairs."""
+    with torch.device("meta"):
+        model = SmolVLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    load_weights(model, tensors, source)
+    return model.eval()
+
+
+def image_features_per_row(model: SmolVLM, pixel_values, pixel_attention_mask=None) -> list:
+    """pixel_values [B, n, C, H, W] (all-zero padding images allowed) -> per batch row, its image features
+    [n_real * image_seq_len, D], exactly as transformers' get_image_features selects and masks them."""
+    if pixel_values.dim() != 5:
+        raise InputError(f"pixel_values must be [batch, images, channels, height, width], got {tuple(pixel_values.shape)}")
+    B, n, C, H, W = pixel_values.shape
+    P = model.config.vision.patch_size
+    if H < P or W < P:
+        raise InputError(f"pixel_values of {H}x{W} are smaller than one {P}x{P} patch")
+    flat = pixel_values.flatten(0, 1).to(model.device)  # [B*n, C, H, W]
+    real = (flat != 0).flatten(1).any(1)  # [B*n]: padding images are all zero
+    if pixel_attention_mask is None:
+        mask = torch.ones(int(real.sum()), H, W, dtype=torch.bool, device=model.device)
+    else:
+        mask = pixel_attention_mask.flatten(0, 1).to(model.device)[real].bool()  # [N, H, W]
+    h, w = H // P, W // P
+    patch_mask = mask[:, :h * P, :w * P].reshape(-1, h, P, w, P).any(dim=(2, 4))  # [N, h, w]
+    features = model.encode_images(flat[real], patch_mask) if bool(real.any()) else None
+    per_row = (real.view(B, n).sum(1) * model.config.image_seq_len).tolist()
+    return list(features.split(per_row)) if features is not None else [None] * B

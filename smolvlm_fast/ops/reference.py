@@ -1,0 +1,163 @@
+"""PyTorch reference implementations of every op in shared/KERNELS.md (plain torch, any device).
+
+They are the contract the Triton and CUDA kernels are tested against, and what the model runs where no
+kernel exists. Layouts are token-major: attention tensors are [..., tokens, heads, head_dim].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------- small ops
+
+def rms_norm(x, weight, eps, residual=None):
+    """y = weight * x / rms(x), computed in fp32 as transformers' LlamaRMSNorm; with residual, (y, x + residual)."""
+    if residual is not None:
+        x = x + residual
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    y = weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+    return y if residual is None else (y, x)
+
+
+def layer_norm(x, weight, bias, eps):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def silu_and_mul(x):
+    gate, up = x.chunk(2, dim=-1)  # [..., 2I] -> 2 x [..., I]
+    return F.silu(gate) * up
+
+
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+# ---------------------------------------------------------------- vision
+
+def patch_embed(pixels, weight, bias, pos_embed, position_ids, *, groups=1):
+    patch = weight.shape[-1]
+    out = F.conv2d(pixels, weight, bias, stride=patch, groups=groups)  # [B, D, H/P, W/P]
+    return _add_positions(out.flatten(2).transpose(1, 2), pos_embed, position_ids)  # [B, N, D]
+
+
+def dwsep_patch_embed(pixels, dw_weight, dw_bias, pw_weight, pw_bias, pos_embed, position_ids):
+    depthwise = patch_embed(pixels, dw_weight, dw_bias, None, None, groups=pixels.shape[1])  # [B, N, C]
+    return _add_positions(F.linear(depthwise, pw_weight, pw_bias), pos_embed, position_ids)  # [B, N, D]
+
+
+def _add_positions(x, pos_embed, position_ids):
+    """x [B, N, D] + pos_embed[position_ids]; position_ids None means arange(N)."""
+    if pos_embed is None:
+        return x
+    if position_ids is None:
+        position_ids = torch.arange(x.shape[1], device=x.device)[None]
+    return x + pos_embed[position_ids]
+
+
+# ---------------------------------------------------------------- rotary embedding
+
+def rope_table(rotary_dim: int, max_position: int, theta: float, device=None) -> torch.Tensor:
+    """[max_position, rotary_dim]: first half cos, second half sin, in fp32 as transformers computes them."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim))
+    freqs = torch.arange(max_position, device=device, dtype=torch.float32)[:, None] * inv_freq[None]  # [P, R/2]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def apply_rope(x, cos_sin, positions, rotary_dim=None):
+    """Rotate-half RoPE on the first rotary_dim features of each head. x [T, H, Dh], positions [T]."""
+    rotary_dim = rotary_dim or cos_sin.shape[-1]
+    half = rotary_dim // 2
+    table = cos_sin[positions.long()].to(x.dtype)  # [T, R]
+    cos, sin = table[:, None, :half], table[:, None, half:rotary_dim]  # [T, 1, R/2]
+    x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+# ---------------------------------------------------------------- attention
+
+def _attend(q, k, v, mask, scale):
+    """q [Sq, Hq, Dh], k/v [Sk, Hkv, Dh], mask [Sq, Sk] bool (True = attend) or None -> [Sq, Hq, Dh]."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [Hq, Sq, Sk]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.einsum("hqk,khd->qhd", probs, v)
+
+
+def rope_attention(q, k, v, *, cos_sin=None, positions=None, rotary_dim=None, causal=True, scale=None,
+                   seq_lens=None, key_mask=None):
+    """q [B, S, Hq, Dh], k/v [B, S, Hkv, Dh] -> [B, S, Hq, Dh].
+
+    key_mask [B, S] bool (extension): keys that may be attended, for the vision encoder's 2-D patch masks.
+    """
+    B, S, Hq, Dh = q.shape
+    scale = Dh**-0.5 if scale is None else scale
+    if cos_sin is not None:
+        pos = positions.reshape(-1)
+        q = apply_rope(q.reshape(B * S, Hq, Dh), cos_sin, pos, rotary_dim).reshape(q.shape)
+        k = apply_rope(k.reshape(B * S, -1, Dh), cos_sin, pos, rotary_dim).reshape(k.shape)
+    idx = torch.arange(S, device=q.device)
+    out = torch.empty_like(q)
+    for b in range(B):
+        keep = torch.ones(S, S, dtype=torch.bool, device=q.device)
+        if causal:
+            keep &= idx[None, :] <= idx[:, None]
+        if seq_lens is not None:
+            keep &= idx[None, :] < seq_lens[b]
+        if key_mask is not None:
+            keep &= key_mask[b][None, :]
+        out[b] = _attend(q[b], k[b], v[b], None if bool(keep.all()) else keep, scale)
+        if seq_lens is not None:
+            out[b, int(seq_lens[b]):] = 0
+    return out
+
+
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, cos_sin=None, positions=None, rotary_dim=None):
+    """k/v [T, Hkv, Dh] -> k_cache/v_cache [num_blocks, block_size, Hkv, Dh] at slot_mapping [T] (-1 skips)."""
+    if cos_sin is not None:
+        k = apply_rope(k, cos_sin, positions, rotary_dim)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start_loc=None, cos_sin=None,
+                    positions=None, rotary_dim=None, scale=None):
+    """Packed queries q [T, Hq, Dh] over the paged cache -> [T, Hq, Dh].
+
+    Query j of sequence s (q_len_s queries) sits at position seq_lens[s] - q_len_s + j and sees keys <= it.
+    """
+    T, Hq, Dh = q.shape
+    block_size = k_cache.shape[1]
+    scale = Dh**-0.5 if scale is None else scale
+    if cos_sin is not None:
+        q = apply_rope(q, cos_sin, positions, rotary_dim)
+    if query_start_loc is None:
+        query_start_loc = torch.arange(T + 1, device=q.device)
+    starts = query_start_loc.tolist()
+    out = torch.empty_like(q)
+    for s, seq_len in enumerate(seq_lens.tolist()):
+        q_s = q[starts[s]:starts[s + 1]]  # [q_len, Hq, Dh]
+        blocks = block_tables[s, :(seq_len + block_size - 1) // block_size].long()
+        k_s = k_cache[blocks].flatten(0, 1)[:seq_len]  # [seq_len, Hkv, Dh]
+        v_s = v_cache[blocks].flatten(0, 1)[:seq_len]
+        q_pos = seq_len - q_s.shape[0] + torch.arange(q_s.shape[0], device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, seq_len]
+        out[starts[s]:starts[s + 1]] = _attend(q_s, k_s.to(q.dtype), v_s.to(q.dtype), mask, scale)
+    return out
+
+
+def cross_attention(q, k, v, *, kv_lens=None, scale=None):
+    """Text queries q [B, S, Hq, Dh] over image keys/values k/v [B, T, Hkv, Dh], not causal."""
+    B, S, _, Dh = q.shape
+    scale = Dh**-0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    for b in range(B):
+        n = k.shape[1] if kv_lens is None else int(kv_lens[b])
+        out[b] = _attend(q[b], k[b, :n], v[b, :n], None, scale)
+    return out
