@@ -1,0 +1,15 @@
+"""smolvlm_fast: a fast inference engine for SmolVLM. Change one import in transformers code:
+
+    from smolvlm_fast import AutoProcessor, AutoModelForVision2Seq
+"""
+from .auto import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForVision2Seq, AutoProcessor,
+                   AutoTokenizer, SmolVLMForConditionalGeneration)
+from .config import ModelConfig, SamplingParams
+from .errors import CheckpointError, InputError, SmolVLMError
+from .streaming import TextStreamer
+
+__version__ = "0.1.0"
+
+__all__ = ["AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoProcessor",
+           "AutoTokenizer", "SmolVLMForConditionalGeneration", "ModelConfig", "SamplingParams", "CheckpointError",
+           "InputError", "SmolVLMError", "TextStreamer", "__version__"]

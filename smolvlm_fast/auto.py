@@ -201,3 +201,31 @@ def _read_generation_config(model_dir: Path) -> dict:
     keep = ("eos_token_id", "pad_token_id", "bos_token_id", "do_sample", "temperature", "top_k", "top_p",
             "repetition_penalty", "max_new_tokens")
     return {k: raw[k] for k in keep if raw.get(k) is not None}
+
+
+class AutoTokenizer:
+    @staticmethod
+    def from_pretrained(pretrained_model_name_or_path=None, *, gguf_file=None, **_ignored):
+        from .tokenizer import Tokenizer
+
+        location = checkpoint_location(pretrained_model_name_or_path, gguf_file)
+        if location.suffix == ".gguf":
+            from .weights.gguf import load_gguf_tokenizer
+            return load_gguf_tokenizer(location)
+        return Tokenizer.from_pretrained(location)
+
+
+class AutoProcessor:
+    """A SmolVLM Processor where the checkpoint has one; otherwise (text-only models) the tokenizer."""
+
+    @staticmethod
+    def from_pretrained(pretrained_model_name_or_path=None, *, gguf_file=None, **kwargs):
+        from .processor import Processor
+
+        location = checkpoint_location(pretrained_model_name_or_path, gguf_file)
+        if location.is_dir() and any((location / f).exists() for f in ("processor_config.json", "preprocessor_config.json")):
+            return Processor.from_pretrained(location, **kwargs)
+        return AutoTokenizer.from_pretrained(location)
+
+
+AutoModelForVision2Seq = AutoModelForImageTextToText = AutoModelForCausalLM = SmolVLMForConditionalGeneration
