@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, SamplingParams
-from .engine import Request, generate as run_generation, new_cache, prefill
+from .engine import Request, check_requests, generate as run_generation, new_cache, prefill
 from .errors import CheckpointError, InputError
 from .model_torch import SmolVLM, build_model, image_features_per_row
 from .weights.hub import resolve_model
@@ -114,7 +114,9 @@ class SmolVLMForConditionalGeneration:
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None) -> ModelOutput:
         """Logits for every position of a (padded) batch; padding positions get zeros."""
-        requests, keep = self._requests(input_ids, attention_mask, pixel_values, pixel_attention_mask, SamplingParams())
+        requests, keep = self._requests(input_ids, attention_mask, pixel_values, pixel_attention_mask,
+                                        SamplingParams(max_new_tokens=0))
+        check_requests(self.model, requests)
         cache, kv = new_cache(self.model, [len(r.prompt_ids) for r in requests], self.block_size)
         hidden, _ = prefill(self.model, cache, kv, requests, list(range(len(requests))))
         logits = torch.zeros(*keep.shape, self.config.text.vocab_size, dtype=hidden.dtype, device=hidden.device)

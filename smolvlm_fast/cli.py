@@ -59,9 +59,8 @@ def prepare_inputs(processor, model, prompt: str, images: list[str]):
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
         text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         return processor(text=text, images=images or None, return_tensors="pt")
-    ids = processor.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-    import torch
-    return {"input_ids": torch.tensor([list(ids)])}
+    return processor.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         return_tensors="pt")
 
 
 def run_generate(args) -> int:

@@ -11,7 +11,7 @@ import torch
 from .cache import PagedCache, schedule_step
 from .config import SamplingParams
 from .errors import InputError
-from .model_torch import ForwardBatch, SmolVLM
+from .model_torch import ForwardBatch, SmolVLM, check_image_tokens
 from .sampling import select_token
 
 
@@ -36,11 +36,15 @@ class Sequence:
         return self.finish_reason is not None
 
 
-def check_context(model: SmolVLM, requests: list[Request]) -> None:
+def check_requests(model: SmolVLM, requests: list[Request]) -> None:
+    """Every request fits the context, and its <image> tokens match its image features."""
     limit = model.config.text.max_position_embeddings
     for i, r in enumerate(requests):
         if not r.prompt_ids:
             raise InputError(f"request {i}: the prompt is empty")
+        if model.config.is_vlm:
+            n_features = 0 if r.image_features is None else r.image_features.shape[0]
+            check_image_tokens(r.prompt_ids.count(model.config.image_token_id), n_features)
         if len(r.prompt_ids) + max(r.params.max_new_tokens, 1) > limit:
             raise InputError(f"request {i}: prompt of {len(r.prompt_ids)} tokens + max_new_tokens "
                              f"{r.params.max_new_tokens} exceeds the model's context of {limit} tokens")
@@ -65,7 +69,7 @@ def new_cache(model: SmolVLM, token_counts: list[int], block_size: int):
 def generate(model: SmolVLM, requests: list[Request], *, decode: Callable[[list[int]], str] | None = None,
              block_size: int = 16) -> list[Sequence]:
     """Generate for every request together; sequences of different lengths decode in one batch."""
-    check_context(model, requests)
+    check_requests(model, requests)
     seqs = [Sequence(r, generator=_generator(r.params.seed)) for r in requests]
     cache, kv_caches = new_cache(model, [len(r.prompt_ids) + r.params.max_new_tokens for r in requests], block_size)
     hidden, batch = prefill(model, cache, kv_caches, requests, list(range(len(requests))))

@@ -171,6 +171,12 @@ class TextModel(nn.Module):
 
 # ---------------------------------------------------------------- the whole model
 
+def check_image_tokens(n_tokens: int, n_features: int) -> None:
+    if n_tokens != n_features:
+        raise InputError(f"the prompt has {n_tokens} <image> tokens but the images give {n_features} "
+                         "features: expand prompts with the processor, one <image> per image")
+
+
 class SmolVLM(nn.Module):
     """SmolVLM (vision encoder + connector + Llama decoder), or a text-only Llama when config.vision is None."""
 
@@ -199,17 +205,16 @@ class SmolVLM(nn.Module):
         return features.reshape(-1, features.shape[-1])
 
     def embed(self, input_ids, image_features=None):
-        """input_ids [T] -> [T, D], with image features written over the <image> tokens in order."""
+        """input_ids [T] -> [T, D]; image features [n, D], when given, replace the n <image> tokens in order.
+
+        Decode steps pass none: an <image> token the model generates itself stays a token.
+        """
         embeds = self.text.embed_tokens(input_ids)
-        if self.config.is_vlm:
-            is_image = input_ids == self.config.image_token_id
-            n_tokens, n_features = int(is_image.sum()), 0 if image_features is None else image_features.shape[0]
-            if n_tokens != n_features:
-                raise InputError(f"the prompt has {n_tokens} <image> tokens but the images give {n_features} "
-                                 "features: expand prompts with the processor, one <image> per image")
-            if n_tokens:
-                embeds = embeds.masked_scatter(is_image[:, None], image_features.to(embeds.dtype))
-        return embeds
+        if image_features is None:
+            return embeds
+        is_image = input_ids == self.config.image_token_id
+        check_image_tokens(int(is_image.sum()), image_features.shape[0])
+        return embeds.masked_scatter(is_image[:, None], image_features.to(embeds.dtype))
 
     def forward(self, input_ids, batch: ForwardBatch, kv_caches, image_features=None):
         """Packed input_ids [T] -> hidden states [T, D]; writes the new tokens' K/V into kv_caches."""
