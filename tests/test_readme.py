@@ -1,0 +1,22 @@
+"""README.md stays true: its test command is what CI runs, and its quick-start code runs."""
+import re
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_the_readme_test_command():
+    ci_lines = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line.startswith("pip install")]
+    assert len(ci_lines) == 1 and ci_lines[0] in README
+
+
+def test_quick_start_runs(tiny_idefics3, tmp_path, capsys):
+    code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(tmp_path / "photo.jpg")
+    code = code.replace('"HuggingFaceTB/SmolVLM-256M-Instruct"', repr(str(tiny_idefics3)))
+    code = code.replace('"photo.jpg"', repr(str(tmp_path / "photo.jpg"))).replace("max_new_tokens=500", "max_new_tokens=8")
+    exec(compile(code, "README.md", "exec"), {})
+    assert "Assistant:" in capsys.readouterr().out
