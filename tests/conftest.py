@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random checkpoints (built once per session with transformers) and small test images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest_gguf import smollm2_gguf  # noqa: F401  (the real SmolLM2 GGUF, for tests marked slow)
+from tests.fixtures import build_tiny_llama, build_tiny_vlm
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3(tmp_path_factory):
+    """A SmolVLM v1 (model_type idefics3) checkpoint dir with processor files."""
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny_idefics3"), "idefics3")
+
+
+@pytest.fixture(scope="session")
+def tiny_smolvlm(tmp_path_factory):
+    """A SmolVLM2 (model_type smolvlm) checkpoint dir with processor files."""
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny_smolvlm"), "smolvlm")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A text-only Llama checkpoint dir with the same tokenizer and a ChatML-style template."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def small_rgb() -> Image.Image:
+    """40 wide x 30 high: smaller than one tile, upscaled by the processor."""
+    return Image.fromarray(_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.fixture(scope="session")
+def large_rgb() -> Image.Image:
+    """300 wide x 170 high: resized to 192x108, then 192x128 = 2 rows x 3 cols of tiles + the global image."""
+    return Image.fromarray(_rng(2).integers(0, 256, (170, 300, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.fixture(scope="session")
+def grey_image() -> Image.Image:
+    return Image.fromarray(_rng(3).integers(0, 256, (50, 80), dtype=np.uint8), "L")
+
+
+@pytest.fixture(scope="session")
+def rgba_image() -> Image.Image:
+    """Random colours with alpha varying from 0 (fully transparent) to 255 across the image."""
+    rgba = _rng(4).integers(0, 256, (90, 60, 4), dtype=np.uint8)
+    rgba[..., 3] = np.linspace(0, 255, 90 * 60).reshape(90, 60).astype(np.uint8)
+    return Image.fromarray(rgba, "RGBA")
+
+
+@pytest.fixture(scope="session")
+def palette_image() -> Image.Image:
+    rgb = Image.fromarray(_rng(5).integers(0, 256, (45, 70, 3), dtype=np.uint8), "RGB")
+    return rgb.quantize(colors=16)
+
+
+@pytest.fixture(scope="session")
+def palette_transparent_image(palette_image) -> Image.Image:
+    """A palette image whose colour 0 is transparent (composited on white, like RGBA)."""
+    image = palette_image.copy()
+    image.info["transparency"] = 0
+    return image
