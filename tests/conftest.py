@@ -69,3 +69,15 @@ def palette_transparent_image(palette_image) -> Image.Image:
     image = palette_image.copy()
     image.info["transparency"] = 0
     return image
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip cleanly where there is no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
