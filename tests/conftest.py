@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; the variable must be set
+# before triton is first imported, which is why it is done here, at collection.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -73,8 +82,6 @@ def palette_transparent_image(palette_image) -> Image.Image:
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` skip cleanly where there is no CUDA device."""
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
