@@ -1,44 +1,55 @@
-"""The transformers-shaped front door: AutoModelForVision2Seq & co. and the model object they return."""
+"""The transformers-shaped front door: AutoModelForVision2Seq & co. and the model object they return.
+
+Two backends run the same generation loop: "torch" (model_torch, CPU or CUDA) and "numpy" (model_numpy, no
+PyTorch at all). torch is imported only when the torch backend is used.
+"""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from .config import ModelConfig, SamplingParams
 from .engine import Request, check_requests, generate as run_generation, new_cache, prefill
 from .errors import CheckpointError, InputError
-from .model_torch import SmolVLM, build_model, image_features_per_row
 from .weights.hub import resolve_model
-from .weights.safetensors import iter_safetensors
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
+               "bfloat16": "bfloat16", "bf16": "bfloat16"}
+GENERATE_KWARGS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id",
+                   "pad_token_id", "stop_strings", "seed", "max_length", "num_beams", "use_cache", "generation_config",
+                   "return_dict_in_generate"}
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, S, vocab]
+    logits: object  # [B, S, vocab], a torch tensor or a NumPy array as the backend computes
 
     def __getitem__(self, key):
         return getattr(self, key)
 
 
-def parse_dtype(dtype, checkpoint_dtype: str | None = None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def dtype_name(dtype, checkpoint_dtype: str | None = None) -> str | None:
+    """'float32' | 'float16' | 'bfloat16' | None for a torch dtype, a string, or 'auto' (the checkpoint's)."""
+    if dtype is None:
+        return None
+    if not isinstance(dtype, str):
+        dtype = str(dtype).removeprefix("torch.")
     if dtype == "auto":
-        return DTYPES.get(checkpoint_dtype or "", None)
-    if dtype not in DTYPES:
-        raise InputError(f"dtype {dtype!r} is not supported (use one of {', '.join(DTYPES)})")
-    return DTYPES[dtype]
-
-
-def default_device_and_dtype(device, dtype):
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        return DTYPE_NAMES.get(checkpoint_dtype or "")
+    if dtype not in DTYPE_NAMES:
+        raise InputError(f"dtype {dtype!r} is not supported (use one of {', '.join(DTYPE_NAMES)})")
+    return DTYPE_NAMES[dtype]
 
 
 def checkpoint_location(path, gguf_file=None) -> Path:
@@ -51,39 +62,70 @@ def checkpoint_location(path, gguf_file=None) -> Path:
     return root
 
 
+def load_torch_model(location: Path, device, dtype: str | None):
+    """(model, generation config, tokenizer or None) on the torch backend."""
+    import torch
+
+    from .model_torch import build_model
+    from .weights.safetensors import iter_safetensors
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if location.suffix == ".gguf":
+        from .weights.gguf import load_gguf
+        checkpoint = load_gguf(location)
+        config = ModelConfig.from_dict(checkpoint.config, source=str(location))
+        model = build_model(config, checkpoint.tensors.items(), str(location), device, getattr(torch, dtype))
+        return model, _gguf_generation_config(checkpoint.config), checkpoint.tokenizer
+    config = ModelConfig.from_file(location / "config.json")
+    model = build_model(config, iter_safetensors(location), str(location), device, getattr(torch, dtype))
+    return model, _read_generation_config(location), None
+
+
+def load_numpy_model(location: Path, device, dtype: str | None, quantize: str | None):
+    """(model, generation config, tokenizer or None) on the PyTorch-free backend (CPU, float32)."""
+    from .model_numpy import NumpyModel
+
+    if device not in (None, "cpu"):
+        raise InputError(f"backend 'numpy' runs on the CPU only, not on device {device!r}")
+    if dtype not in (None, "float32"):
+        raise InputError(f"backend 'numpy' computes in float32, not {dtype} (weights in fp16/bf16 files load fine)")
+    model = NumpyModel.from_checkpoint(location, quantize=quantize)
+    if location.suffix == ".gguf":
+        from .weights.gguf import load_gguf_tokenizer
+        generation = {"eos_token_id": list(model.config.eos_token_ids)}
+        return model, generation, load_gguf_tokenizer(location)
+    return model, _read_generation_config(location), None
+
+
 class SmolVLMForConditionalGeneration:
     """What `AutoModelForVision2Seq.from_pretrained` returns: transformers' calling conventions over our model."""
 
-    def __init__(self, model: SmolVLM, generation_config: dict | None = None, tokenizer=None, block_size: int = 16):
-        self.model, self.block_size, self.tokenizer = model, block_size, tokenizer
+    def __init__(self, model, backend: str, generation_config: dict | None = None, tokenizer=None, block_size: int = 16):
+        self.model, self.backend, self.block_size, self.tokenizer = model, backend, block_size, tokenizer
         self.generation_config = generation_config or {}
 
     # -- loading
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path=None, *, device=None, dtype=None, torch_dtype=None,
-                        backend: str = "torch", gguf_file=None, block_size: int = 16, **_ignored):
-        if backend != "torch":
-            raise InputError(f"backend {backend!r} is not available yet (only 'torch')")
+                        backend: str | None = None, gguf_file=None, quantize: str | None = None,
+                        block_size: int = 16, **_ignored):
+        backend = backend or ("torch" if torch_available() else "numpy")
+        if backend not in ("torch", "numpy"):
+            raise InputError(f"backend must be 'torch' or 'numpy', got {backend!r}")
+        if quantize not in (None, "int4"):
+            raise InputError(f"quantize must be None or 'int4', got {quantize!r}")
         location = checkpoint_location(pretrained_model_name_or_path, gguf_file)
-        if location.suffix == ".gguf":
-            return cls._from_gguf(location, device, dtype or torch_dtype, block_size)
-        config_path = location / "config.json"
-        config = ModelConfig.from_file(config_path)
-        raw = json.loads(config_path.read_text())
-        device, dtype = default_device_and_dtype(device, parse_dtype(dtype or torch_dtype, raw.get("torch_dtype", raw.get("dtype"))))
-        model = build_model(config, iter_safetensors(location), str(location), device, dtype)
-        return cls(model, _read_generation_config(location), block_size=block_size)
-
-    @classmethod
-    def _from_gguf(cls, path: Path, device, dtype, block_size):
-        from .weights.gguf import load_gguf
-
-        checkpoint = load_gguf(path)
-        config = ModelConfig.from_dict(checkpoint.config, source=str(path))
-        device, dtype = default_device_and_dtype(device, parse_dtype(dtype))
-        model = build_model(config, checkpoint.tensors.items(), str(path), device, dtype)
-        generation = {k: checkpoint.config[k] for k in ("eos_token_id", "pad_token_id", "bos_token_id") if k in checkpoint.config}
-        return cls(model, generation, tokenizer=checkpoint.tokenizer, block_size=block_size)
+        checkpoint_dtype = None
+        if location.is_dir() and (location / "config.json").exists():
+            raw = ModelConfig.read_json(location / "config.json")
+            checkpoint_dtype = raw.get("torch_dtype", raw.get("dtype"))
+        dtype = dtype_name(dtype or torch_dtype, checkpoint_dtype)
+        if backend == "numpy":
+            return cls(*_with_backend(load_numpy_model(location, device, dtype, quantize), "numpy"), block_size=block_size)
+        if quantize is not None:
+            raise InputError("quantize='int4' runs on backend='numpy' for now (the GPU int4 kernels are not here yet)")
+        return cls(*_with_backend(load_torch_model(location, device, dtype), "torch"), block_size=block_size)
 
     # -- transformers conventions
     @property
@@ -92,82 +134,88 @@ class SmolVLMForConditionalGeneration:
 
     @property
     def device(self):
-        return self.model.device
+        return getattr(self.model, "device", "cpu")
 
     @property
     def dtype(self):
-        return self.model.dtype
+        return getattr(self.model, "dtype", np.float32)
 
     def eval(self):
-        return self
-
-    def to(self, device=None, dtype=None):
-        if isinstance(device, torch.dtype):
-            device, dtype = None, device
-        self.model.to(device=device, dtype=dtype)
-        self.model.text.cos_sin = torch.empty(0, device=self.model.device)
         return self
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, **_ignored):
         return self.forward(input_ids, attention_mask, pixel_values, pixel_attention_mask)
 
-    @torch.inference_mode()
     def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None) -> ModelOutput:
         """Logits for every position of a (padded) batch; padding positions get zeros."""
-        requests, keep = self._requests(input_ids, attention_mask, pixel_values, pixel_attention_mask,
-                                        SamplingParams(max_new_tokens=0))
-        check_requests(self.model, requests)
-        cache, kv = new_cache(self.model, [len(r.prompt_ids) for r in requests], self.block_size)
-        hidden, _ = prefill(self.model, cache, kv, requests, list(range(len(requests))))
-        logits = torch.zeros(*keep.shape, self.config.text.vocab_size, dtype=hidden.dtype, device=hidden.device)
-        logits[keep] = self.model.compute_logits(hidden)
-        return ModelOutput(logits=logits)
+        with self._no_grad():
+            requests, keep = self._requests(input_ids, attention_mask, pixel_values, pixel_attention_mask,
+                                            SamplingParams(max_new_tokens=0))
+            check_requests(self.model, requests)
+            cache, kv = new_cache(self.model, [len(r.prompt_ids) for r in requests], self.block_size)
+            hidden, _ = prefill(self.model, cache, kv, requests, list(range(len(requests))))
+            rows = self.model.compute_logits(hidden)  # [T, V]
+            return ModelOutput(logits=_scatter_rows(rows, keep))
 
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,
-                 streamer=None, tokenizer=None, **generation_kwargs) -> torch.Tensor:
+                 streamer=None, tokenizer=None, **generation_kwargs):
         """Prompt + new ids per row, as transformers returns them (finished rows padded with pad_token_id)."""
         params = self._sampling_params(generation_kwargs)
-        requests, _ = self._requests(input_ids, attention_mask, pixel_values, pixel_attention_mask, params)
-        if streamer is not None:
-            if len(requests) != 1:
-                raise InputError("streaming needs a batch of one prompt")
-            streamer.put(input_ids.cpu())
-            requests[0].on_token = lambda token: streamer.put(torch.tensor([token]))
-        tokenizer = tokenizer or self.tokenizer
-        decode = tokenizer.decode if tokenizer is not None else None
-        if params.stop_strings and decode is None:
-            raise InputError("stop_strings need the tokenizer: pass tokenizer=... to generate()")
-        seqs = run_generation(self.model, requests, decode=decode, block_size=self.block_size)
+        with self._no_grad():
+            requests, _ = self._requests(input_ids, attention_mask, pixel_values, pixel_attention_mask, params)
+            prompt = self._as_backend(_ids_as_numpy(input_ids))
+            if streamer is not None:
+                if len(requests) != 1:
+                    raise InputError("streaming needs a batch of one prompt")
+                streamer.put(prompt)
+                requests[0].on_token = lambda token: streamer.put(np.array([token]))
+            decode = (tokenizer or self.tokenizer).decode if (tokenizer or self.tokenizer) is not None else None
+            if params.stop_strings and decode is None:
+                raise InputError("stop_strings need the tokenizer: pass tokenizer=... to generate()")
+            seqs = run_generation(self.model, requests, decode=decode, block_size=self.block_size)
         if streamer is not None:
             streamer.end()
-        return self._pad_outputs(input_ids, [s.output_ids for s in seqs])
+        return self._as_backend(self._pad_outputs(_ids_as_numpy(input_ids), [s.output_ids for s in seqs]))
 
     # -- helpers
+    def _no_grad(self):
+        if self.backend == "torch":
+            import torch
+            return torch.inference_mode()
+        from contextlib import nullcontext
+        return nullcontext()
+
+    def _as_backend(self, ids: np.ndarray):
+        if self.backend == "torch":
+            import torch
+            return torch.as_tensor(ids)
+        return ids
+
     def _requests(self, input_ids, attention_mask, pixel_values, pixel_attention_mask, params):
-        input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else torch.as_tensor(attention_mask).bool()
-        if keep.shape != input_ids.shape:
-            raise InputError(f"attention_mask {tuple(keep.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        ids = _ids_as_numpy(input_ids)
+        keep = np.ones(ids.shape, dtype=bool) if attention_mask is None else _ids_as_numpy(attention_mask).astype(bool)
+        if keep.shape != ids.shape:
+            raise InputError(f"attention_mask {keep.shape} does not match input_ids {ids.shape}")
         vocab = self.config.text.vocab_size
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
-            raise InputError(f"input_ids must be in [0, {vocab}), got values in [{int(input_ids.min())}, {int(input_ids.max())}]")
-        features = [None] * input_ids.shape[0]
+        if ids.size == 0 or ids.min() < 0 or ids.max() >= vocab:
+            raise InputError(f"input_ids must be non-empty and in [0, {vocab}), got shape {ids.shape}"
+                             + (f" and values in [{ids.min()}, {ids.max()}]" if ids.size else ""))
+        features = [None] * ids.shape[0]
         if pixel_values is not None:
             if not self.config.is_vlm:
                 raise InputError("this is a text-only model; it cannot take images (use a SmolVLM checkpoint)")
-            features = image_features_per_row(self.model, torch.as_tensor(pixel_values), pixel_attention_mask)
-        requests = [Request(ids[m].tolist(), params, f) for ids, m, f in zip(input_ids, keep, features)]
+            if self.backend == "numpy":
+                pixel_values = _as_numpy(pixel_values, np.float32)
+                pixel_attention_mask = None if pixel_attention_mask is None else _as_numpy(pixel_attention_mask, bool)
+            features = self.model.image_features_per_row(pixel_values, pixel_attention_mask)
+        requests = [Request(row[m].tolist(), params, f) for row, m, f in zip(ids, keep, features)]
         return requests, keep
 
     def _sampling_params(self, kw) -> SamplingParams:
-        g = {**self.generation_config, **{k: v for k, v in kw.items() if v is not None}}
-        unknown = set(kw) - {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
-                             "eos_token_id", "pad_token_id", "stop_strings", "seed", "max_length", "num_beams",
-                             "use_cache", "generation_config", "return_dict_in_generate"}
+        unknown = set(kw) - GENERATE_KWARGS
         if unknown:
             raise InputError(f"generate() does not support {', '.join(sorted(unknown))}")
+        g = {**self.generation_config, **{k: v for k, v in kw.items() if v is not None}}
         if g.get("num_beams", 1) != 1:
             raise InputError("beam search is not supported (num_beams must be 1)")
         eos = g.get("eos_token_id", self.config.eos_token_ids)
@@ -179,27 +227,53 @@ class SmolVLMForConditionalGeneration:
             top_p=float(g.get("top_p", 1.0)), repetition_penalty=float(g.get("repetition_penalty", 1.0)),
             stop_token_ids=eos, stop_strings=(stops,) if isinstance(stops, str) else tuple(stops), seed=g.get("seed"))
 
-    def _pad_outputs(self, input_ids, outputs: list[list[int]]) -> torch.Tensor:
-        input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
+    def _pad_outputs(self, ids: np.ndarray, outputs: list[list[int]]) -> np.ndarray:
         pad = self.generation_config.get("pad_token_id")
         pad = (pad[0] if isinstance(pad, list) else pad) if pad is not None else (self.config.eos_token_ids or (0,))[0]
-        width = max(len(o) for o in outputs)
-        new = torch.full((len(outputs), width), pad, dtype=input_ids.dtype)
+        new = np.full((len(outputs), max(len(o) for o in outputs)), pad, dtype=np.int64)
         for row, out in enumerate(outputs):
-            new[row, :len(out)] = torch.tensor(out, dtype=input_ids.dtype)
-        return torch.cat([input_ids.cpu(), new], dim=1)
+            new[row, :len(out)] = out
+        return np.concatenate([ids.astype(np.int64), new], axis=1)
+
+
+def _with_backend(loaded, backend):
+    model, generation, tokenizer = loaded
+    return model, backend, generation, tokenizer
+
+
+def _as_numpy(x, dtype) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def _ids_as_numpy(x) -> np.ndarray:
+    """input_ids / attention_mask (tensor, array or nested list) as a 2-D int64 array."""
+    ids = _as_numpy(x, np.int64)
+    return ids[None] if ids.ndim == 1 else ids
+
+
+def _scatter_rows(rows, keep: np.ndarray):
+    """[T, V] rows -> [B, S, V] with the rows at the kept positions and zeros elsewhere (either backend)."""
+    if isinstance(rows, np.ndarray):
+        out = np.zeros((*keep.shape, rows.shape[-1]), dtype=rows.dtype)
+        out[keep] = rows
+        return out
+    import torch
+    out = torch.zeros(*keep.shape, rows.shape[-1], dtype=rows.dtype, device=rows.device)
+    out[torch.as_tensor(keep, device=rows.device)] = rows
+    return out
+
+
+def _gguf_generation_config(config: dict) -> dict:
+    return {k: config[k] for k in ("eos_token_id", "pad_token_id", "bos_token_id") if k in config}
 
 
 def _read_generation_config(model_dir: Path) -> dict:
     path = model_dir / "generation_config.json"
     if not path.exists():
         return {}
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    raw = ModelConfig.read_json(path)
     keep = ("eos_token_id", "pad_token_id", "bos_token_id", "do_sample", "temperature", "top_k", "top_p",
             "repetition_penalty", "max_new_tokens")
     return {k: raw[k] for k in keep if raw.get(k) is not None}

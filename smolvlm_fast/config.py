@@ -69,16 +69,23 @@ class ModelConfig:
         assert self.vision is not None
         return self.vision.patches_per_side**2 // self.scale_factor**2
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    @staticmethod
+    def read_json(path: str | Path) -> dict:
+        """A JSON object from a checkpoint file, or a CheckpointError naming the file."""
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
-            raise CheckpointError(f"{path}: config.json not found") from None
+            raise CheckpointError(f"{path}: not found") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(raw, source=str(path))
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path}: expected a JSON object")
+        return raw
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(cls.read_json(path), source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "ModelConfig":

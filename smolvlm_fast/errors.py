@@ -11,3 +11,10 @@ class CheckpointError(SmolVLMError):
 
 class InputError(SmolVLMError):
     """A prompt, image or generation argument is invalid."""
+
+
+def check_image_tokens(n_tokens: int, n_features: int) -> None:
+    """A prompt's <image> tokens must match its images' features one for one."""
+    if n_tokens != n_features:
+        raise InputError(f"the prompt has {n_tokens} <image> tokens but the images give {n_features} "
+                         "features: expand prompts with the processor, one <image> per image")

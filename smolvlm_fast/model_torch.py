@@ -15,7 +15,7 @@ from torch import nn
 from . import ops
 from .cache import StepMetadata
 from .config import ModelConfig, TextConfig, VisionConfig
-from .errors import CheckpointError, InputError
+from .errors import InputError, check_image_tokens
 from .weights.layout import check_complete, check_tensor, tensor_shapes
 
 
@@ -171,11 +171,6 @@ class TextModel(nn.Module):
 
 # ---------------------------------------------------------------- the whole model
 
-def check_image_tokens(n_tokens: int, n_features: int) -> None:
-    if n_tokens != n_features:
-        raise InputError(f"the prompt has {n_tokens} <image> tokens but the images give {n_features} "
-                         "features: expand prompts with the processor, one <image> per image")
-
 
 class SmolVLM(nn.Module):
     """SmolVLM (vision encoder + connector + Llama decoder), or a text-only Llama when config.vision is None."""
@@ -216,13 +211,36 @@ class SmolVLM(nn.Module):
         check_image_tokens(int(is_image.sum()), image_features.shape[0])
         return embeds.masked_scatter(is_image[:, None], image_features.to(embeds.dtype))
 
-    def forward(self, input_ids, batch: ForwardBatch, kv_caches, image_features=None):
+    def forward(self, input_ids, meta: StepMetadata, kv_caches, image_features=None):
         """Packed input_ids [T] -> hidden states [T, D]; writes the new tokens' K/V into kv_caches."""
-        return self.text(self.embed(input_ids, image_features), batch, kv_caches)
+        ids = torch.as_tensor(input_ids, device=self.device)
+        return self.text(self.embed(ids, image_features), ForwardBatch.from_metadata(meta, self.device), kv_caches)
 
     def compute_logits(self, hidden):
         weight = self.text.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return hidden @ weight.T  # [n, vocab]
+
+    def image_features_per_row(self, pixel_values, pixel_attention_mask=None) -> list:
+        """pixel_values [B, n, C, H, W] (all-zero padding images allowed) -> per batch row, its image features
+        [n_real * image_seq_len, D], exactly as transformers' get_image_features selects and masks them."""
+        pixel_values = torch.as_tensor(pixel_values)
+        if pixel_values.dim() != 5:
+            raise InputError(f"pixel_values must be [batch, images, channels, height, width], got {tuple(pixel_values.shape)}")
+        B, n, C, H, W = pixel_values.shape
+        P = self.config.vision.patch_size
+        if H < P or W < P:
+            raise InputError(f"pixel_values of {H}x{W} are smaller than one {P}x{P} patch")
+        flat = pixel_values.flatten(0, 1).to(self.device)  # [B*n, C, H, W]
+        real = (flat != 0).flatten(1).any(1)  # [B*n]: padding images are all zero
+        if pixel_attention_mask is None:
+            mask = torch.ones(int(real.sum()), H, W, dtype=torch.bool, device=self.device)
+        else:
+            mask = torch.as_tensor(pixel_attention_mask).flatten(0, 1).to(self.device)[real].bool()  # [N, H, W]
+        h, w = H // P, W // P
+        patch_mask = mask[:, :h * P, :w * P].reshape(-1, h, P, w, P).any(dim=(2, 4))  # [N, h, w]
+        features = self.encode_images(flat[real], patch_mask) if bool(real.any()) else None
+        per_row = (real.view(B, n).sum(1) * self.config.image_seq_len).tolist()
+        return list(features.split(per_row)) if features is not None else [None] * B
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype=None):
         """One (k_cache, v_cache) pair of [num_blocks, block_size, kv_heads, head_dim] per decoder layer."""
@@ -310,24 +328,3 @@ def build_model(config: ModelConfig, tensors, source: str, device="cpu", dtype=t
     load_weights(model, tensors, source)
     return model.eval()
 
-
-def image_features_per_row(model: SmolVLM, pixel_values, pixel_attention_mask=None) -> list:
-    """pixel_values [B, n, C, H, W] (all-zero padding images allowed) -> per batch row, its image features
-    [n_real * image_seq_len, D], exactly as transformers' get_image_features selects and masks them."""
-    if pixel_values.dim() != 5:
-        raise InputError(f"pixel_values must be [batch, images, channels, height, width], got {tuple(pixel_values.shape)}")
-    B, n, C, H, W = pixel_values.shape
-    P = model.config.vision.patch_size
-    if H < P or W < P:
-        raise InputError(f"pixel_values of {H}x{W} are smaller than one {P}x{P} patch")
-    flat = pixel_values.flatten(0, 1).to(model.device)  # [B*n, C, H, W]
-    real = (flat != 0).flatten(1).any(1)  # [B*n]: padding images are all zero
-    if pixel_attention_mask is None:
-        mask = torch.ones(int(real.sum()), H, W, dtype=torch.bool, device=model.device)
-    else:
-        mask = pixel_attention_mask.flatten(0, 1).to(model.device)[real].bool()  # [N, H, W]
-    h, w = H // P, W // P
-    patch_mask = mask[:, :h * P, :w * P].reshape(-1, h, P, w, P).any(dim=(2, 4))  # [N, h, w]
-    features = model.encode_images(flat[real], patch_mask) if bool(real.any()) else None
-    per_row = (real.view(B, n).sum(1) * model.config.image_seq_len).tolist()
-    return list(features.split(per_row)) if features is not None else [None] * B

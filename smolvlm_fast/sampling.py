@@ -1,7 +1,8 @@
-"""Next-token selection: repetition penalty, temperature, top-k, top-p (in transformers' order), greedy."""
+"""Next-token selection in NumPy (both backends hand their logits over as float32 arrays): repetition
+penalty, temperature, top-k and top-p in transformers' order, then greedy or a seeded draw."""
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from .config import SamplingParams
 
@@ -10,31 +11,37 @@ def apply_repetition_penalty(logits, seen_ids, penalty):
     """logits [V]: tokens already seen are divided by penalty when positive, multiplied when negative."""
     if penalty == 1.0 or not seen_ids:
         return logits
-    ids = torch.tensor(sorted(set(seen_ids)), device=logits.device)
+    ids = np.unique(np.asarray(seen_ids, dtype=np.int64))
     score = logits[ids]
-    logits[ids] = torch.where(score < 0, score * penalty, score / penalty)
+    logits[ids] = np.where(score < 0, score * penalty, score / penalty)
     return logits
 
 
 def filter_top_k_top_p(logits, top_k, top_p):
     """logits [V] with everything outside the top-k and the top-p nucleus set to -inf."""
     if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        kth = np.partition(logits, -top_k)[-top_k]
+        logits = np.where(logits < kth, -np.inf, logits)
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        order = np.argsort(logits, kind="stable")  # ascending
+        cumulative = np.cumsum(softmax(logits[order]))
         drop = cumulative <= 1 - top_p
         drop[-1] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+        logits = logits.copy()
+        logits[order[drop]] = -np.inf
     return logits
 
 
-def select_token(logits, params: SamplingParams, seen_ids: list[int], generator: torch.Generator | None) -> int:
-    """logits [V] (any dtype) -> the next token id for one sequence."""
-    logits = apply_repetition_penalty(logits.float().clone(), seen_ids, params.repetition_penalty)
+def softmax(x):
+    e = np.exp(x - x.max(), dtype=np.float64)
+    return e / e.sum()
+
+
+def select_token(logits, params: SamplingParams, seen_ids: list[int], rng: np.random.Generator | None) -> int:
+    """logits [V] float32 -> the next token id for one sequence."""
+    logits = apply_repetition_penalty(np.array(logits, dtype=np.float32), seen_ids, params.repetition_penalty)
     if params.greedy:
         return int(logits.argmax())
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    probs = softmax(logits)
+    return int((rng or np.random.default_rng()).choice(len(probs), p=probs))

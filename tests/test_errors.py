@@ -72,7 +72,7 @@ def test_prompt_longer_than_context(tiny_llama):
 
 def test_token_ids_out_of_range(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, device="cpu", dtype="float32")
-    with pytest.raises(InputError, match="input_ids must be in"):
+    with pytest.raises(InputError, match="input_ids must be non-empty and in"):
         model(input_ids=torch.tensor([[1, 2, 10**6]]))
 
 

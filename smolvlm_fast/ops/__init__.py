@@ -5,22 +5,26 @@ reference is registered, so it serves every device.
 """
 from __future__ import annotations
 
-from . import reference
+import functools
 
-# op name -> {impl name: function}, in order of preference (fastest first).
-_IMPLS: dict[str, dict[str, object]] = {
-    name: {"reference": getattr(reference, name)}
-    for name in ("rms_norm", "layer_norm", "silu_and_mul", "gelu_tanh", "patch_embed", "dwsep_patch_embed",
-                 "rope_attention", "write_kv_cache", "paged_attention", "cross_attention")
-}
+OPS = ("rms_norm", "layer_norm", "silu_and_mul", "gelu_tanh", "patch_embed", "dwsep_patch_embed", "rope_attention",
+       "write_kv_cache", "paged_attention", "cross_attention")
+
+
+@functools.cache
+def _impls() -> dict[str, dict[str, object]]:
+    """op name -> {impl name: function}, fastest first. Built on first use: importing smolvlm_fast.ops must not
+    import torch (the NumPy path lives beside it in ops/numpy_ops.py)."""
+    from . import reference
+    return {name: {"reference": getattr(reference, name)} for name in OPS}
 
 
 def available(name: str) -> list[str]:
-    return list(_IMPLS[name])
+    return list(_impls()[name])
 
 
 def _pick(name: str, impl: str | None):
-    impls = _IMPLS[name]
+    impls = _impls()[name]
     if impl is None:
         return next(iter(impls.values()))
     if impl not in impls:
@@ -68,4 +72,6 @@ def cross_attention(q, k, v, *, impl=None, **kwargs):
     return _pick("cross_attention", impl)(q, k, v, **kwargs)
 
 
-rope_table = reference.rope_table
+def rope_table(rotary_dim: int, max_position: int, theta: float, device=None):
+    from .reference import rope_table as table
+    return table(rotary_dim, max_position, theta, device=device)
