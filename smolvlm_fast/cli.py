@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     gen.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    gen.add_argument("--backend", choices=("torch", "numpy"), default=None,
+                     help="torch (CPU or CUDA) or numpy (no PyTorch needed); default: torch when installed")
+    gen.add_argument("--quantize", choices=("int4",), default=None,
+                     help="quantize the decoder's weights to int4 at load (numpy backend)")
     gen.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s to stderr")
     return parser
 
@@ -58,15 +62,16 @@ def prepare_inputs(processor, model, prompt: str, images: list[str]):
     if model.config.is_vlm:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
         text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        return processor(text=text, images=images or None, return_tensors="pt")
+        return processor(text=text, images=images or None, return_tensors="np")
     return processor.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         return_tensors="pt")
+                                         return_tensors="np")
 
 
 def run_generate(args) -> int:
     from .auto import AutoModelForVision2Seq, AutoProcessor
 
-    model = AutoModelForVision2Seq.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    model = AutoModelForVision2Seq.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                                   backend=args.backend, quantize=args.quantize)
     processor = model.tokenizer if model.tokenizer is not None else AutoProcessor.from_pretrained(args.model)
     tokenizer = getattr(processor, "tokenizer", processor)
     streamer = TimedStreamer(tokenizer)  # the clock starts before the image and prompt processing
