@@ -133,4 +133,4 @@ def test_cross_attention_masks_padded_image_tokens():
 
 def test_unknown_impl_is_a_clear_error():
     with pytest.raises(ValueError, match="not available"):
-        ops.gelu_tanh(torch.randn(3), impl="cuda")
+        ops.gelu_tanh(torch.randn(3), impl="cuda")  # no CUDA kernels yet
