@@ -77,15 +77,16 @@ def apply_rope(x, cos_sin, positions, rotary_dim=None):
 # ---------------------------------------------------------------- attention
 
 def _attend(q, k, v, mask, scale):
-    """q [Sq, Hq, Dh], k/v [Sk, Hkv, Dh], mask [Sq, Sk] bool (True = attend) or None -> [Sq, Hq, Dh]."""
+    """q [Sq, Hq, Dh], k/v [Sk, Hkv, Dh], mask [Sq, Sk] bool (True = attend) or None -> [Sq, Hq, Dh].
+
+    PyTorch's SDPA (the math transformers runs too); GQA by repeating K/V heads.
+    """
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [Hq, Sq, Sk]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.einsum("hqk,khd->qhd", probs, v)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=mask, scale=scale)  # [1, Hq, Sq, Dh]
+    return out[0].transpose(0, 1)
 
 
 def rope_attention(q, k, v, *, cos_sin=None, positions=None, rotary_dim=None, causal=True, scale=None,
@@ -159,5 +160,5 @@ def cross_attention(q, k, v, *, kv_lens=None, scale=None):
     out = torch.empty_like(q)
     for b in range(B):
         n = k.shape[1] if kv_lens is None else int(kv_lens[b])
-        out[b] = _attend(q[b], k[b, :n], v[b, :n], None, scale)
+        out[b] = _attend(q[b], k[b, :n], v[b, :n], None, scale) if n else 0  # no image tokens: no update
     return out
