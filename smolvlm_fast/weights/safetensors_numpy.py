@@ -1,0 +1,129 @@
+"""Read safetensors files with NumPy alone (no torch, no safetensors library): the PyTorch-free path's loader.
+
+Format: an 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}, ...,
+"__metadata__": {str: str}}, then the data buffer. Offsets are relative to the buffer, and the tensors tile it
+exactly, in order, from 0 to its end. The file is memory-mapped: tensors are read-only views into it (BF16, which
+NumPy lacks, becomes float32: the 16 bits are the high half of a float32, so the conversion is exact).
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .safetensors import checkpoint_files
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library enforces
+
+DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file, by name: views of the memory-mapped file (BF16 as float32 copies)."""
+    path = Path(path)
+    buffer, header = _open(path)
+    tensors = {}
+    for name, (dtype, shape, start, end) in _entries(header, len(buffer), path).items():
+        raw = buffer[start:end].view(DTYPES[dtype]).reshape(shape)
+        tensors[name] = bf16_to_float32(raw) if dtype == "BF16" else raw
+    return tensors
+
+
+def load_checkpoint_numpy(model_dir: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory (model.safetensors, or the shards its index lists)."""
+    tensors: dict[str, np.ndarray] = {}
+    for path in checkpoint_files(Path(model_dir)):
+        for name, array in read_safetensors(path).items():
+            if name in tensors:
+                raise CheckpointError(f"{path}: tensor {name} is also in another shard")
+            tensors[name] = array
+    return tensors
+
+
+def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bit patterns -> float32 (the bits become the high half of each float32: exact)."""
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def _open(path: Path) -> tuple[np.ndarray, dict]:
+    """(the data buffer as a read-only uint8 array over the memory-mapped file, the parsed header)."""
+    try:
+        with open(path, "rb") as f:
+            size = path.stat().st_size
+            if size < 8:
+                raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors header length (8 bytes)")
+            n = int.from_bytes(f.read(8), "little")
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + n > size:
+                raise CheckpointError(f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)")
+            header = _parse_header(f.read(n), path)
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e.strerror or e})") from None
+    return np.frombuffer(mm, dtype=np.uint8, offset=8 + n), header
+
+
+def _parse_header(raw: bytes, path: Path) -> dict:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: header is not valid UTF-8 JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}, expected an object")
+    return header
+
+
+def _entries(header: dict, data_size: int, path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, start, end), every rule of the format checked."""
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must be an object of strings")
+    entries = {name: _entry(name, info, path) for name, info in header.items() if name != "__metadata__"}
+    position = 0
+    for name, (_, _, start, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if start != position:
+            what = "overlaps the previous tensor" if start < position else f"leaves a gap after byte {position}"
+            raise CheckpointError(f"{path}: tensor {name}: data_offsets [{start}, {end}] {what}")
+        if end > data_size:
+            raise CheckpointError(f"{path}: tensor {name}: data_offsets [{start}, {end}] run past the end of the "
+                                  f"{data_size}-byte data buffer (truncated?)")
+        position = end
+    if position != data_size:
+        raise CheckpointError(f"{path}: the tensors cover {position} bytes but the data buffer has {data_size}")
+    return entries
+
+
+def _entry(name: str, info, path: Path) -> tuple[str, tuple[int, ...], int, int]:
+    where = f"{path}: tensor {name}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: entry must be an object with dtype, shape and data_offsets")
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in info:
+            raise CheckpointError(f"{where}: missing field {field!r}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{where}: dtype {dtype!r} is not supported (supported: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CheckpointError(f"{where}: shape {shape!r} must be a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r} must be [begin, end] with 0 <= begin <= end")
+    n_bytes = math.prod(shape) * DTYPES[dtype].itemsize  # Python ints: no overflow
+    if offsets[1] - offsets[0] != n_bytes:
+        raise CheckpointError(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes but shape "
+                              f"{shape} of {dtype} needs {n_bytes}")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
