@@ -1,0 +1,200 @@
+// smolvlm_fast._cpu: the module definition and the checks at its border. Kernels: quant_gemm.cpp.
+// Every array must have the exact dtype, be C-contiguous and aligned, and have shapes that agree; anything
+// else raises ValueError (nothing is converted or copied silently, nothing is read out of bounds).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "quant_gemm.h"
+
+namespace py = pybind11;
+
+namespace {
+
+enum class DType { f32, f16, u8, i8 };
+
+const char* dtype_name(DType t) {
+    switch (t) {
+        case DType::f32: return "float32";
+        case DType::f16: return "float16";
+        case DType::u8: return "uint8";
+        case DType::i8: return "int8";
+    }
+    return "?";
+}
+
+bool has_dtype(const py::array& a, DType t) {
+    const py::dtype dt = a.dtype();
+    if (dt.byteorder() == '>') return false;
+    switch (t) {
+        case DType::f32: return dt.kind() == 'f' && dt.itemsize() == 4;
+        case DType::f16: return dt.kind() == 'f' && dt.itemsize() == 2;
+        case DType::u8: return dt.kind() == 'u' && dt.itemsize() == 1;
+        case DType::i8: return dt.kind() == 'i' && dt.itemsize() == 1;
+    }
+    return false;
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+    std::string s = "[";
+    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + "]";
+}
+
+std::string shape_of(const py::array& a) {
+    std::vector<int64_t> s(a.shape(), a.shape() + a.ndim());
+    return shape_str(s);
+}
+
+// The array's data, after checking dtype, layout and shape (-1 in `shape`: any size, returned through it).
+template <class T>
+T* checked(const char* fn, const char* name, const py::array& a, DType t, std::vector<int64_t> shape,
+           bool writeable = false) {
+    const std::string where = std::string(fn) + ": " + name;
+    if (!has_dtype(a, t))
+        throw py::value_error(where + " must be " + dtype_name(t) + ", got " + std::string(py::str(a.dtype())));
+    if (a.ndim() != static_cast<py::ssize_t>(shape.size()))
+        throw py::value_error(where + " must have " + std::to_string(shape.size()) + " dimensions, got shape " +
+                              shape_of(a));
+    for (size_t i = 0; i < shape.size(); ++i)
+        if (shape[i] >= 0 && a.shape(i) != shape[i])
+            throw py::value_error(where + " must have shape " + shape_str(shape) + ", got " + shape_of(a));
+    const int flags = py::detail::array_proxy(a.ptr())->flags;
+    if (!(flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+        throw py::value_error(where + " must be C-contiguous (np.ascontiguousarray)");
+    if (!(flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) throw py::value_error(where + " must be aligned");
+    if (writeable && !a.writeable()) throw py::value_error(where + " must be writeable");
+    return static_cast<T*>(const_cast<void*>(a.data()));
+}
+
+void check_no_overlap(const char* fn, const py::array& out, const py::array& a, const char* name) {
+    const auto* o = static_cast<const char*>(out.data());
+    const auto* p = static_cast<const char*>(a.data());
+    if (o < p + a.nbytes() && p < o + out.nbytes())
+        throw py::value_error(std::string(fn) + ": out overlaps " + name);
+}
+
+void check_k(const std::string& fn, int64_t K, int group_size) {
+    if (group_size != 32 && group_size != 64 && group_size != 128)
+        throw py::value_error(fn + ": group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+    if (K <= 0 || K % group_size)
+        throw py::value_error(fn + ": K = " + std::to_string(K) + " is not a positive multiple of group_size " +
+                              std::to_string(group_size));
+}
+
+smolvlm_cpu::Int4Matrix int4_matrix(const char* fn, const py::array& qweight, const py::array& scales,
+                                    const py::object& mins, int group_size, int64_t K) {
+    check_k(fn, K, group_size);
+    if (qweight.ndim() != 2) throw py::value_error(std::string(fn) + ": qweight must be 2-D, got " + shape_of(qweight));
+    const int64_t N = qweight.shape(0), G = K / group_size;
+    smolvlm_cpu::Int4Matrix w{};
+    w.qweight = checked<const uint8_t>(fn, "qweight", qweight, DType::u8, {N, K / 2});
+    w.scales = checked<const uint16_t>(fn, "scales", scales, DType::f16, {N, G});
+    if (!mins.is_none()) {
+        if (!py::isinstance<py::array>(mins))
+            throw py::value_error(std::string(fn) + ": mins must be an array or None");
+        w.mins = checked<const uint16_t>(fn, "mins", mins.cast<py::array>(), DType::f16, {N, G});
+    }
+    w.N = N;
+    w.K = K;
+    w.group_size = group_size;
+    return w;
+}
+
+smolvlm_cpu::Q8Matrix q8_matrix(const char* fn, const py::array& q, const py::array& scales) {
+    if (q.ndim() != 2) throw py::value_error(std::string(fn) + ": q must be 2-D, got " + shape_of(q));
+    const int64_t N = q.shape(0), K = q.shape(1);
+    check_k(fn, K, 32);
+    smolvlm_cpu::Q8Matrix w{};
+    w.q = checked<const int8_t>(fn, "q", q, DType::i8, {N, K});
+    w.scales = checked<const uint16_t>(fn, "scales", scales, DType::f16, {N, K / 32});
+    w.N = N;
+    w.K = K;
+    return w;
+}
+
+// x [M, K] and out [M, N], checked against the weight's N and K.
+std::pair<const float*, float*> checked_x_out(const char* fn, const py::array& x, const py::array& out, int64_t N,
+                                              int64_t K, int64_t* M) {
+    if (x.ndim() != 2) throw py::value_error(std::string(fn) + ": x must be [M, K], got shape " + shape_of(x));
+    *M = x.shape(0);
+    const float* xp = checked<const float>(fn, "x", x, DType::f32, {*M, K});
+    float* op = checked<float>(fn, "out", out, DType::f32, {*M, N}, true);
+    check_no_overlap(fn, out, x, "x");
+    return {xp, op};
+}
+
+void int4_gemm(const py::array& x, const py::array& qweight, const py::array& scales, const py::object& mins,
+               int group_size, const py::array& out) {
+    const char* fn = "int4_gemm";
+    if (qweight.ndim() != 2) throw py::value_error("int4_gemm: qweight must be 2-D, got " + shape_of(qweight));
+    const int64_t K = qweight.shape(1) * 2;
+    const smolvlm_cpu::Int4Matrix w = int4_matrix(fn, qweight, scales, mins, group_size, K);
+    int64_t M;
+    auto [xp, op] = checked_x_out(fn, x, out, w.N, K, &M);
+    check_no_overlap(fn, out, qweight, "qweight");
+    py::gil_scoped_release release;
+    smolvlm_cpu::int4_gemm(xp, M, w, op);
+}
+
+void q8_gemm(const py::array& x, const py::array& q, const py::array& scales, const py::array& out) {
+    const smolvlm_cpu::Q8Matrix w = q8_matrix("q8_gemm", q, scales);
+    int64_t M;
+    auto [xp, op] = checked_x_out("q8_gemm", x, out, w.N, w.K, &M);
+    check_no_overlap("q8_gemm", out, q, "q");
+    py::gil_scoped_release release;
+    smolvlm_cpu::q8_gemm(xp, M, w, op);
+}
+
+void int4_dequantize(const py::array& qweight, const py::array& scales, const py::object& mins, int group_size,
+                     const py::array& out) {
+    const char* fn = "int4_dequantize";
+    if (qweight.ndim() != 2) throw py::value_error("int4_dequantize: qweight must be 2-D, got " + shape_of(qweight));
+    const smolvlm_cpu::Int4Matrix w = int4_matrix(fn, qweight, scales, mins, group_size, qweight.shape(1) * 2);
+    float* op = checked<float>(fn, "out", out, DType::f32, {w.N, w.K}, true);
+    py::gil_scoped_release release;
+    smolvlm_cpu::int4_dequantize(w, op);
+}
+
+void q8_dequantize(const py::array& q, const py::array& scales, const py::array& out) {
+    const smolvlm_cpu::Q8Matrix w = q8_matrix("q8_dequantize", q, scales);
+    float* op = checked<float>("q8_dequantize", "out", out, DType::f32, {w.N, w.K}, true);
+    py::gil_scoped_release release;
+    smolvlm_cpu::q8_dequantize(w, op);
+}
+
+bool cpu_supports_build() {
+#if defined(__AVX512F__)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+#elif defined(__AVX2__)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return true;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+    if (!cpu_supports_build())
+        throw py::import_error(std::string("smolvlm_fast._cpu was built for ") + smolvlm_cpu::simd_name() +
+                               ", which this CPU lacks: rebuild it here (pip install -e .)");
+    m.doc() = "CPU kernels for int4 (Int4Weight) and int8 (GGUF Q8_0) weights; layouts in smolvlm_fast/quant.py";
+    m.def("int4_gemm", &int4_gemm, py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("mins"),
+          py::arg("group_size"), py::arg("out"),
+          "out[M, N] = x[M, K] @ dequantize_int4(W).T in float32; mins None for symmetric weights");
+    m.def("q8_gemm", &q8_gemm, py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("out"),
+          "out[M, N] = x[M, K] @ dequantize_q8(W).T in float32");
+    m.def("int4_dequantize", &int4_dequantize, py::arg("qweight"), py::arg("scales"), py::arg("mins"),
+          py::arg("group_size"), py::arg("out"), "out[N, K] = dequantize_int4(W)");
+    m.def("q8_dequantize", &q8_dequantize, py::arg("q"), py::arg("scales"), py::arg("out"),
+          "out[N, K] = dequantize_q8(W)");
+    m.def("set_num_threads", &smolvlm_cpu::set_num_threads, py::arg("n"),
+          "threads for the kernels; n <= 0 restores the default (SMOLVLM_FAST_NUM_THREADS, else the usable cores)");
+    m.def("get_num_threads", &smolvlm_cpu::get_num_threads);
+    m.attr("simd") = smolvlm_cpu::simd_name();
+}

@@ -1,0 +1,706 @@
+// int4 / int8-weight matrix products for the CPU: out[M, N] = x[M, K] @ W[N, K]^T in float32.
+//
+// A job is split into chunks of weight rows (output columns) that the threads claim one at a time. Within a
+// chunk, a tile computes MT rows of x against NR weight rows: each weight block (32 elements) is unpacked once
+// into float32 registers and used for all MT rows of x, so decode (M = 1) reads every weight once and prefill
+// reuses each chunk of weights from cache for every tile of x.
+// AVX-512 unpacks int4 by table lookup: per group, table[i] = d * i + m (i = 0..15), and vpermps picks
+// table[q] for 16 nibbles at once, giving the dequantized weights in two instructions. AVX2 converts and
+// scales instead; the scalar fallback is plain loops. Layouts: smolvlm_fast/quant.py.
+#include "quant_gemm.h"
+
+#include <pthread.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__) && defined(__FMA__)
+#define SMOLVLM_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define SMOLVLM_AVX2 1
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SMOLVLM_PAUSE() _mm_pause()
+#else
+#define SMOLVLM_PAUSE() std::this_thread::yield()
+#endif
+
+namespace smolvlm_cpu {
+namespace {
+
+constexpr int kBlock = 32;       // elements per packed block
+constexpr int kMaxMT = 8;        // rows of x per tile
+constexpr int kGroupChunk = 64;  // groups whose scales a tile converts to float32 at a time
+// Software prefetch distance along the weight rows, in bytes: the hardware prefetchers alone leave decode
+// (weights streamed from L3 / memory) at a third of the speed it has from L2 (measured on Sapphire Rapids).
+constexpr int kPrefetchInt4 = 2048, kPrefetchQ8 = 4096;
+
+inline void prefetch(const void* p, int64_t ahead) {
+#if defined(__x86_64__) || defined(__i386__)
+    // a hint: an address past the end of the array is dropped by the CPU, never dereferenced
+    _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + ahead), _MM_HINT_T0);
+#endif
+}
+
+#if defined(__SSE2__)
+inline __m128i load16(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+inline __m128i load8(const void* p) { return _mm_loadl_epi64(static_cast<const __m128i*>(p)); }
+#endif
+
+// Weight rows per tile for MT rows of x: as many accumulators as the registers hold.
+constexpr int nr_for(int mt) {
+#if SMOLVLM_AVX512
+    return mt <= 2 ? 4 : mt <= 4 ? 2 : 1;
+#else
+    return mt <= 2 ? 2 : 1;
+#endif
+}
+
+// ---------------------------------------------------------------- float16
+
+float half_to_float(uint16_t h) {
+    const uint32_t sign = uint32_t(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000 | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {  // subnormal: normalize
+        exp = 113;
+        while (!(man & 0x400)) { man <<= 1; --exp; }
+        bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+void halves_to_floats(const uint16_t* src, int n, float* dst) {
+    int i = 0;
+#if SMOLVLM_AVX512
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+    if (i < n) {
+        const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(dst + i, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, src + i)));
+        return;
+    }
+#elif SMOLVLM_AVX2
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(load16(src + i)));
+#endif
+    for (; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+
+// ---------------------------------------------------------------- threads
+
+int default_threads() {
+    if (const char* env = std::getenv("SMOLVLM_FAST_NUM_THREADS")) {
+        const int n = std::atoi(env);
+        if (n > 0) return n;
+    }
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+    return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+int64_t spin_microseconds() {
+    if (const char* env = std::getenv("SMOLVLM_FAST_SPIN_US")) return std::max(0, std::atoi(env));
+    return 500;
+}
+
+using ChunkFn = void (*)(void* ctx, int64_t chunk);
+
+// A fixed set of workers that share a job of n chunks: every thread (the caller too) claims chunks until none
+// are left, so a worker that is slow to wake (a busy machine) costs nothing but its absence. A chunk is claimed
+// by a compare-and-swap on `ticket_` = (job << 32 | next chunk), so a worker that wakes after its job is over
+// claims nothing and never touches the job's (by then dead) context. After a job, workers spin for a while
+// (the next product usually follows within microseconds), then sleep on a condition variable.
+class Pool {
+public:
+    explicit Pool(int threads) : threads_(threads), spin_(spin_microseconds()) {
+        try {
+            for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { loop(); });
+        } catch (...) {  // could not start a thread: stop the ones that did, then report it
+            stop();
+            throw;
+        }
+    }
+
+    ~Pool() { stop(); }
+
+    void run(ChunkFn fn, void* ctx, int64_t n_chunks) {
+        fn_ = fn;
+        ctx_ = ctx;
+        n_chunks_.store(n_chunks, std::memory_order_relaxed);
+        done_.store(0, std::memory_order_relaxed);
+        const uint64_t job = (ticket_.load(std::memory_order_relaxed) >> 32) + 1;
+        ticket_.store(job << 32);  // seq_cst: publishes the job, ordered before reading sleepers_
+        if (sleepers_.load() > 0) {
+            { std::lock_guard<std::mutex> lock(mu_); }
+            cv_.notify_all();
+        }
+        work(job);
+        // the last chunks are in other threads' hands; yield now and then in case one of them waits for a core
+        for (int i = 1; done_.load(std::memory_order_acquire) != n_chunks; ++i) {
+            if (i % 1024 == 0) std::this_thread::yield();
+            else SMOLVLM_PAUSE();
+        }
+    }
+
+private:
+    void stop() {
+        stop_.store(true);
+        ticket_.fetch_add(uint64_t(1) << 32);
+        { std::lock_guard<std::mutex> lock(mu_); }
+        cv_.notify_all();
+        for (auto& t : workers_) t.join();
+    }
+
+    void work(uint64_t job) {
+        uint64_t t = ticket_.load(std::memory_order_acquire);
+        for (;;) {
+            if ((t >> 32) != job || int64_t(t & 0xffffffffu) >= n_chunks_.load(std::memory_order_relaxed)) return;
+            if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire))
+                continue;
+            fn_(ctx_, int64_t(t & 0xffffffffu));
+            done_.fetch_add(1, std::memory_order_release);
+            t = ticket_.load(std::memory_order_acquire);
+        }
+    }
+
+    void loop() {
+        uint64_t seen = 0;  // the job number when the pool was made: a job run before this thread starts is not missed
+        for (;;) {
+            seen = wait_for_job(seen);
+            if (stop_.load()) return;
+            work(seen);
+        }
+    }
+
+    uint64_t wait_for_job(uint64_t seen) {
+        using clock = std::chrono::steady_clock;
+        const auto job = [&] { return ticket_.load(std::memory_order_acquire) >> 32; };
+        const auto until = clock::now() + std::chrono::microseconds(spin_);
+        for (int i = 0;; ++i) {
+            if (const uint64_t j = job(); j != seen) return j;
+            if ((i & 63) == 63 && clock::now() > until) break;
+            SMOLVLM_PAUSE();
+        }
+        std::unique_lock<std::mutex> lock(mu_);
+        sleepers_.fetch_add(1);
+        cv_.wait(lock, [&] { return job() != seen; });
+        sleepers_.fetch_sub(1);
+        return job();
+    }
+
+    const int threads_;
+    const int64_t spin_;
+    std::vector<std::thread> workers_;
+    std::atomic<uint64_t> ticket_{0};
+    std::atomic<int64_t> n_chunks_{0};
+    std::atomic<int64_t> done_{0};
+    std::atomic<int> sleepers_{0};
+    std::atomic<bool> stop_{false};
+    ChunkFn fn_ = nullptr;
+    void* ctx_ = nullptr;
+    std::mutex mu_;
+    std::condition_variable cv_;
+};
+
+// Leaked on purpose: no destructor runs at interpreter exit while workers sleep. A forked child gets a new one.
+std::mutex* g_run_mu = new std::mutex;
+Pool* g_pool = nullptr;
+std::atomic<int> g_threads{0};  // 0: not decided yet (read without the lock only to size chunks)
+
+void after_fork_in_child() {
+    g_run_mu = new std::mutex;  // the parent's may have been held by a thread that does not exist here
+    g_pool = nullptr;           // its workers do not exist here either
+}
+
+const bool g_atfork = [] { return pthread_atfork(nullptr, nullptr, after_fork_in_child) == 0; }();
+
+// Runs fn(ctx, c) for every chunk c < n_chunks, on the pool when there is enough work (multiply-adds) and no
+// other caller holds it, else on this thread.
+void parallel(ChunkFn fn, void* ctx, int64_t n_chunks, int64_t work) {
+    constexpr int64_t kMinParallelWork = 1 << 16;  // below this, waking a thread costs more than it saves
+    if (n_chunks > 1 && work >= kMinParallelWork) {
+        std::unique_lock<std::mutex> lock(*g_run_mu, std::try_to_lock);
+        if (lock.owns_lock()) {
+            if (g_threads.load() == 0) g_threads = default_threads();
+            if (g_threads.load() > 1) {
+                try {
+                    if (!g_pool) g_pool = new Pool(g_threads.load());
+                } catch (const std::exception&) {  // no threads to be had: this one does the work
+                }
+                if (g_pool) {
+                    g_pool->run(fn, ctx, n_chunks);
+                    return;
+                }
+            }
+        }
+    }
+    for (int64_t c = 0; c < n_chunks; ++c) fn(ctx, c);
+}
+
+// Rows per chunk: about 4 chunks per thread (so a late thread costs little), a multiple of 4, at most max_rows.
+int64_t chunk_rows(int64_t n, int64_t max_rows) {
+    if (g_threads.load() == 0) get_num_threads();
+    const int64_t per_chunk = (n + 4 * g_threads.load() - 1) / (4 * g_threads.load());
+    return std::max<int64_t>(4, std::min(max_rows, (per_chunk + 3) / 4 * 4));
+}
+
+// ---------------------------------------------------------------- tiles
+// Kernel::tile<MT, NR>(x, w, n, out, ldo): out[i * ldo + r] = sum_k x[i * K + k] * W[n + r, k], i < MT, r < NR.
+// Int4 groups hold BPG blocks; ASYM: w = d * q + m, else w = d * (q - 8).
+
+template <bool ASYM, int BPG>
+struct Int4Kernel {
+    using Matrix = Int4Matrix;
+    static constexpr int GS = BPG * kBlock;
+    template <int MT, int NR>
+    static void tile(const float* x, const Int4Matrix& w, int64_t n, float* out, int64_t ldo);
+};
+
+struct Q8Kernel {
+    using Matrix = Q8Matrix;
+    template <int MT, int NR>
+    static void tile(const float* x, const Q8Matrix& w, int64_t n, float* out, int64_t ldo);
+};
+
+// The group scales (or mins) of rows n .. n + NR - 1, groups g0 .. g0 + gn - 1, as float32; row r's start at
+// dst + r * (the stride returned). When the chunk is all of a row, the NR rows are one contiguous run.
+template <int NR>
+int group_scales(const uint16_t* src, int64_t G, int64_t n, int64_t g0, int gn, float* dst) {
+    if (gn == G) {
+        halves_to_floats(src + n * G, NR * gn, dst);
+        return gn;
+    }
+    for (int r = 0; r < NR; ++r) halves_to_floats(src + (n + r) * G + g0, gn, dst + r * kGroupChunk);
+    return kGroupChunk;
+}
+
+#if SMOLVLM_AVX512
+
+// out[r] = the sum of v[r]'s lanes, r < NR; four at once by a transposing reduction.
+template <int NR>
+inline void store_sums(const __m512 (&v)[NR], float* out) {
+    if constexpr (NR == 4) {
+        // per 128-bit lane: ab = [a0 + a2, b0 + b2, a1 + a3, b1 + b3], cd likewise, s = [a, b, c, d]
+        const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]));
+        const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]));
+        const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                       _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+        const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s),
+                                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+        _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    } else {
+        for (int r = 0; r < NR; ++r) out[r] = _mm512_reduce_add_ps(v[r]);
+    }
+}
+
+template <bool ASYM, int BPG>
+template <int MT, int NR>
+void Int4Kernel<ASYM, BPG>::tile(const float* x, const Int4Matrix& w, int64_t n, float* out, int64_t ldo) {
+    const int64_t K = w.K, G = K / GS;
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 levels = ASYM ? iota : _mm512_sub_ps(iota, _mm512_set1_ps(8.0f));
+    __m512 acc[MT][NR][2];
+    for (int i = 0; i < MT; ++i)
+        for (int r = 0; r < NR; ++r) acc[i][r][0] = acc[i][r][1] = _mm512_setzero_ps();
+    alignas(64) float d[NR * kGroupChunk];
+    alignas(64) float m[NR * kGroupChunk];
+    for (int64_t g0 = 0; g0 < G; g0 += kGroupChunk) {
+        const int gn = static_cast<int>(std::min<int64_t>(kGroupChunk, G - g0));
+        const int ds = group_scales<NR>(w.scales, G, n, g0, gn, d);
+        if (ASYM) group_scales<NR>(w.mins, G, n, g0, gn, m);
+        const float* xg = x + g0 * GS;
+        const uint8_t* qg[NR];
+        const float* dr[NR];
+        const float* mr[NR];
+        for (int r = 0; r < NR; ++r) {
+            qg[r] = w.qweight + (n + r) * (K / 2) + g0 * (GS / 2);
+            dr[r] = d + r * ds;
+            mr[r] = m + r * ds;
+        }
+        for (int g = 0; g < gn; ++g) {
+            __m512 table[NR];
+            for (int r = 0; r < NR; ++r)
+                table[r] = ASYM ? _mm512_fmadd_ps(_mm512_set1_ps(dr[r][g]), levels, _mm512_set1_ps(mr[r][g]))
+                                : _mm512_mul_ps(_mm512_set1_ps(dr[r][g]), levels);
+            for (int b = 0; b < BPG; ++b) {
+                const int k = g * GS + b * kBlock;
+                __m512 lo[NR], hi[NR];
+                for (int r = 0; r < NR; ++r) {
+                    prefetch(qg[r] + k / 2, kPrefetchInt4);
+                    const __m512i v = _mm512_cvtepu8_epi32(load16(qg[r] + k / 2));
+                    lo[r] = _mm512_permutexvar_ps(v, table[r]);  // vpermps reads the low 4 bits of each index
+                    hi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table[r]);
+                }
+                for (int i = 0; i < MT; ++i) {
+                    const __m512 xl = _mm512_loadu_ps(xg + i * K + k), xh = _mm512_loadu_ps(xg + i * K + k + 16);
+                    for (int r = 0; r < NR; ++r) {
+                        acc[i][r][0] = _mm512_fmadd_ps(lo[r], xl, acc[i][r][0]);
+                        acc[i][r][1] = _mm512_fmadd_ps(hi[r], xh, acc[i][r][1]);
+                    }
+                }
+            }
+        }
+    }
+    for (int i = 0; i < MT; ++i) {
+        __m512 sums[NR];
+        for (int r = 0; r < NR; ++r) sums[r] = _mm512_add_ps(acc[i][r][0], acc[i][r][1]);
+        store_sums<NR>(sums, out + i * ldo);
+    }
+}
+
+template <int MT, int NR>
+void Q8Kernel::tile(const float* x, const Q8Matrix& w, int64_t n, float* out, int64_t ldo) {
+    const int64_t K = w.K, G = K / kBlock;
+    __m512 acc[MT][NR][2];
+    for (int i = 0; i < MT; ++i)
+        for (int r = 0; r < NR; ++r) acc[i][r][0] = acc[i][r][1] = _mm512_setzero_ps();
+    alignas(64) float d[NR * kGroupChunk];
+    for (int64_t g0 = 0; g0 < G; g0 += kGroupChunk) {
+        const int gn = static_cast<int>(std::min<int64_t>(kGroupChunk, G - g0));
+        const int ds = group_scales<NR>(w.scales, G, n, g0, gn, d);
+        const float* xg = x + g0 * kBlock;
+        const int8_t* qg[NR];
+        for (int r = 0; r < NR; ++r) qg[r] = w.q + (n + r) * K + g0 * kBlock;
+        // One block of every row into acc[.][.][a]; groups alternate between the two accumulators.
+        auto block = [&](int g, int a) {
+            const int k = g * kBlock;
+            __m512 lo[NR], hi[NR];
+            for (int r = 0; r < NR; ++r) {
+                prefetch(qg[r] + k, kPrefetchQ8);
+                lo[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load16(qg[r] + k)));
+                hi[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load16(qg[r] + k + 16)));
+            }
+            if constexpr (MT == 1) {  // scale the block's partial sum: one multiply fewer per block
+                const __m512 xl = _mm512_loadu_ps(xg + k), xh = _mm512_loadu_ps(xg + k + 16);
+                for (int r = 0; r < NR; ++r) {
+                    const __m512 s = _mm512_fmadd_ps(hi[r], xh, _mm512_mul_ps(lo[r], xl));
+                    acc[0][r][a] = _mm512_fmadd_ps(s, _mm512_set1_ps(d[r * ds + g]), acc[0][r][a]);
+                }
+            } else {
+                for (int r = 0; r < NR; ++r) {
+                    const __m512 dv = _mm512_set1_ps(d[r * ds + g]);
+                    lo[r] = _mm512_mul_ps(lo[r], dv);
+                    hi[r] = _mm512_mul_ps(hi[r], dv);
+                }
+                for (int i = 0; i < MT; ++i) {
+                    const __m512 xl = _mm512_loadu_ps(xg + i * K + k), xh = _mm512_loadu_ps(xg + i * K + k + 16);
+                    for (int r = 0; r < NR; ++r) {
+                        acc[i][r][0] = _mm512_fmadd_ps(lo[r], xl, acc[i][r][0]);
+                        acc[i][r][1] = _mm512_fmadd_ps(hi[r], xh, acc[i][r][1]);
+                    }
+                }
+            }
+        };
+        int g = 0;
+        for (; g + 2 <= gn; g += 2) {
+            block(g, 0);
+            block(g + 1, 1);
+        }
+        if (g < gn) block(g, 0);
+    }
+    for (int i = 0; i < MT; ++i) {
+        __m512 sums[NR];
+        for (int r = 0; r < NR; ++r) sums[r] = _mm512_add_ps(acc[i][r][0], acc[i][r][1]);
+        store_sums<NR>(sums, out + i * ldo);
+    }
+}
+
+void int4_dequantize_row(const Int4Matrix& w, int64_t n, float* o) {
+    const int64_t K = w.K, G = K / w.group_size;
+    const uint8_t* q = w.qweight + n * (K / 2);
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t g = 0; g < G; ++g) {
+        const __m512 d = _mm512_set1_ps(half_to_float(w.scales[n * G + g]));
+        const __m512 table = w.mins ? _mm512_fmadd_ps(d, iota, _mm512_set1_ps(half_to_float(w.mins[n * G + g])))
+                                    : _mm512_mul_ps(d, _mm512_sub_ps(iota, _mm512_set1_ps(8.0f)));
+        for (int64_t k = g * w.group_size; k < (g + 1) * w.group_size; k += kBlock) {
+            const __m512i v = _mm512_cvtepu8_epi32(load16(q + k / 2));
+            _mm512_storeu_ps(o + k, _mm512_permutexvar_ps(v, table));
+            _mm512_storeu_ps(o + k + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table));
+        }
+    }
+}
+
+#elif SMOLVLM_AVX2
+
+inline float hsum(__m256 v) {
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+template <bool ASYM, int BPG>
+template <int MT, int NR>
+void Int4Kernel<ASYM, BPG>::tile(const float* x, const Int4Matrix& w, int64_t n, float* out, int64_t ldo) {
+    const int64_t K = w.K, G = K / GS;
+    const __m256i low4 = _mm256_set1_epi32(0x0f);
+    __m256 acc[MT][NR];
+    for (int i = 0; i < MT; ++i)
+        for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
+    alignas(32) float d[NR * kGroupChunk];
+    alignas(32) float m[NR * kGroupChunk];
+    for (int64_t g0 = 0; g0 < G; g0 += kGroupChunk) {
+        const int gn = static_cast<int>(std::min<int64_t>(kGroupChunk, G - g0));
+        const int ds = group_scales<NR>(w.scales, G, n, g0, gn, d);
+        if (ASYM) group_scales<NR>(w.mins, G, n, g0, gn, m);
+        const float* xg = x + g0 * GS;
+        const uint8_t* qg[NR];
+        for (int r = 0; r < NR; ++r) qg[r] = w.qweight + (n + r) * (K / 2) + g0 * (GS / 2);
+        for (int g = 0; g < gn; ++g) {
+            for (int b = 0; b < BPG; ++b) {
+                const int k = g * GS + b * kBlock;
+                for (int r = 0; r < NR; ++r) prefetch(qg[r] + k / 2, kPrefetchInt4);
+                for (int h = 0; h < 2; ++h) {  // bytes 8h .. 8h + 7: elements k + 8h + j (low), k + 16 + 8h + j (high)
+                    __m256 lo[NR], hi[NR];
+                    for (int r = 0; r < NR; ++r) {
+                        const __m256 dv = _mm256_set1_ps(d[r * ds + g]);
+                        const __m256 mv = ASYM ? _mm256_set1_ps(m[r * ds + g])
+                                               : _mm256_mul_ps(dv, _mm256_set1_ps(-8.0f));
+                        const __m256i v = _mm256_cvtepu8_epi32(load8(qg[r] + k / 2 + 8 * h));
+                        lo[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low4)), dv, mv);
+                        hi[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), dv, mv);
+                    }
+                    for (int i = 0; i < MT; ++i) {
+                        const __m256 xl = _mm256_loadu_ps(xg + i * K + k + 8 * h);
+                        const __m256 xh = _mm256_loadu_ps(xg + i * K + k + 16 + 8 * h);
+                        for (int r = 0; r < NR; ++r)
+                            acc[i][r] = _mm256_fmadd_ps(hi[r], xh, _mm256_fmadd_ps(lo[r], xl, acc[i][r]));
+                    }
+                }
+            }
+        }
+    }
+    for (int i = 0; i < MT; ++i)
+        for (int r = 0; r < NR; ++r) out[i * ldo + r] = hsum(acc[i][r]);
+}
+
+template <int MT, int NR>
+void Q8Kernel::tile(const float* x, const Q8Matrix& w, int64_t n, float* out, int64_t ldo) {
+    const int64_t K = w.K, G = K / kBlock;
+    __m256 acc[MT][NR];
+    for (int i = 0; i < MT; ++i)
+        for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
+    alignas(32) float d[NR * kGroupChunk];
+    for (int64_t g0 = 0; g0 < G; g0 += kGroupChunk) {
+        const int gn = static_cast<int>(std::min<int64_t>(kGroupChunk, G - g0));
+        const int ds = group_scales<NR>(w.scales, G, n, g0, gn, d);
+        for (int g = 0; g < gn; ++g) {
+            const int64_t k = (g0 + g) * kBlock;
+            for (int r = 0; r < NR; ++r) prefetch(w.q + (n + r) * K + k, kPrefetchQ8);
+            for (int j = 0; j < 4; ++j) {
+                __m256 wv[NR];
+                for (int r = 0; r < NR; ++r)
+                    wv[r] = _mm256_mul_ps(_mm256_set1_ps(d[r * ds + g]), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                              load8(w.q + (n + r) * K + k + 8 * j))));
+                for (int i = 0; i < MT; ++i) {
+                    const __m256 xv = _mm256_loadu_ps(x + i * K + k + 8 * j);
+                    for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_fmadd_ps(wv[r], xv, acc[i][r]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < MT; ++i)
+        for (int r = 0; r < NR; ++r) out[i * ldo + r] = hsum(acc[i][r]);
+}
+
+#endif
+
+#if !SMOLVLM_AVX512  // the scalar tiles (AVX2 builds keep this dequantization; it is not on a hot path)
+
+void int4_dequantize_row(const Int4Matrix& w, int64_t n, float* o) {
+    const int64_t K = w.K, G = K / w.group_size;
+    const uint8_t* q = w.qweight + n * (K / 2);
+    for (int64_t g = 0; g < G; ++g) {
+        const float d = half_to_float(w.scales[n * G + g]);
+        const float m = w.mins ? half_to_float(w.mins[n * G + g]) : 0.0f;
+        for (int64_t k = g * w.group_size; k < (g + 1) * w.group_size; k += kBlock)
+            for (int j = 0; j < 16; ++j) {
+                const uint8_t byte = q[k / 2 + j];
+                o[k + j] = w.mins ? d * float(byte & 0x0f) + m : d * (float(byte & 0x0f) - 8.0f);
+                o[k + j + 16] = w.mins ? d * float(byte >> 4) + m : d * (float(byte >> 4) - 8.0f);
+            }
+    }
+}
+
+#endif
+
+#if !SMOLVLM_AVX512 && !SMOLVLM_AVX2
+
+template <bool ASYM, int BPG>
+template <int MT, int NR>
+void Int4Kernel<ASYM, BPG>::tile(const float* x, const Int4Matrix& w, int64_t n, float* out, int64_t ldo) {
+    float row[kBlock];
+    for (int r = 0; r < NR; ++r) {
+        float acc[MT] = {};
+        for (int64_t k = 0; k < w.K; k += kBlock) {
+            const int64_t g = (n + r) * (w.K / GS) + k / GS;
+            const float d = half_to_float(w.scales[g]), m = ASYM ? half_to_float(w.mins[g]) : 0.0f;
+            const uint8_t* q = w.qweight + (n + r) * (w.K / 2) + k / 2;
+            for (int j = 0; j < 16; ++j) {
+                row[j] = ASYM ? d * float(q[j] & 0x0f) + m : d * (float(q[j] & 0x0f) - 8.0f);
+                row[j + 16] = ASYM ? d * float(q[j] >> 4) + m : d * (float(q[j] >> 4) - 8.0f);
+            }
+            for (int i = 0; i < MT; ++i)
+                for (int j = 0; j < kBlock; ++j) acc[i] += row[j] * x[i * w.K + k + j];
+        }
+        for (int i = 0; i < MT; ++i) out[i * ldo + r] = acc[i];
+    }
+}
+
+template <int MT, int NR>
+void Q8Kernel::tile(const float* x, const Q8Matrix& w, int64_t n, float* out, int64_t ldo) {
+    for (int r = 0; r < NR; ++r) {
+        float acc[MT] = {};
+        for (int64_t k = 0; k < w.K; k += kBlock) {
+            const float d = half_to_float(w.scales[((n + r) * w.K + k) / kBlock]);
+            const int8_t* q = w.q + (n + r) * w.K + k;
+            for (int i = 0; i < MT; ++i)
+                for (int j = 0; j < kBlock; ++j) acc[i] += d * float(q[j]) * x[i * w.K + k + j];
+        }
+        for (int i = 0; i < MT; ++i) out[i * ldo + r] = acc[i];
+    }
+}
+
+#endif
+
+void q8_dequantize_row(const Q8Matrix& w, int64_t n, float* o) {
+    const int64_t G = w.K / kBlock;
+    for (int64_t g = 0; g < G; ++g) {
+        const float d = half_to_float(w.scales[n * G + g]);
+        const int8_t* q = w.q + n * w.K + g * kBlock;
+        for (int j = 0; j < kBlock; ++j) o[g * kBlock + j] = d * float(q[j]);
+    }
+}
+
+// ---------------------------------------------------------------- drivers
+
+template <class Kernel>
+struct Gemm {
+    using Matrix = typename Kernel::Matrix;
+    using Tile = void (*)(const float*, const Matrix&, int64_t, float*, int64_t);
+
+    template <int... I>
+    static constexpr std::array<Tile, kMaxMT> wide(std::integer_sequence<int, I...>) {
+        return {&Kernel::template tile<I + 1, nr_for(I + 1)>...};
+    }
+    template <int... I>
+    static constexpr std::array<Tile, kMaxMT> narrow(std::integer_sequence<int, I...>) {
+        return {&Kernel::template tile<I + 1, 1>...};
+    }
+    static constexpr std::array<Tile, kMaxMT> kWide = wide(std::make_integer_sequence<int, kMaxMT>{});
+    static constexpr std::array<Tile, kMaxMT> kNarrow = narrow(std::make_integer_sequence<int, kMaxMT>{});
+
+    const float* x;
+    int64_t M;
+    const Matrix* w;
+    float* out;
+    int64_t chunk = 0;  // weight rows per chunk
+
+    // Rows [n0, n1), few enough to stay in L2 while every tile of x passes over them.
+    void rows(int64_t n0, int64_t n1) const {
+        const int64_t N = w->N, K = w->K;
+        for (int64_t m0 = 0; m0 < M; m0 += kMaxMT) {
+            const int mt = static_cast<int>(std::min<int64_t>(kMaxMT, M - m0));
+            const int nr = nr_for(mt);
+            const float* xm = x + m0 * K;
+            float* om = out + m0 * N;
+            int64_t n = n0;
+            for (; n + nr <= n1; n += nr) kWide[mt - 1](xm, *w, n, om + n, N);
+            for (; n < n1; ++n) kNarrow[mt - 1](xm, *w, n, om + n, N);
+        }
+    }
+
+    static void task(void* ctx, int64_t c) {
+        const auto* self = static_cast<const Gemm*>(ctx);
+        self->rows(c * self->chunk, std::min(self->w->N, (c + 1) * self->chunk));
+    }
+
+    void run(int64_t row_bytes) {
+        constexpr int64_t kL2Bytes = 256 << 10;
+        chunk = chunk_rows(w->N, std::max<int64_t>(16, kL2Bytes / row_bytes));
+        parallel(&Gemm::task, this, (w->N + chunk - 1) / chunk, M * w->N * w->K);
+    }
+};
+
+template <bool ASYM>
+void int4_gemm_by_group(const float* x, int64_t M, const Int4Matrix& w, float* out) {
+    const int64_t row_bytes = w.K / 2 + (w.K / w.group_size) * (ASYM ? 4 : 2);
+    switch (w.group_size) {
+        case 32: Gemm<Int4Kernel<ASYM, 1>>{x, M, &w, out}.run(row_bytes); break;
+        case 64: Gemm<Int4Kernel<ASYM, 2>>{x, M, &w, out}.run(row_bytes); break;
+        default: Gemm<Int4Kernel<ASYM, 4>>{x, M, &w, out}.run(row_bytes); break;
+    }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- entry points
+
+void int4_gemm(const float* x, int64_t M, const Int4Matrix& w, float* out) {
+    if (M == 0 || w.N == 0) return;
+    if (w.mins) int4_gemm_by_group<true>(x, M, w, out);
+    else int4_gemm_by_group<false>(x, M, w, out);
+}
+
+void q8_gemm(const float* x, int64_t M, const Q8Matrix& w, float* out) {
+    if (M == 0 || w.N == 0) return;
+    Gemm<Q8Kernel>{x, M, &w, out}.run(w.K + w.K / kBlock * 2);
+}
+
+void int4_dequantize(const Int4Matrix& w, float* out) {
+    for (int64_t n = 0; n < w.N; ++n) int4_dequantize_row(w, n, out + n * w.K);
+}
+
+void q8_dequantize(const Q8Matrix& w, float* out) {
+    for (int64_t n = 0; n < w.N; ++n) q8_dequantize_row(w, n, out + n * w.K);
+}
+
+void set_num_threads(int n) {
+    std::lock_guard<std::mutex> lock(*g_run_mu);
+    const int want = n > 0 ? n : default_threads();
+    if (want == g_threads) return;
+    delete g_pool;
+    g_pool = nullptr;
+    g_threads = want;
+}
+
+int get_num_threads() {
+    std::lock_guard<std::mutex> lock(*g_run_mu);
+    if (g_threads == 0) g_threads = default_threads();
+    return g_threads;
+}
+
+const char* simd_name() {
+#if SMOLVLM_AVX512
+    return "avx512";
+#elif SMOLVLM_AVX2
+    return "avx2";
+#else
+    return "scalar";
+#endif
+}
+
+}  // namespace smolvlm_cpu

@@ -1,0 +1,35 @@
+// CPU matrix products with int4 (Int4Weight) and int8 (GGUF Q8_0) weights: out[M, N] = x[M, K] @ W[N, K]^T,
+// accumulated in float32 (x is never quantized). Layouts: smolvlm_fast/quant.py's docstring.
+// The caller (bindings.cpp) checks every argument; these functions trust them.
+#pragma once
+
+#include <cstdint>
+
+namespace smolvlm_cpu {
+
+struct Int4Matrix {
+    const uint8_t* qweight;   // [N, K / 2], 32-element blocks: byte j = element j (low nibble), j + 16 (high)
+    const uint16_t* scales;   // float16 bits [N, K / group_size]
+    const uint16_t* mins;     // float16 bits [N, K / group_size]; nullptr: symmetric, w = d * (q - 8)
+    int64_t N, K;
+    int group_size;           // 32, 64 or 128
+};
+
+struct Q8Matrix {
+    const int8_t* q;          // [N, K]
+    const uint16_t* scales;   // float16 bits [N, K / 32]
+    int64_t N, K;
+};
+
+void int4_gemm(const float* x, int64_t M, const Int4Matrix& w, float* out);
+void q8_gemm(const float* x, int64_t M, const Q8Matrix& w, float* out);
+// out [N, K] = W as float32, on the calling thread only (prefill dequantizes a chunk of rows and hands it to
+// BLAS, whose threads would compete with ours).
+void int4_dequantize(const Int4Matrix& w, float* out);
+void q8_dequantize(const Q8Matrix& w, float* out);
+
+void set_num_threads(int n);  // n <= 0: the default (SMOLVLM_FAST_NUM_THREADS, else the cores we may use)
+int get_num_threads();
+const char* simd_name();      // "avx512", "avx2" or "scalar": what this build was compiled for
+
+}  // namespace smolvlm_cpu

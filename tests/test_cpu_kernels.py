@@ -1,0 +1,233 @@
+"""The C++ CPU kernels (smolvlm_fast._cpu, csrc/cpu/) against NumPy: int4 (both flavours, every group size) and
+q8 products for decode and prefill shapes, dequantization, threads, and the checks at the border.
+
+Fresh random inputs every test; outputs are NaN-poisoned so an element the kernel never writes fails. The kernels
+accumulate in float32 like NumPy's matmul, so both are held to 1e-5 relative against a float64 product."""
+from __future__ import annotations
+
+import multiprocessing
+import threading
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize as gguf_quantize
+
+from smolvlm_fast import quant
+
+cpu = pytest.importorskip("smolvlm_fast._cpu", reason="the C++ extension is not built (pip install -e .)")
+
+RNG = np.random.default_rng()
+SHAPES = [(576, 576), (1536, 576), (576, 1536)]
+KINDS = ["asym32", "asym64", "asym128", "sym32", "sym64", "sym128", "q8"]
+
+
+def make_weight(kind: str, N: int, K: int):
+    w = RNG.standard_normal((N, K), dtype=np.float32) * RNG.uniform(0.01, 0.1, (N, 1)).astype(np.float32)
+    if kind == "q8":
+        return quant.q8_from_gguf(gguf_quantize(w, Q.Q8_0))
+    return quant.quantize_int4(w, group_size=int(kind.lstrip("asym")), symmetric=kind.startswith("sym"))
+
+
+def kernel(x: np.ndarray, w) -> np.ndarray:
+    """The fused kernel called directly, into a NaN-poisoned output."""
+    out = np.full((x.shape[0], w.N), np.nan, np.float32)
+    if isinstance(w, quant.Int4Weight):
+        cpu.int4_gemm(x, w.qweight, w.scales, w.mins, w.group_size, out)
+    else:
+        cpu.q8_gemm(x, w.q, w.scales, out)
+    return out
+
+
+def reference(x: np.ndarray, w) -> np.ndarray:
+    return x.astype(np.float64) @ quant.dequantize(w).astype(np.float64).T
+
+
+def close(ours: np.ndarray, expect: np.ndarray, tol: float = 1e-5):
+    assert ours.dtype == np.float32 and ours.shape == expect.shape
+    np.testing.assert_allclose(ours, expect, rtol=tol, atol=tol * np.abs(expect).max())
+
+
+def cases():
+    for kind in KINDS:
+        for N, K in SHAPES:
+            if kind != "q8" and K % int(kind.lstrip("asym")):
+                continue
+            for M in (1, 3, 16, 37):
+                yield pytest.param(kind, M, N, K, id=f"{kind}-M{M}-{N}x{K}")
+        if kind in ("asym32", "sym64", "q8"):  # the LM head's shape, decode only
+            yield pytest.param(kind, 1, 49152, 576, id=f"{kind}-M1-49152x576")
+
+
+@pytest.mark.parametrize("kind,M,N,K", cases())
+def test_gemm_matches_numpy(kind, M, N, K):
+    w = make_weight(kind, N, K)
+    x = RNG.standard_normal((M, K), dtype=np.float32)
+    expect = reference(x, w)
+    close(kernel(x, w), expect)
+    with np.errstate(all="ignore"):
+        numpy_fallback = np.asarray(x @ quant.dequantize(w).T)
+    close(numpy_fallback, expect)
+
+
+@pytest.mark.parametrize("kind", ["asym32", "sym64", "q8"])
+@pytest.mark.parametrize("M", [1, 7, 33, 100])  # both sides of quant._BLAS_MIN_ROWS
+def test_linear_on_the_kernels(kind, M):
+    """linear(): the fused kernel for few rows, dequantized chunks and BLAS from _BLAS_MIN_ROWS on."""
+    w = make_weight(kind, 300, 576)
+    x = RNG.standard_normal((M, 576), dtype=np.float32)
+    bias = RNG.standard_normal(300, dtype=np.float32)
+    close(quant.linear(x, w, bias), reference(x, w) + bias)
+
+
+@pytest.mark.parametrize("kind", ["asym32", "asym128", "sym32", "sym64"])
+def test_int4_dequantize(kind):
+    w = make_weight(kind, 50, 1536)
+    out = np.full((50, 1536), np.nan, np.float32)
+    cpu.int4_dequantize(w.qweight, w.scales, w.mins, w.group_size, out)
+    close(out, quant.dequantize_int4(w), 1e-6)  # d * q + m may round once (FMA) instead of twice
+
+
+def test_q8_dequantize():
+    w = make_weight("q8", 50, 576)
+    out = np.full((50, 576), np.nan, np.float32)
+    cpu.q8_dequantize(w.q, w.scales, out)
+    np.testing.assert_array_equal(out, quant.dequantize_q8(w))
+
+
+def test_odd_shapes():
+    """N not a multiple of the row tile, K of one block, M above one x tile."""
+    for N, K, M in [(1, 32, 1), (7, 64, 9), (5, 96, 2), (13, 128, 17)]:
+        for kind in ("asym32", "sym32", "q8"):
+            w = make_weight(kind, N, K)
+            x = RNG.standard_normal((M, K), dtype=np.float32)
+            close(kernel(x, w), reference(x, w))
+    w = make_weight("asym32", 9, 64)
+    kernel(np.zeros((0, 64), np.float32), w)  # M = 0: nothing to do
+
+
+def test_long_rows():
+    """K with more groups than a tile converts at a time (64): the scales are read in chunks."""
+    for kind in ("asym32", "sym64", "q8"):
+        w = make_weight(kind, 10, 32 * 150)
+        x = RNG.standard_normal((3, 32 * 150), dtype=np.float32)
+        close(kernel(x, w), reference(x, w))
+
+
+def test_threads_give_identical_results():
+    w = make_weight("asym32", 1536, 576)
+    x = RNG.standard_normal((5, 576), dtype=np.float32)
+    default = cpu.get_num_threads()
+    try:
+        cpu.set_num_threads(1)
+        assert cpu.get_num_threads() == 1
+        one = kernel(x, w)
+        cpu.set_num_threads(3)
+        np.testing.assert_array_equal(kernel(x, w), one)  # each output is computed whole by one thread
+    finally:
+        cpu.set_num_threads(0)
+    assert cpu.get_num_threads() == default >= 1
+
+
+def test_concurrent_callers():
+    """Python threads call at once (the GIL is released); a caller that finds the pool busy runs on its own."""
+    w = make_weight("asym32", 3072, 576)
+    xs = [RNG.standard_normal((2, 576), dtype=np.float32) for _ in range(4)]
+    expect = [kernel(x, w) for x in xs]
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            for _ in range(20):
+                np.testing.assert_array_equal(kernel(xs[i], w), expect[i])
+            results[i] = True
+        except Exception as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == 4
+
+
+def _in_child(queue):
+    w = make_weight("q8", 2048, 576)
+    x = RNG.standard_normal((1, 576), dtype=np.float32)
+    queue.put(bool(np.allclose(kernel(x, w), reference(x, w), rtol=1e-5, atol=1e-4)))
+
+
+def test_fork_after_use():
+    """A forked child (the pool's workers do not exist there) computes without hanging."""
+    kernel(RNG.standard_normal((1, 576), dtype=np.float32), make_weight("asym32", 2048, 576))  # start the pool
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung")
+    assert child.exitcode == 0 and queue.get(timeout=5)
+
+
+# ---------------------------------------------------------------- checks at the border
+
+def int4_args(N=64, K=128, M=2, group_size=32):
+    w = make_weight(f"asym{group_size}", N, K)
+    x = RNG.standard_normal((M, K), dtype=np.float32)
+    return dict(x=x, qweight=w.qweight, scales=w.scales, mins=w.mins, group_size=group_size,
+                out=np.empty((M, N), np.float32))
+
+
+def bad_int4_cases():
+    a = int4_args()
+    yield "x must be float32", dict(a, x=a["x"].astype(np.float64))
+    yield "x must be C-contiguous", dict(a, x=np.asfortranarray(RNG.standard_normal((2, 128), dtype=np.float32)))
+    yield r"x must be \[M, K\]", dict(a, x=a["x"][0])
+    yield r"x must have shape \[2, 128\]", dict(a, x=a["x"][:, :96].copy())
+    yield r"out must have shape \[2, 64\]", dict(a, out=np.empty((2, 63), np.float32))
+    yield "out must be float32", dict(a, out=np.empty((2, 64), np.float64))
+    read_only = np.empty((2, 64), np.float32)
+    read_only.flags.writeable = False
+    yield "out must be writeable", dict(a, out=read_only)
+    yield "scales must be float16", dict(a, scales=a["scales"].astype(np.float32))
+    yield r"scales must have shape \[64, 4\]", dict(a, scales=a["scales"][:, :3].copy())
+    yield r"mins must have shape \[64, 4\]", dict(a, mins=a["mins"][:32].copy())
+    yield "mins must be an array or None", dict(a, mins=3)
+    yield "qweight must be uint8", dict(a, qweight=a["qweight"].view(np.int8))
+    yield "qweight must be 2-D", dict(a, qweight=a["qweight"].reshape(-1))
+    yield "group_size must be 32, 64 or 128", dict(a, group_size=48)
+    yield "K = 96 is not a positive multiple of group_size 64", dict(
+        a, qweight=np.zeros((64, 48), np.uint8), x=np.zeros((2, 96), np.float32), group_size=64)
+    yield "K = 80 is not a positive multiple of group_size 32", dict(
+        a, qweight=np.zeros((64, 40), np.uint8), x=np.zeros((2, 80), np.float32))
+    yield "scales must be float16", dict(a, scales=a["scales"].astype(">f2"))
+    buf = np.zeros(256, np.float32)
+    yield "out overlaps x", dict(a, x=buf.reshape(2, 128), out=buf[:128].reshape(2, 64))
+
+
+@pytest.mark.parametrize("message,args", list(bad_int4_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_int4_gemm_rejects_bad_arguments(message, args):
+    with pytest.raises(ValueError, match=message):
+        cpu.int4_gemm(**args)
+
+
+def test_q8_and_dequantize_reject_bad_arguments():
+    w = make_weight("q8", 16, 64)
+    x, out = RNG.standard_normal((1, 64), dtype=np.float32), np.empty((1, 16), np.float32)
+    cpu.q8_gemm(x, w.q, w.scales, out)
+    with pytest.raises(ValueError, match="q must be int8"):
+        cpu.q8_gemm(x, w.q.view(np.uint8), w.scales, out)
+    with pytest.raises(ValueError, match=r"scales must have shape \[16, 2\]"):
+        cpu.q8_gemm(x, w.q, w.scales[:, :1].copy(), out)
+    with pytest.raises(ValueError, match="K = 48 is not a positive multiple of group_size 32"):
+        cpu.q8_gemm(x[:, :48].copy(), w.q[:, :48].copy(), w.scales[:, :1].copy(), out)
+    with pytest.raises(ValueError, match=r"out must have shape \[16, 64\]"):
+        cpu.q8_dequantize(w.q, w.scales, np.empty((16, 32), np.float32))
+    q4 = make_weight("sym32", 16, 64)
+    with pytest.raises(ValueError, match=r"out must have shape \[16, 64\]"):
+        cpu.int4_dequantize(q4.qweight, q4.scales, None, 32, np.empty((15, 64), np.float32))
+    with pytest.raises(TypeError):
+        cpu.int4_gemm(x, q4.qweight, q4.scales, None, "32", out)
