@@ -94,6 +94,14 @@ def chat_prompt_ids(tokenizer, n_tokens: int) -> list[int]:
     return head_ids + body + tail_ids
 
 
+def ours_kwargs(args, device, dtype) -> dict:
+    """from_pretrained arguments of our model: the PyTorch backend in the bench's device and dtype, or the
+    PyTorch-free backend (CPU, float32 compute; GGUF Q4/Q8 weights stay quantized)."""
+    if args.backend == "numpy":
+        return {"backend": "numpy"}
+    return {"backend": "torch", "device": device, "dtype": dtype}
+
+
 def smollm2_scenario(args, device, dtype) -> Scenario:
     from smolvlm_fast import AutoModelForCausalLM, AutoTokenizer
     from smolvlm_fast.weights.hub import default_model_path
@@ -101,7 +109,7 @@ def smollm2_scenario(args, device, dtype) -> Scenario:
     gguf = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf)
     ids = torch.tensor([chat_prompt_ids(tokenizer, args.prompt_tokens)])
-    ours = AutoModelForCausalLM.from_pretrained(gguf, device=device, dtype=dtype)
+    ours = AutoModelForCausalLM.from_pretrained(gguf, **ours_kwargs(args, device, dtype))
     theirs = None
     if not args.no_baseline:
         from transformers import LlamaForCausalLM
@@ -152,7 +160,7 @@ def smolvlm_scenario(args, device, dtype) -> Scenario:
     text_layers = args.text_layers or SMOLVLM_256M["text"]["num_hidden_layers"]
     vision_layers = args.vision_layers or SMOLVLM_256M["vision"]["num_hidden_layers"]
     path = smolvlm_checkpoint(text_layers, vision_layers)
-    ours = AutoModelForVision2Seq.from_pretrained(path, device=device, dtype=dtype)
+    ours = AutoModelForVision2Seq.from_pretrained(path, **ours_kwargs(args, device, dtype))
     theirs = None
     if not args.no_baseline:
         from transformers import Idefics3ForConditionalGeneration
@@ -180,7 +188,10 @@ def ours_prefill(model, inputs: dict):
     m = model.model
     features = None
     if inputs.get("pixel_values") is not None:
-        features = m.image_features_per_row(inputs["pixel_values"], inputs.get("pixel_attention_mask"))[0]
+        pixels, mask = inputs["pixel_values"], inputs.get("pixel_attention_mask")
+        if model.backend == "numpy":
+            pixels, mask = pixels.cpu().numpy(), None if mask is None else mask.cpu().numpy()
+        features = m.image_features_per_row(pixels, mask)[0]
     request = Request(inputs["input_ids"][0].tolist(), SamplingParams(max_new_tokens=1), features)
     cache, kv_caches = new_cache(m, [len(request.prompt_ids)], model.block_size)
     hidden, meta = prefill(m, cache, kv_caches, [request], [0])
@@ -290,7 +301,8 @@ def run_scenario(name: str, args, device, dtype) -> list[dict]:
         theirs = samples.get("theirs", {}).get(phase)
         row = make_row(bench=BENCH, case=f"{s.name}/{phase}", shape=s.shape, dtype=str(dtype).removeprefix("torch."),
                        device=device, metric=metric, ours=samples["ours"][phase],
-                       baseline=BASELINE if theirs else None, theirs=theirs)
+                       baseline=BASELINE if theirs else None, theirs=theirs,
+                       impl="smolvlm_fast" if args.backend == "torch" else "smolvlm_fast (numpy backend)")
         print(format_row(row), flush=True)
         if not (args.no_save or busy):
             append_row(BENCH, row, args.results_dir)
@@ -324,12 +336,17 @@ def profile_decode(s: Scenario, args) -> None:
         with profile(activities=activities, record_shapes=True,
                      schedule=schedule(wait=2, warmup=1, active=steps)) as prof:
             generate(model, s.inputs, args.new_tokens)(ProfilerClock(prof))
-        events = prof.key_averages()
-        total = sum(getattr(e, key) for e in events) / steps
-        print(f"--- {s.name} decode, {name}: {total / 1e3:.2f} ms of op self time per step "
-              f"({sum(e.count for e in events) / steps:.0f} op calls per step)", file=sys.stderr)
-        by_shape = prof.key_averages(group_by_input_shape=True)
-        for e in sorted(by_shape, key=lambda e: -getattr(e, key))[:args.profile_rows]:
+        def top(events, n):
+            events = [e for e in events if not e.key.startswith("ProfilerStep")]
+            return sorted(events, key=lambda e: -getattr(e, key))[:n], events
+
+        rows, events = top(prof.key_averages(), args.profile_rows)
+        print(f"--- {s.name} decode, {name}: {sum(getattr(e, key) for e in events) / steps / 1e3:.2f} ms of op self "
+              f"time per step, {sum(e.count for e in events) / steps:.0f} op calls per step", file=sys.stderr)
+        for e in rows:
+            print(f"  {getattr(e, key) / steps / 1e3:8.3f} ms {e.count / steps:6.1f} calls  {e.key}", file=sys.stderr)
+        print("  by input shape:", file=sys.stderr)
+        for e in top(prof.key_averages(group_by_input_shape=True), 6)[0]:
             print(f"  {getattr(e, key) / steps / 1e3:8.3f} ms {e.count / steps:6.1f} calls  {e.key} "
                   f"{str(e.input_shapes)[:80]}", file=sys.stderr)
 
@@ -339,6 +356,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
+    p.add_argument("--backend", choices=["torch", "numpy"], default="torch",
+                   help="our PyTorch path (default) or the PyTorch-free NumPy + C++ path (CPU only)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (default 5)")
