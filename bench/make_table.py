@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-COLUMNS = ("device", "case", "shape", "dtype", "metric", "smolvlm_fast", "baseline", "ratio")
+COLUMNS = ("device", "case", "shape", "dtype", "metric", "impl", "median", "baseline", "ratio")
 
 
 def read_rows(paths: list[Path]) -> list[dict]:
@@ -50,7 +50,7 @@ def cells(row: dict) -> list[str]:
     base = f"{number(row.get('baseline_median'))} ({baseline})" if baseline else "–"
     ratio = f"{row['ratio']:.2f}×" if row.get("ratio") is not None else "–"
     return [row.get("device", "?"), row.get("case", "?"), row.get("shape", ""), row.get("dtype", ""),
-            row.get("metric", ""), number(row.get("median")), base, ratio]
+            row.get("metric", ""), row.get("impl", ""), number(row.get("median")), base, ratio]
 
 
 def table(rows: list[dict]) -> str:
