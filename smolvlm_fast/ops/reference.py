@@ -79,13 +79,10 @@ def apply_rope(x, cos_sin, positions, rotary_dim=None):
 def _attend(q, k, v, mask, scale):
     """q [Sq, Hq, Dh], k/v [Sk, Hkv, Dh], mask [Sq, Sk] bool (True = attend) or None -> [Sq, Hq, Dh].
 
-    PyTorch's SDPA (the math transformers runs too); GQA by repeating K/V heads.
+    PyTorch's SDPA (the math transformers runs too), with GQA inside it rather than by copying K/V heads.
     """
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                         attn_mask=mask, scale=scale)  # [1, Hq, Sq, Dh]
+                                         attn_mask=mask, scale=scale, enable_gqa=True)  # [1, Hq, Sq, Dh]
     return out[0].transpose(0, 1)
 
 
