@@ -20,7 +20,6 @@ Rows go to bench/results/bench_attention.jsonl (fields in shared/DESIGN.md, "Ben
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch
 import torch.nn.functional as F
 
-from bench.common import append_row, format_row, make_row
+from bench.common import run_kernel_bench
 
 BENCH = "bench_attention"
 BASELINE = "torch SDPA"
@@ -149,29 +148,8 @@ def check(case: Case) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--ops", nargs="+", choices=list(CASES), default=list(CASES))
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--no-save", action="store_true", help="print only; append no rows to the results file")
-    p.add_argument("--results-dir", type=Path, default=None, help="default bench/results")
-    args = p.parse_args(argv)
-
-    if not torch.cuda.is_available():
-        print(f"{BENCH}: skipped, no CUDA GPU (the Triton kernels are timed on a GPU only)")
-        return 0
-    dtype, device = getattr(torch, args.dtype), "cuda"
-    torch.manual_seed(0)
-    for group in args.ops:
-        for case in CASES[group](dtype, device):
-            check(case)
-            row = make_row(bench=BENCH, case=case.op, shape=case.shape, dtype=args.dtype, device=device,
-                           metric=case.metric, ours=rates(case, case.ours), baseline=BASELINE,
-                           theirs=rates(case, case.theirs), impl="triton")
-            print(format_row({**row, "case": f"{case.op} {case.shape}"}))
-            if not args.no_save:
-                append_row(BENCH, row, args.results_dir)
-    return 0
+    return run_kernel_bench(BENCH, __doc__, CASES, lambda case: (case.metric, rates(case, case.ours), rates(case, case.theirs)), check, baseline=BASELINE,
+                            dtypes=["bfloat16", "float16"], argv=argv)
 
 
 if __name__ == "__main__":

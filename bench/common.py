@@ -185,3 +185,36 @@ def format_row(row: dict) -> str:
     if row.get("baseline"):
         line += f"  {row['baseline']} {num(row['baseline_median']):>9}  ratio {row['ratio']:.2f}x"
     return line
+
+
+def run_kernel_bench(bench: str, doc: str, cases: dict, measure, check, *, baseline: str, dtypes: list[str],
+                     argv=None) -> int:
+    """The command line of a Triton-kernel benchmark: for each group of cases (`cases[name](dtype, device)`),
+    check the kernel against its baseline, `measure(case) -> (metric, ours, theirs)`, print and save the row.
+    Skips (exit 0) where there is no CUDA GPU: the kernels are timed on a GPU only."""
+    import argparse
+
+    import torch
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=doc.split("\n\n", 1)[1])
+    p.add_argument("--ops", nargs="+", choices=list(cases), default=list(cases))
+    p.add_argument("--dtype", default=dtypes[0], choices=dtypes)
+    p.add_argument("--no-save", action="store_true", help="print only; append no rows to the results file")
+    p.add_argument("--results-dir", type=Path, default=None, help="default bench/results")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"{bench}: skipped, no CUDA GPU (the Triton kernels are timed on a GPU only)")
+        return 0
+    dtype, device = getattr(torch, args.dtype), "cuda"
+    torch.manual_seed(0)
+    for group in args.ops:
+        for case in cases[group](dtype, device):
+            check(case)
+            metric, ours, theirs = measure(case)
+            row = make_row(bench=bench, case=case.op, shape=case.shape, dtype=args.dtype, device=device, metric=metric,
+                           ours=ours, baseline=baseline, theirs=theirs, impl="triton")
+            print(format_row({**row, "case": f"{case.op} {case.shape}"}))
+            if not args.no_save:
+                append_row(bench, row, args.results_dir)
+    return 0
