@@ -270,13 +270,26 @@ def _gguf_generation_config(config: dict) -> dict:
 
 
 def _read_generation_config(model_dir: Path) -> dict:
+    """generation_config.json's defaults; SmolVLM's chat turns end with <end_of_utterance>, so it always stops too."""
     path = model_dir / "generation_config.json"
-    if not path.exists():
-        return {}
-    raw = ModelConfig.read_json(path)
+    raw = ModelConfig.read_json(path) if path.exists() else {}
     keep = ("eos_token_id", "pad_token_id", "bos_token_id", "do_sample", "temperature", "top_k", "top_p",
             "repetition_penalty", "max_new_tokens")
-    return {k: raw[k] for k in keep if raw.get(k) is not None}
+    generation = {k: raw[k] for k in keep if raw.get(k) is not None}
+    end_of_utterance = _added_token_id(model_dir, "<end_of_utterance>")
+    if end_of_utterance is not None:
+        eos = generation.get("eos_token_id", [])
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        generation["eos_token_id"] = eos + [end_of_utterance] * (end_of_utterance not in eos)
+    return generation
+
+
+def _added_token_id(model_dir: Path, token: str) -> int | None:
+    path = model_dir / "tokenizer.json"
+    if not path.exists():
+        return None
+    added = ModelConfig.read_json(path).get("added_tokens") or []
+    return next((int(t["id"]) for t in added if isinstance(t, dict) and t.get("content") == token), None)
 
 
 class AutoTokenizer:

@@ -46,3 +46,12 @@ def test_stop_token_and_stop_string(tiny_llama):
                        decode=tokenizer.decode)[0]
         assert seq.finish_reason == "stop" and stop_string in tokenizer.decode(seq.output_ids)
         assert len(seq.output_ids) <= 6
+
+
+def test_vlm_stops_at_end_of_utterance_even_without_generation_config(tiny_idefics3, tmp_path):
+    import shutil
+    from smolvlm_fast import AutoModelForVision2Seq
+    path = shutil.copytree(tiny_idefics3, tmp_path / "no_gen_config")
+    (path / "generation_config.json").unlink()
+    model = AutoModelForVision2Seq.from_pretrained(path, device="cpu", dtype="float32")
+    assert 423 in model._sampling_params({}).stop_token_ids  # <end_of_utterance> in the fixture's vocabulary
