@@ -1,6 +1,6 @@
 """Build script: the optional C++ extensions. Everything else is configured in pyproject.toml.
 
-smolvlm_fast._cpu (csrc/cpu/, pybind11): the CPU int4 / int8 matrix products. It is optional: if it does not
+smolvlm_fast._cpu (csrc/cpu/, pybind11): the CPU int4 / int8 matrix products and decode attention. It is optional: if it does not
 build, installation still succeeds (with a warning) and smolvlm_fast.quant falls back to NumPy.
     SMOLVLM_FAST_BUILD_CPU=0   skip it
     SMOLVLM_FAST_BUILD_CPU=1   a failed build is an error
@@ -16,7 +16,7 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-CPU_SOURCES = ["csrc/cpu/bindings.cpp", "csrc/cpu/quant_gemm.cpp"]
+CPU_SOURCES = ["csrc/cpu/bindings.cpp", "csrc/cpu/quant_gemm.cpp", "csrc/cpu/paged_attention.cpp"]
 CPU_FLAGS = ["-O3", "-pthread"]  # with Pybind11Extension's own: -std=c++17, -fvisibility=hidden, -g0
 NATIVE_FLAGS = ["-march=native"]  # AVX-512 / AVX2 + FMA + F16C where the machine has them; dropped if rejected
 
@@ -33,7 +33,7 @@ def cpu_extension():
     from pybind11.setup_helpers import Pybind11Extension
 
     return Pybind11Extension("smolvlm_fast._cpu", CPU_SOURCES, include_dirs=["csrc/cpu"],
-                             depends=["csrc/cpu/quant_gemm.h"], extra_compile_args=CPU_FLAGS,
+                             depends=["csrc/cpu/quant_gemm.h", "csrc/cpu/paged_attention.h"], extra_compile_args=CPU_FLAGS,
                              extra_link_args=["-pthread"], cxx_std=17)
 
 

@@ -231,3 +231,150 @@ def test_q8_and_dequantize_reject_bad_arguments():
         cpu.int4_dequantize(q4.qweight, q4.scales, None, 32, np.empty((15, 64), np.float32))
     with pytest.raises(TypeError):
         cpu.int4_gemm(x, q4.qweight, q4.scales, None, "32", out)
+
+
+# ---------------------------------------------------------------- paged decode attention
+
+from smolvlm_fast.ops import numpy_ops  # noqa: E402
+
+
+def paged_case(lens, Hq, Hkv, Dh, block_size, max_blocks=None):
+    """q [S, Hq, Dh] and NaN-poisoned caches whose used slots (through shuffled block tables) hold random rows."""
+    S = len(lens)
+    need = [-(-n // block_size) for n in lens]
+    max_blocks = max_blocks or max(need) + 1
+    num_blocks = sum(need) + 3
+    ids = RNG.permutation(num_blocks).astype(np.int32)
+    tables = np.full((S, max_blocks), -1, np.int32)  # unused entries: not block ids
+    k_cache = np.full((num_blocks, block_size, Hkv, Dh), np.nan, np.float32)
+    v_cache = np.full_like(k_cache, np.nan)
+    used = 0
+    for s, n in enumerate(lens):
+        tables[s, :need[s]] = ids[used:used + need[s]]
+        used += need[s]
+        for t in range(n):
+            b, off = tables[s, t // block_size], t % block_size
+            k_cache[b, off] = RNG.standard_normal((Hkv, Dh), dtype=np.float32) * 2
+            v_cache[b, off] = RNG.standard_normal((Hkv, Dh), dtype=np.float32)
+    q = RNG.standard_normal((S, Hq, Dh), dtype=np.float32)
+    return q, k_cache, v_cache, tables, np.array(lens, np.int32)
+
+
+def paged_reference(q, k_cache, v_cache, tables, lens, scale):
+    S, Hq, Dh = q.shape
+    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    out = np.empty((S, Hq, Dh), np.float64)
+    for s, n in enumerate(lens):
+        slots = np.arange(n)
+        k = k_cache[tables[s, slots // block_size], slots % block_size].astype(np.float64)  # [n, Hkv, Dh]
+        v = v_cache[tables[s, slots // block_size], slots % block_size].astype(np.float64)
+        for h in range(Hq):
+            kh = h // (Hq // Hkv)
+            scores = k[:, kh] @ q[s, h].astype(np.float64) * scale
+            p = np.exp(scores - scores.max())
+            out[s, h] = p @ v[:, kh] / p.sum()
+    return out
+
+
+def paged_decode(q, k_cache, v_cache, tables, lens, scale):
+    out = np.full(q.shape, np.nan, np.float32)
+    cpu.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, out)
+    return out
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("Hq,Hkv,Dh", [(9, 3, 64), (15, 5, 64), (9, 3, 80), (15, 5, 80)])
+def test_paged_decode_attention_matches_numpy(block_size, Hq, Hkv, Dh, monkeypatch):
+    B = block_size
+    lens = [1, B // 2 + 3, B, 2 * B, 3 * B + 5, 517, B - 1, B + 1]  # mid-block, on an edge, a single key
+    q, k_cache, v_cache, tables, seq_lens = paged_case(lens, Hq, Hkv, Dh, block_size)
+    scale = Dh**-0.5
+    ours = paged_decode(q, k_cache, v_cache, tables, seq_lens, scale)
+    expect = paged_reference(q, k_cache, v_cache, tables, seq_lens, scale)
+    close(ours, expect)
+    monkeypatch.setattr(numpy_ops, "_cpu", None)  # the NumPy code the kernel replaces
+    numpy_out = numpy_ops.paged_attention(q, k_cache, v_cache, tables, seq_lens)
+    close(numpy_out, expect)
+    close(ours, numpy_out.astype(np.float64))
+    for s in range(len(lens)):  # each sequence alone, too (one chunk per KV head)
+        one = paged_decode(q[s:s + 1].copy(), k_cache, v_cache, tables[s:s + 1].copy(), seq_lens[s:s + 1].copy(), scale)
+        np.testing.assert_array_equal(one[0], ours[s])
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-3, 3.0, 40.0])
+def test_paged_decode_attention_any_scale(scale):
+    """Flat softmax (0) to nearly one-hot (exp underflowing to 0 for most keys)."""
+    q, k_cache, v_cache, tables, seq_lens = paged_case([1, 37, 300], 9, 3, 64, 32)
+    close(paged_decode(q, k_cache, v_cache, tables, seq_lens, scale),
+          paged_reference(q, k_cache, v_cache, tables, seq_lens, scale))
+
+
+def test_paged_attention_routes_decode_to_the_kernel(monkeypatch):
+    q, k_cache, v_cache, tables, seq_lens = paged_case([40, 7, 33], 9, 3, 64, 16)
+    calls = []
+    real = cpu.paged_decode_attention
+    spy = type("Spy", (), {"paged_decode_attention": staticmethod(lambda *a: calls.append(1) or real(*a))})
+    monkeypatch.setattr(numpy_ops, "_cpu", spy)
+    expect = paged_reference(q, k_cache, v_cache, tables, seq_lens, 64**-0.5)
+    close(numpy_ops.paged_attention(q, k_cache, v_cache, tables, seq_lens), expect)
+    qsl = np.arange(4, dtype=np.int32)
+    close(numpy_ops.paged_attention(q, k_cache, v_cache, tables, seq_lens, query_start_loc=qsl), expect)
+    assert len(calls) == 2
+    # a prefill chunk (two queries for the first sequence) stays on the NumPy code
+    q2 = RNG.standard_normal((4, 9, 64), dtype=np.float32)
+    numpy_ops.paged_attention(q2, k_cache, v_cache, tables, seq_lens, query_start_loc=np.array([0, 2, 3, 4], np.int32))
+    assert len(calls) == 2
+
+
+def test_paged_decode_threads_give_identical_results():
+    q, k_cache, v_cache, tables, seq_lens = paged_case([300, 517, 64, 129], 9, 3, 64, 16)
+    before = cpu.get_num_threads()
+    try:
+        cpu.set_num_threads(1)
+        one = paged_decode(q, k_cache, v_cache, tables, seq_lens, 0.125)
+        cpu.set_num_threads(3)
+        three = paged_decode(q, k_cache, v_cache, tables, seq_lens, 0.125)
+    finally:
+        cpu.set_num_threads(before)
+    np.testing.assert_array_equal(one, three)
+
+
+def bad_paged_cases():
+    q, k_cache, v_cache, tables, seq_lens = paged_case([20, 5], 9, 3, 64, 16)
+    a = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=tables, seq_lens=seq_lens, scale=0.125,
+             out=np.empty((2, 9, 64), np.float32))
+    yield "q must be float32", dict(a, q=q.astype(np.float64))
+    yield r"q must be \[S, Hq, Dh\]", dict(a, q=q[0])
+    yield "q must be C-contiguous", dict(a, q=np.asfortranarray(q))
+    yield r"k_cache must be \[num_blocks", dict(a, k_cache=k_cache[0])
+    yield r"k_cache must have shape", dict(a, k_cache=k_cache[..., :32].copy())
+    yield r"v_cache must have shape", dict(a, v_cache=v_cache[:-1].copy())
+    yield "v_cache must be float32", dict(a, v_cache=v_cache.astype(np.float16))
+    yield "k_cache must be C-contiguous", dict(a, k_cache=k_cache.transpose(1, 0, 2, 3))
+    yield "block_tables must be int32", dict(a, block_tables=tables.astype(np.int64))
+    yield r"block_tables must have shape \[2, ", dict(a, block_tables=tables[:1].copy())
+    yield r"block_tables must be \[S, max_blocks\]", dict(a, block_tables=tables.reshape(-1))
+    yield r"seq_lens must have shape \[2\]", dict(a, seq_lens=seq_lens[:1].copy())
+    yield "seq_lens must be int32", dict(a, seq_lens=seq_lens.astype(np.int64))
+    yield r"seq_lens\[1\] = 0 is not in", dict(a, seq_lens=np.array([20, 0], np.int32))
+    yield r"seq_lens\[0\] = 49 is not in \[1, max_blocks \* block_size = 48\]", dict(
+        a, seq_lens=np.array([49, 5], np.int32))
+    bad = tables.copy()
+    bad[0, 1] = k_cache.shape[0]
+    yield r"block_tables\[0, 1\] = 6 is not a block id in \[0, 6\)", dict(a, block_tables=bad)
+    bad = tables.copy()
+    bad[1, 0] = -1
+    yield r"block_tables\[1, 0\] = -1 is not a block id", dict(a, block_tables=bad)
+    yield "Hq a multiple of Hkv", dict(a, q=q[:, :8].copy(), out=np.empty((2, 8, 64), np.float32))
+    yield r"out must have shape \[2, 9, 64\]", dict(a, out=np.empty((2, 9, 63), np.float32))
+    read_only = np.empty((2, 9, 64), np.float32)
+    read_only.flags.writeable = False
+    yield "out must be writeable", dict(a, out=read_only)
+    yield "out overlaps q", dict(a, out=q)
+    yield "scale must be finite", dict(a, scale=float("nan"))
+
+
+@pytest.mark.parametrize("message,args", list(bad_paged_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_paged_decode_attention_rejects_bad_arguments(message, args):
+    with pytest.raises(ValueError, match=message):
+        cpu.paged_decode_attention(**args)

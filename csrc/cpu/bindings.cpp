@@ -1,20 +1,23 @@
-// smolvlm_fast._cpu: the module definition and the checks at its border. Kernels: quant_gemm.cpp.
+// smolvlm_fast._cpu: the module definition and the checks at its border. Kernels: quant_gemm.cpp,
+// paged_attention.cpp.
 // Every array must have the exact dtype, be C-contiguous and aligned, and have shapes that agree; anything
 // else raises ValueError (nothing is converted or copied silently, nothing is read out of bounds).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "paged_attention.h"
 #include "quant_gemm.h"
 
 namespace py = pybind11;
 
 namespace {
 
-enum class DType { f32, f16, u8, i8 };
+enum class DType { f32, f16, u8, i8, i32 };
 
 const char* dtype_name(DType t) {
     switch (t) {
@@ -22,6 +25,7 @@ const char* dtype_name(DType t) {
         case DType::f16: return "float16";
         case DType::u8: return "uint8";
         case DType::i8: return "int8";
+        case DType::i32: return "int32";
     }
     return "?";
 }
@@ -34,6 +38,7 @@ bool has_dtype(const py::array& a, DType t) {
         case DType::f16: return dt.kind() == 'f' && dt.itemsize() == 2;
         case DType::u8: return dt.kind() == 'u' && dt.itemsize() == 1;
         case DType::i8: return dt.kind() == 'i' && dt.itemsize() == 1;
+        case DType::i32: return dt.kind() == 'i' && dt.itemsize() == 4;
     }
     return false;
 }
@@ -166,6 +171,61 @@ void q8_dequantize(const py::array& q, const py::array& scales, const py::array&
     smolvlm_cpu::q8_dequantize(w, op);
 }
 
+void paged_decode_attention(const py::array& q, const py::array& k_cache, const py::array& v_cache,
+                            const py::array& block_tables, const py::array& seq_lens, float scale,
+                            const py::array& out) {
+    const char* fn = "paged_decode_attention";
+    const std::string where = std::string(fn) + ": ";
+    if (q.ndim() != 3) throw py::value_error(where + "q must be [S, Hq, Dh], got shape " + shape_of(q));
+    if (k_cache.ndim() != 4)
+        throw py::value_error(where + "k_cache must be [num_blocks, block_size, Hkv, Dh], got shape " +
+                              shape_of(k_cache));
+    const int64_t S = q.shape(0), Hq = q.shape(1), Dh = q.shape(2);
+    const int64_t num_blocks = k_cache.shape(0), block_size = k_cache.shape(1), Hkv = k_cache.shape(2);
+    if (block_tables.ndim() != 2)
+        throw py::value_error(where + "block_tables must be [S, max_blocks], got shape " + shape_of(block_tables));
+    const int64_t max_blocks = block_tables.shape(1);
+    smolvlm_cpu::PagedDecode a{};
+    a.q = checked<const float>(fn, "q", q, DType::f32, {S, Hq, Dh});
+    a.k_cache = checked<const float>(fn, "k_cache", k_cache, DType::f32, {num_blocks, block_size, Hkv, Dh});
+    a.v_cache = checked<const float>(fn, "v_cache", v_cache, DType::f32, {num_blocks, block_size, Hkv, Dh});
+    a.block_tables = checked<const int32_t>(fn, "block_tables", block_tables, DType::i32, {S, max_blocks});
+    a.seq_lens = checked<const int32_t>(fn, "seq_lens", seq_lens, DType::i32, {S});
+    float* op = checked<float>(fn, "out", out, DType::f32, {S, Hq, Dh}, true);
+    check_no_overlap(fn, out, q, "q");
+    check_no_overlap(fn, out, k_cache, "k_cache");
+    check_no_overlap(fn, out, v_cache, "v_cache");
+    check_no_overlap(fn, out, block_tables, "block_tables");
+    check_no_overlap(fn, out, seq_lens, "seq_lens");
+    if (Dh <= 0 || block_size <= 0 || Hkv <= 0 || Hq % Hkv)
+        throw py::value_error(where + "need head_dim > 0, block_size > 0 and Hq a multiple of Hkv > 0, got q " +
+                              shape_of(q) + ", k_cache " + shape_of(k_cache));
+    if (!std::isfinite(scale)) throw py::value_error(where + "scale must be finite");
+    for (int64_t s = 0; s < S; ++s) {
+        const int64_t len = a.seq_lens[s];
+        if (len < 1 || len > max_blocks * block_size)
+            throw py::value_error(where + "seq_lens[" + std::to_string(s) + "] = " + std::to_string(len) +
+                                  " is not in [1, max_blocks * block_size = " +
+                                  std::to_string(max_blocks * block_size) + "]");
+        for (int64_t b = 0; b < (len + block_size - 1) / block_size; ++b) {
+            const int64_t id = a.block_tables[s * max_blocks + b];
+            if (id < 0 || id >= num_blocks)
+                throw py::value_error(where + "block_tables[" + std::to_string(s) + ", " + std::to_string(b) +
+                                      "] = " + std::to_string(id) + " is not a block id in [0, " +
+                                      std::to_string(num_blocks) + ")");
+        }
+    }
+    a.S = S;
+    a.Hq = Hq;
+    a.Hkv = Hkv;
+    a.Dh = Dh;
+    a.block_size = block_size;
+    a.max_blocks = max_blocks;
+    a.scale = scale;
+    py::gil_scoped_release release;
+    smolvlm_cpu::paged_decode_attention(a, op);
+}
+
 bool cpu_supports_build() {
 #if defined(__AVX512F__)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -183,7 +243,8 @@ PYBIND11_MODULE(_cpu, m) {
     if (!cpu_supports_build())
         throw py::import_error(std::string("smolvlm_fast._cpu was built for ") + smolvlm_cpu::simd_name() +
                                ", which this CPU lacks: rebuild it here (pip install -e .)");
-    m.doc() = "CPU kernels for int4 (Int4Weight) and int8 (GGUF Q8_0) weights; layouts in smolvlm_fast/quant.py";
+    m.doc() = "CPU kernels for int4 (Int4Weight) and int8 (GGUF Q8_0) weights (layouts in smolvlm_fast/quant.py) "
+              "and decode attention over the paged KV cache";
     m.def("int4_gemm", &int4_gemm, py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("mins"),
           py::arg("group_size"), py::arg("out"),
           "out[M, N] = x[M, K] @ dequantize_int4(W).T in float32; mins None for symmetric weights");
@@ -193,6 +254,10 @@ PYBIND11_MODULE(_cpu, m) {
           py::arg("group_size"), py::arg("out"), "out[N, K] = dequantize_int4(W)");
     m.def("q8_dequantize", &q8_dequantize, py::arg("q"), py::arg("scales"), py::arg("out"),
           "out[N, K] = dequantize_q8(W)");
+    m.def("paged_decode_attention", &paged_decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+          py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"), py::arg("out"),
+          "decode attention, one query per sequence: out[s, h] = softmax(scale * q[s, h] . K_s) V_s over the "
+          "seq_lens[s] keys of KV head h // (Hq // Hkv) in the paged cache [num_blocks, block_size, Hkv, Dh]");
     m.def("set_num_threads", &smolvlm_cpu::set_num_threads, py::arg("n"),
           "threads for the kernels; n <= 0 restores the default (SMOLVLM_FAST_NUM_THREADS, else the usable cores)");
     m.def("get_num_threads", &smolvlm_cpu::get_num_threads);

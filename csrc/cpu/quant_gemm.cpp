@@ -126,8 +126,6 @@ int64_t spin_microseconds() {
     return 500;
 }
 
-using ChunkFn = void (*)(void* ctx, int64_t chunk);
-
 // A fixed set of workers that share a job of n chunks: every thread (the caller too) claims chunks until none
 // are left, so a worker that is slow to wake (a busy machine) costs nothing but its absence. A chunk is claimed
 // by a compare-and-swap on `ticket_` = (job << 32 | next chunk), so a worker that wakes after its job is over
@@ -677,6 +675,8 @@ void int4_dequantize(const Int4Matrix& w, float* out) {
 void q8_dequantize(const Q8Matrix& w, float* out) {
     for (int64_t n = 0; n < w.N; ++n) q8_dequantize_row(w, n, out + n * w.K);
 }
+
+void parallel_for(ChunkFn fn, void* ctx, int64_t n_chunks, int64_t work) { parallel(fn, ctx, n_chunks, work); }
 
 void set_num_threads(int n) {
     std::lock_guard<std::mutex> lock(*g_run_mu);

@@ -9,6 +9,11 @@ import math
 
 import numpy as np
 
+try:  # the C++ kernels (csrc/cpu/): decode attention; None (or an older build without it) -> the NumPy code below
+    from .. import _cpu
+except ImportError:
+    _cpu = None
+
 MAX_SCORES = 1 << 20  # attention scores computed at a time (4 MB of float32): long prompts go in query chunks
 
 # ---------------------------------------------------------------- small ops
@@ -218,6 +223,12 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start_
     scale = Dh**-0.5 if scale is None else scale
     if cos_sin is not None:
         q = apply_rope(q, cos_sin, positions, rotary_dim)
+    if is_decode(T, seq_lens, query_start_loc) and _can_decode_in_cpp(q, k_cache, v_cache):
+        out = np.empty((T, Hq, Dh), dtype=np.float32)
+        _cpu.paged_decode_attention(np.ascontiguousarray(q), k_cache, v_cache,
+                                    np.ascontiguousarray(block_tables, dtype=np.int32),
+                                    np.ascontiguousarray(seq_lens, dtype=np.int32), float(scale), out)
+        return out
     if plan is None:
         plan = paged_plan(block_tables, seq_lens, query_start_loc, k_cache.shape[1], Hq)
     keys, values = k_cache.reshape(-1, *k_cache.shape[2:]), v_cache.reshape(-1, *v_cache.shape[2:])  # [slots, Hkv, Dh]
@@ -230,6 +241,19 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start_
         for a, b, end, mask in chunks:
             out[a:b] = attend(q[a:b], k[:end], v[:end], mask, scale)
     return out
+
+
+def is_decode(T: int, seq_lens, query_start_loc) -> bool:
+    """One query per sequence (a decode step)."""
+    if T != len(seq_lens):
+        return False
+    return query_start_loc is None or bool((np.diff(query_start_loc) == 1).all() and query_start_loc[0] == 0)
+
+
+def _can_decode_in_cpp(q, k_cache, v_cache) -> bool:
+    return (getattr(_cpu, "paged_decode_attention", None) is not None and q.dtype == np.float32
+            and k_cache.dtype == np.float32 and v_cache.dtype == np.float32
+            and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous)
 
 
 def paged_plan(block_tables, seq_lens, query_start_loc, block_size: int, heads: int) -> list:
