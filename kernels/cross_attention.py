@@ -35,12 +35,7 @@ def _cross_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     KV_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // N_KV_HEADS
-    kv_head = pid_bh % N_KV_HEADS
-    token, g, row_valid = _group_rows(pid_m, S, GROUP, BLOCK_M)
-    head = kv_head * GROUP + g
+    pid_m, b, kv_head, token, head, row_valid = _group_rows(S, N_KV_HEADS, GROUP, BLOCK_M)
 
     kv_len = T
     if KV_LENS:

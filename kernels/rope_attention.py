@@ -37,11 +37,16 @@ MAX_HEAD_DIM = 256
 # ---------------------------------------------------------------- shared @triton.jit helpers
 
 @triton.jit
-def _group_rows(pid_m, n_tokens, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Rows of tile pid_m -> (token [BLOCK_M], head within the KV group [BLOCK_M], row valid [BLOCK_M])."""
+def _group_rows(n_tokens, N_KV_HEADS, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's work, from the grid (query tiles, batch x KV heads): (pid_m, batch b, kv_head, and per
+    row [BLOCK_M] its token, its query head kv_head * GROUP + g, and whether the token exists)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // N_KV_HEADS
+    kv_head = pid_bh % N_KV_HEADS
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     token = rows // GROUP
-    return token, rows % GROUP, token < n_tokens
+    return pid_m, b, kv_head, token, kv_head * GROUP + rows % GROUP, token < n_tokens
 
 
 @triton.jit
@@ -178,12 +183,7 @@ def _rope_attention_kernel(
     CAUSAL: tl.constexpr, ROPE: tl.constexpr, SEQ_LENS: tl.constexpr, KEY_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // N_KV_HEADS
-    kv_head = pid_bh % N_KV_HEADS
-    token, g, row_valid = _group_rows(pid_m, S, GROUP, BLOCK_M)
-    head = kv_head * GROUP + g
+    pid_m, b, kv_head, token, head, row_valid = _group_rows(S, N_KV_HEADS, GROUP, BLOCK_M)
 
     kv_len = S
     if SEQ_LENS:

@@ -223,14 +223,8 @@ def build_tiny_vlm(out_dir, model_type: str = "idefics3", dtype=torch.float32, s
     processor = build_hf_processor(model_type)
     tokenizer = processor.tokenizer
     config = _vlm_config(model_type, tokenizer)
-    torch.manual_seed(seed)
     cls = Idefics3ForConditionalGeneration if model_type == "idefics3" else SmolVLMForConditionalGeneration
-    model = cls(config).eval()
-    widen_weights(model, seed)
-    _save_generation_config(model, tokenizer)
-    model.to(dtype).save_pretrained(out_dir, safe_serialization=True)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return _save_random_model(cls, config, tokenizer, processor, out_dir, dtype, seed)
 
 
 def build_tiny_llama(out_dir, dtype=torch.float32, seed: int = 0) -> Path:
@@ -246,10 +240,15 @@ def build_tiny_llama(out_dir, dtype=torch.float32, seed: int = 0) -> Path:
                          max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
+    return _save_random_model(LlamaForCausalLM, config, tokenizer, tokenizer, out_dir, dtype, seed)
+
+
+def _save_random_model(cls, config, tokenizer, files, out_dir: Path, dtype, seed: int) -> Path:
+    """A seeded, widened random `cls(config)` saved in `dtype` beside `files` (the processor or the tokenizer)."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = cls(config).eval()
     widen_weights(model, seed)
     _save_generation_config(model, tokenizer)
     model.to(dtype).save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    files.save_pretrained(out_dir)
     return out_dir

@@ -11,6 +11,9 @@ import torch
 from smolvlm_fast.kernels.paged_attention import choose_split_size, paged_attention
 from smolvlm_fast.ops import reference
 
+from . import kernel_checks
+from .kernel_checks import run_into_nan
+
 
 def _i32(x, device):
     return torch.tensor(x, dtype=torch.int32, device=device)
@@ -66,16 +69,11 @@ def pytorch_error(args, kwargs, dtype, expect):
 
 
 def run_kernel(args, kwargs, **extra):
-    out = torch.full_like(args[0], float("nan"))
-    result = paged_attention(*args, **kwargs, out=out, **extra)
-    assert result is out
-    return out
+    return run_into_nan(paged_attention, args[0], *args, **kwargs, **extra)
 
 
 def assert_matches_fp32(out, expect):
-    assert not out.isnan().any(), f"{int(out.isnan().sum())} NaN outputs (unwritten, or a poisoned slot was read)"
-    err = (out.cpu().double() - expect).abs().max().item()
-    assert err <= 1e-5 * expect.abs().max().item(), f"max error {err:.3g}"
+    kernel_checks.assert_matches_fp32(out, expect, "unwritten, or a poisoned slot was read")
 
 
 # (seq_lens, split_size): lengths that end mid-block and on a block edge (16 and 32 divide 32, 64, 96), a single
