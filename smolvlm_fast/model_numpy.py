@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cpu_decoder
 from .cache import StepMetadata
 from .config import ModelConfig, TextConfig, VisionConfig
 from .errors import CheckpointError, InputError, check_image_tokens
-from .ops.numpy_ops import (gelu_tanh, layer_norm, paged_attention, paged_plan, patch_embed, rms_norm,
+from .ops.numpy_ops import (gelu_tanh, is_decode, layer_norm, paged_attention, paged_plan, patch_embed, rms_norm,
                             rope_attention, rope_factors, rope_table, rotate, silu_and_mul, write_kv_cache)
 from .quant import Int4Weight, Q8Weight, dequantize, embedding_rows, from_gguf, linear, quantize_int4
 from .weights.layout import check_complete, check_tensor, tensor_shapes
@@ -214,9 +215,12 @@ def logits(w: dict, config: ModelConfig, hidden: np.ndarray) -> np.ndarray:
 class NumpyModel:
     """SmolVLM or a text-only Llama over NumPy: weights by Hugging Face name, the forward in free functions."""
 
-    def __init__(self, config: ModelConfig, weights: dict):
+    def __init__(self, config: ModelConfig, weights: dict, fused_decode: bool | None = None):
+        """fused_decode: run decode steps in one C++ call (cpu_decoder); None means where the extension has it."""
         self.config, self.weights = config, stack_projections(weights, config)
         self.cos_sin = np.empty((0, config.text.head_dim), dtype=np.float32)
+        self.fused_decode = cpu_decoder.available() if fused_decode is None else fused_decode
+        self._decoder = None  # the _cpu.Decoder, built on the first decode step
 
     @classmethod
     def from_checkpoint(cls, location: str | Path, quantize: str | None = None) -> "NumpyModel":
@@ -246,8 +250,12 @@ class NumpyModel:
                 image_features: np.ndarray | None = None) -> np.ndarray:
         """Packed input_ids [T] -> hidden states [T, D]; writes the new tokens' K/V into kv_caches."""
         t = self.config.text
-        step = Step.from_metadata(meta, self.rope(max(meta.seq_lens)), kv_caches[0][0].shape[1], t.num_attention_heads)
         x = embed(self.weights, self.config, np.asarray(input_ids), image_features)  # [T, D]
+        if self.fused_decode and image_features is None and is_decode(len(x), meta.seq_lens, meta.query_start_loc):
+            if self._decoder is None:
+                self._decoder = cpu_decoder.build_decoder(self.weights, self.config, text_prefix(self.config))
+            return cpu_decoder.decode_step(self._decoder, x, meta, kv_caches, self.rope(max(meta.seq_lens)))
+        step = Step.from_metadata(meta, self.rope(max(meta.seq_lens)), kv_caches[0][0].shape[1], t.num_attention_heads)
         return decoder(self.weights, self.config, x, step, kv_caches)  # [T, D]
 
     def compute_logits(self, hidden: np.ndarray) -> np.ndarray:

@@ -329,3 +329,14 @@ def _dequantize_rows(w: Int4Weight | Q8Weight, n0: int, n1: int, buf: np.ndarray
     else:
         _cpu.q8_dequantize(w.q[n0:n1], w.scales[n0:n1], buf)
     return buf
+
+
+def cpu_linear_spec(w: np.ndarray | Int4Weight | Q8Weight, bias: np.ndarray | None = None) -> tuple:
+    """A weight as the C++ decode step (_cpu.Decoder) takes it: ("int4", qweight, scales, mins, group_size, bias),
+    ("q8", q, scales, bias) or ("f32", w, bias), arrays as they are (float weights made float32 and contiguous)."""
+    f32 = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+    if isinstance(w, Int4Weight):
+        return ("int4", w.qweight, w.scales, w.mins, w.group_size, f32)
+    if isinstance(w, Q8Weight):
+        return ("q8", w.q, w.scales, f32)
+    return ("f32", np.ascontiguousarray(w, dtype=np.float32), f32)

@@ -1,4 +1,4 @@
-// smolvlm_fast._cpu: the module definition and the checks at its border. Kernels: quant_gemm.cpp,
+// smolvlm_fast._cpu: the module definition and the checks at its border. Kernels: quant_gemm.cpp, decoder_step.cpp,
 // paged_attention.cpp.
 // Every array must have the exact dtype, be C-contiguous and aligned, and have shapes that agree; anything
 // else raises ValueError (nothing is converted or copied silently, nothing is read out of bounds).
@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "decoder_step.h"
 #include "paged_attention.h"
 #include "quant_gemm.h"
 
@@ -226,6 +227,164 @@ void paged_decode_attention(const py::array& q, const py::array& k_cache, const 
     smolvlm_cpu::paged_decode_attention(a, op);
 }
 
+// ---------------------------------------------------------------- the fused decode step (decoder_step.cpp)
+
+// Every block a sequence's seq_lens[s] keys live in is a block id of the cache.
+void check_block_tables(const std::string& where, const int32_t* block_tables, const int32_t* seq_lens, int64_t S,
+                        int64_t max_blocks, int64_t block_size, int64_t num_blocks) {
+    for (int64_t s = 0; s < S; ++s) {
+        const int64_t len = seq_lens[s];
+        if (len < 1 || len > max_blocks * block_size)
+            throw py::value_error(where + "seq_lens[" + std::to_string(s) + "] = " + std::to_string(len) +
+                                  " is not in [1, max_blocks * block_size = " +
+                                  std::to_string(max_blocks * block_size) + "]");
+        for (int64_t b = 0; b < (len + block_size - 1) / block_size; ++b) {
+            const int64_t id = block_tables[s * max_blocks + b];
+            if (id < 0 || id >= num_blocks)
+                throw py::value_error(where + "block_tables[" + std::to_string(s) + ", " + std::to_string(b) +
+                                      "] = " + std::to_string(id) + " is not a block id in [0, " +
+                                      std::to_string(num_blocks) + ")");
+        }
+    }
+}
+
+// A weight as smolvlm_fast.quant.cpu_linear_spec describes it: ("f32", w, bias), ("int4", qweight, scales, mins,
+// group_size, bias) or ("q8", q, scales, bias); bias None or float32 [N]. Shape [N, K] must be as expected.
+smolvlm_cpu::Linear linear_spec(const std::string& name, const py::tuple& spec, int64_t N, int64_t K) {
+    using smolvlm_cpu::Linear;
+    const std::string fn = "Decoder: " + name;
+    if (spec.size() < 3 || !py::isinstance<py::str>(spec[0]))
+        throw py::value_error(fn + " must be a (kind, arrays..., bias) tuple from quant.cpu_linear_spec");
+    const std::string kind = spec[0].cast<std::string>();
+    Linear w;
+    if (kind == "f32" && spec.size() == 3) {
+        w.kind = Linear::Kind::f32;
+        w.f32 = {checked<const float>(fn.c_str(), "weight", spec[1].cast<py::array>(), DType::f32, {N, K}), N, K};
+    } else if (kind == "int4" && spec.size() == 6) {
+        w.kind = Linear::Kind::int4;
+        w.int4 = int4_matrix(fn.c_str(), spec[1].cast<py::array>(), spec[2].cast<py::array>(), spec[3],
+                             spec[4].cast<int>(), K);
+        if (w.int4.N != N) throw py::value_error(fn + ": has " + std::to_string(w.int4.N) + " rows, expected " +
+                                                 std::to_string(N));
+    } else if (kind == "q8" && spec.size() == 4) {
+        w.kind = Linear::Kind::q8;
+        w.q8 = q8_matrix(fn.c_str(), spec[1].cast<py::array>(), spec[2].cast<py::array>());
+        if (w.q8.N != N || w.q8.K != K)
+            throw py::value_error(fn + ": has shape [" + std::to_string(w.q8.N) + ", " + std::to_string(w.q8.K) +
+                                  "], expected [" + std::to_string(N) + ", " + std::to_string(K) + "]");
+    } else {
+        throw py::value_error(fn + ": unknown weight spec (" + kind + " with " + std::to_string(spec.size()) +
+                              " fields)");
+    }
+    const py::object bias = spec[spec.size() - 1];
+    if (!bias.is_none()) w.bias = checked<const float>(fn.c_str(), "bias", bias.cast<py::array>(), DType::f32, {N});
+    w.N = N;
+    w.K = K;
+    return w;
+}
+
+// The decoder's weights, checked once; step() runs a decode step over a paged KV cache. Holds references to the
+// arrays it reads, so they live as long as it does.
+class Decoder {
+public:
+    Decoder(const py::list& layers, const py::array& final_norm, int64_t intermediate, int64_t Hq, int64_t Hkv,
+            int64_t Dh, int64_t rotary_dim, float eps, float scale)
+        : keep_(layers), final_norm_(final_norm) {
+        const char* fn = "Decoder";
+        if (final_norm.ndim() != 1) throw py::value_error("Decoder: final_norm must be [hidden_size]");
+        const int64_t D = final_norm.shape(0);
+        if (D <= 0 || intermediate <= 0 || Hq <= 0 || Hkv <= 0 || Hq % Hkv || Dh <= 0 || rotary_dim <= 0 ||
+            rotary_dim % 2 || rotary_dim > Dh || !std::isfinite(eps) || !std::isfinite(scale))
+            throw py::value_error("Decoder: bad shape (hidden " + std::to_string(D) + ", intermediate " +
+                                  std::to_string(intermediate) + ", heads " + std::to_string(Hq) + "/" +
+                                  std::to_string(Hkv) + ", head_dim " + std::to_string(Dh) + ", rotary_dim " +
+                                  std::to_string(rotary_dim) + ")");
+        shape_ = {D, intermediate, Hq, Hkv, Dh, rotary_dim, eps, scale};
+        final_ = checked<const float>(fn, "final_norm", final_norm, DType::f32, {D});
+        const int64_t I = intermediate;
+        for (size_t i = 0; i < layers.size(); ++i) {
+            const py::dict l = layers[i].cast<py::dict>();
+            const std::string p = "layer " + std::to_string(i) + " ";
+            smolvlm_cpu::DecoderLayer d{};
+            d.input_norm = checked<const float>(fn, (p + "input_norm").c_str(), l["input_norm"].cast<py::array>(),
+                                                DType::f32, {D});
+            d.post_norm = checked<const float>(fn, (p + "post_norm").c_str(), l["post_norm"].cast<py::array>(),
+                                               DType::f32, {D});
+            d.qkv = linear_spec(p + "qkv", l["qkv"].cast<py::tuple>(), (Hq + 2 * Hkv) * Dh, D);
+            d.o = linear_spec(p + "o", l["o"].cast<py::tuple>(), D, Hq * Dh);
+            d.gate_up = linear_spec(p + "gate_up", l["gate_up"].cast<py::tuple>(), 2 * I, D);
+            d.down = linear_spec(p + "down", l["down"].cast<py::tuple>(), D, I);
+            layers_.push_back(d);
+        }
+    }
+
+    // x [S, D] float32: embeddings in, final hidden states out. kv_caches: per layer (k_cache, v_cache), each
+    // float32 [num_blocks, block_size, Hkv, Dh]; cos_sin [P, rotary_dim] with every position < P.
+    void step(const py::array& x, const py::list& kv_caches, const py::array& positions,
+              const py::array& slot_mapping, const py::array& block_tables, const py::array& seq_lens,
+              const py::array& cos_sin) {
+        const char* fn = "Decoder.step";
+        const std::string where = std::string(fn) + ": ";
+        const auto& c = shape_;
+        if (x.ndim() != 2) throw py::value_error(where + "x must be [S, hidden_size], got " + shape_of(x));
+        const int64_t S = x.shape(0);
+        float* xp = checked<float>(fn, "x", x, DType::f32, {S, c.D}, true);
+        if (kv_caches.size() != layers_.size())
+            throw py::value_error(where + "expected " + std::to_string(layers_.size()) + " (k_cache, v_cache) pairs, got " +
+                                  std::to_string(kv_caches.size()));
+        if (block_tables.ndim() != 2)
+            throw py::value_error(where + "block_tables must be [S, max_blocks], got " + shape_of(block_tables));
+        smolvlm_cpu::DecodeBatch b{};
+        b.S = S;
+        b.max_blocks = block_tables.shape(1);
+        b.positions = checked<const int32_t>(fn, "positions", positions, DType::i32, {S});
+        b.slot_mapping = checked<const int32_t>(fn, "slot_mapping", slot_mapping, DType::i32, {S});
+        b.block_tables = checked<const int32_t>(fn, "block_tables", block_tables, DType::i32, {S, b.max_blocks});
+        b.seq_lens = checked<const int32_t>(fn, "seq_lens", seq_lens, DType::i32, {S});
+        if (cos_sin.ndim() != 2) throw py::value_error(where + "cos_sin must be [positions, rotary_dim]");
+        const int64_t P = cos_sin.shape(0);
+        b.cos_sin = checked<const float>(fn, "cos_sin", cos_sin, DType::f32, {P, c.rotary_dim});
+        int64_t num_blocks = -1, block_size = -1;
+        std::vector<smolvlm_cpu::DecoderLayer> layers = layers_;
+        for (size_t i = 0; i < layers.size(); ++i) {
+            const py::tuple kv = kv_caches[i].cast<py::tuple>();
+            if (kv.size() != 2) throw py::value_error(where + "kv_caches[" + std::to_string(i) + "] is not a pair");
+            const py::array k = kv[0].cast<py::array>(), v = kv[1].cast<py::array>();
+            if (k.ndim() != 4) throw py::value_error(where + "k_cache must be [num_blocks, block_size, Hkv, Dh]");
+            if (i == 0) num_blocks = k.shape(0), block_size = k.shape(1);
+            const std::vector<int64_t> cache_shape{num_blocks, block_size, c.Hkv, c.Dh};
+            layers[i].k_cache = checked<float>(fn, "k_cache", k, DType::f32, cache_shape, true);
+            layers[i].v_cache = checked<float>(fn, "v_cache", v, DType::f32, cache_shape, true);
+            check_no_overlap(fn, k, v, "v_cache");
+            check_no_overlap(fn, k, x, "x");
+            check_no_overlap(fn, v, x, "x");
+        }
+        if (block_size <= 0) throw py::value_error(where + "block_size must be positive");
+        b.block_size = block_size;
+        check_block_tables(where, b.block_tables, b.seq_lens, S, b.max_blocks, block_size, num_blocks);
+        for (int64_t s = 0; s < S; ++s) {
+            if (b.positions[s] < 0 || b.positions[s] >= P)
+                throw py::value_error(where + "positions[" + std::to_string(s) + "] = " +
+                                      std::to_string(b.positions[s]) + " is outside the cos/sin table (" +
+                                      std::to_string(P) + " rows)");
+            if (b.slot_mapping[s] < -1 || b.slot_mapping[s] >= num_blocks * block_size)
+                throw py::value_error(where + "slot_mapping[" + std::to_string(s) + "] = " +
+                                      std::to_string(b.slot_mapping[s]) + " is not a cache slot");
+        }
+        py::gil_scoped_release release;
+        smolvlm_cpu::decode_step(layers, final_, shape_, b, xp);
+    }
+
+    size_t num_layers() const { return layers_.size(); }
+
+private:
+    py::list keep_;           // the layer specs: keep their arrays alive
+    py::array final_norm_;
+    const float* final_ = nullptr;
+    smolvlm_cpu::DecoderShape shape_{};
+    std::vector<smolvlm_cpu::DecoderLayer> layers_;
+};
+
 bool cpu_supports_build() {
 #if defined(__AVX512F__)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -258,6 +417,17 @@ PYBIND11_MODULE(_cpu, m) {
           py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"), py::arg("out"),
           "decode attention, one query per sequence: out[s, h] = softmax(scale * q[s, h] . K_s) V_s over the "
           "seq_lens[s] keys of KV head h // (Hq // Hkv) in the paged cache [num_blocks, block_size, Hkv, Dh]");
+    py::class_<Decoder>(m, "Decoder",
+                        "the Llama decoder's weights for fused decode steps (csrc/cpu/decoder_step.cpp); layers: "
+                        "dicts of input_norm, post_norm (float32 [D]) and qkv, o, gate_up, down "
+                        "(quant.cpu_linear_spec tuples)")
+        .def(py::init<const py::list&, const py::array&, int64_t, int64_t, int64_t, int64_t, int64_t, float, float>(),
+             py::arg("layers"), py::arg("final_norm"), py::arg("intermediate_size"), py::arg("num_heads"),
+             py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("rotary_dim"), py::arg("eps"), py::arg("scale"))
+        .def("step", &Decoder::step, py::arg("x"), py::arg("kv_caches"), py::arg("positions"),
+             py::arg("slot_mapping"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("cos_sin"),
+             "one decode step: x [S, D] embeddings in, final hidden states out; writes each layer's new K/V")
+        .def("__len__", &Decoder::num_layers);
     m.def("set_num_threads", &smolvlm_cpu::set_num_threads, py::arg("n"),
           "threads for the kernels; n <= 0 restores the default (SMOLVLM_FAST_NUM_THREADS, else the usable cores)");
     m.def("get_num_threads", &smolvlm_cpu::get_num_threads);

@@ -46,7 +46,7 @@ constexpr int kMaxMT = 8;        // rows of x per tile
 constexpr int kGroupChunk = 64;  // groups whose scales a tile converts to float32 at a time
 // Software prefetch distance along the weight rows, in bytes: the hardware prefetchers alone leave decode
 // (weights streamed from L3 / memory) at a third of the speed it has from L2 (measured on Sapphire Rapids).
-constexpr int kPrefetchInt4 = 2048, kPrefetchQ8 = 4096;
+constexpr int kPrefetchInt4 = 2048, kPrefetchQ8 = 4096, kPrefetchF32 = 4096;
 
 inline void prefetch(const void* p, int64_t ahead) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -283,6 +283,12 @@ struct Q8Kernel {
     static void tile(const float* x, const Q8Matrix& w, int64_t n, float* out, int64_t ldo);
 };
 
+struct F32Kernel {
+    using Matrix = F32Matrix;
+    template <int MT, int NR>
+    static void tile(const float* x, const F32Matrix& w, int64_t n, float* out, int64_t ldo);
+};
+
 // The group scales (or mins) of rows n .. n + NR - 1, groups g0 .. g0 + gn - 1, as float32; row r's start at
 // dst + r * (the stride returned). When the chunk is all of a row, the NR rows are one contiguous run.
 template <int NR>
@@ -426,6 +432,31 @@ void Q8Kernel::tile(const float* x, const Q8Matrix& w, int64_t n, float* out, in
     }
 }
 
+template <int MT, int NR>
+void F32Kernel::tile(const float* x, const F32Matrix& w, int64_t n, float* out, int64_t ldo) {
+    const int64_t K = w.K;
+    const float* wr[NR];
+    for (int r = 0; r < NR; ++r) wr[r] = w.w + (n + r) * K;
+    __m512 acc[MT][NR];
+    for (int i = 0; i < MT; ++i)
+        for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
+    auto step = [&](int64_t k, __mmask16 mask) {
+        __m512 wv[NR];
+        for (int r = 0; r < NR; ++r) {
+            prefetch(wr[r] + k, kPrefetchF32);
+            wv[r] = _mm512_maskz_loadu_ps(mask, wr[r] + k);
+        }
+        for (int i = 0; i < MT; ++i) {
+            const __m512 xv = _mm512_maskz_loadu_ps(mask, x + i * K + k);
+            for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_fmadd_ps(wv[r], xv, acc[i][r]);
+        }
+    };
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) step(k, 0xffff);
+    if (k < K) step(k, static_cast<__mmask16>((1u << (K - k)) - 1));
+    for (int i = 0; i < MT; ++i) store_sums<NR>(acc[i], out + i * ldo);
+}
+
 void int4_dequantize_row(const Int4Matrix& w, int64_t n, float* o) {
     const int64_t K = w.K, G = K / w.group_size;
     const uint8_t* q = w.qweight + n * (K / 2);
@@ -524,6 +555,32 @@ void Q8Kernel::tile(const float* x, const Q8Matrix& w, int64_t n, float* out, in
         for (int r = 0; r < NR; ++r) out[i * ldo + r] = hsum(acc[i][r]);
 }
 
+template <int MT, int NR>
+void F32Kernel::tile(const float* x, const F32Matrix& w, int64_t n, float* out, int64_t ldo) {
+    const int64_t K = w.K;
+    __m256 acc[MT][NR];
+    for (int i = 0; i < MT; ++i)
+        for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv[NR];
+        for (int r = 0; r < NR; ++r) {
+            prefetch(w.w + (n + r) * K + k, kPrefetchF32);
+            wv[r] = _mm256_loadu_ps(w.w + (n + r) * K + k);
+        }
+        for (int i = 0; i < MT; ++i) {
+            const __m256 xv = _mm256_loadu_ps(x + i * K + k);
+            for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_fmadd_ps(wv[r], xv, acc[i][r]);
+        }
+    }
+    for (int i = 0; i < MT; ++i)
+        for (int r = 0; r < NR; ++r) {
+            float sum = hsum(acc[i][r]);
+            for (int64_t t = k; t < K; ++t) sum += w.w[(n + r) * K + t] * x[i * K + t];
+            out[i * ldo + r] = sum;
+        }
+}
+
 #endif
 
 #if !SMOLVLM_AVX512  // the scalar tiles (AVX2 builds keep this dequantization; it is not on a hot path)
@@ -580,6 +637,16 @@ void Q8Kernel::tile(const float* x, const Q8Matrix& w, int64_t n, float* out, in
         }
         for (int i = 0; i < MT; ++i) out[i * ldo + r] = acc[i];
     }
+}
+
+template <int MT, int NR>
+void F32Kernel::tile(const float* x, const F32Matrix& w, int64_t n, float* out, int64_t ldo) {
+    for (int r = 0; r < NR; ++r)
+        for (int i = 0; i < MT; ++i) {
+            float acc = 0.f;
+            for (int64_t k = 0; k < w.K; ++k) acc += w.w[(n + r) * w.K + k] * x[i * w.K + k];
+            out[i * ldo + r] = acc;
+        }
 }
 
 #endif
@@ -666,6 +733,11 @@ void int4_gemm(const float* x, int64_t M, const Int4Matrix& w, float* out) {
 void q8_gemm(const float* x, int64_t M, const Q8Matrix& w, float* out) {
     if (M == 0 || w.N == 0) return;
     Gemm<Q8Kernel>{x, M, &w, out}.run(w.K + w.K / kBlock * 2);
+}
+
+void f32_gemm(const float* x, int64_t M, const F32Matrix& w, float* out) {
+    if (M == 0 || w.N == 0) return;
+    Gemm<F32Kernel>{x, M, &w, out}.run(w.K * 4);
 }
 
 void int4_dequantize(const Int4Matrix& w, float* out) {

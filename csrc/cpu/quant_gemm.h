@@ -1,4 +1,4 @@
-// CPU matrix products with int4 (Int4Weight) and int8 (GGUF Q8_0) weights: out[M, N] = x[M, K] @ W[N, K]^T,
+// CPU matrix products with int4 (Int4Weight), int8 (GGUF Q8_0) and float32 weights: out[M, N] = x[M, K] @ W[N, K]^T,
 // accumulated in float32 (x is never quantized). Layouts: smolvlm_fast/quant.py's docstring.
 // The caller (bindings.cpp) checks every argument; these functions trust them.
 #pragma once
@@ -21,8 +21,16 @@ struct Q8Matrix {
     int64_t N, K;
 };
 
+struct F32Matrix {
+    const float* w;           // [N, K]
+    int64_t N, K;
+};
+
 void int4_gemm(const float* x, int64_t M, const Int4Matrix& w, float* out);
 void q8_gemm(const float* x, int64_t M, const Q8Matrix& w, float* out);
+// Float32 weights, for the fused decode step (decoder_step.cpp) on float checkpoints: few rows of x, where
+// NumPy's BLAS would cost a Python call per product.
+void f32_gemm(const float* x, int64_t M, const F32Matrix& w, float* out);
 // out [N, K] = W as float32, on the calling thread only (prefill dequantizes a chunk of rows and hands it to
 // BLAS, whose threads would compete with ours).
 void int4_dequantize(const Int4Matrix& w, float* out);

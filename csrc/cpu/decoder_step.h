@@ -1,0 +1,57 @@
+// The whole Llama decoder for one decode step (one new token per sequence) in one call: every layer's norms,
+// products, RoPE, KV-cache write and paged attention, then the final norm. float32 activations; each weight in
+// the kind its checkpoint holds (float32, int4, Q8_0). The caller (bindings.cpp) checks every argument.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "quant_gemm.h"
+
+namespace smolvlm_cpu {
+
+// One weight matrix [N, K] of whichever kind, and an optional bias [N].
+struct Linear {
+    enum class Kind { f32, int4, q8 };
+    Kind kind = Kind::f32;
+    F32Matrix f32{};
+    Int4Matrix int4{};
+    Q8Matrix q8{};
+    const float* bias = nullptr;
+    int64_t N = 0, K = 0;
+};
+
+// out [M, N] = x [M, K] @ W^T (+ bias).
+void linear(const float* x, int64_t M, const Linear& w, float* out);
+
+struct DecoderLayer {
+    const float* input_norm;  // [D]
+    Linear qkv;               // [(Hq + 2 Hkv) Dh, D]: q_proj | k_proj | v_proj rows
+    Linear o;                 // [D, Hq Dh]
+    const float* post_norm;   // [D]
+    Linear gate_up;           // [2 I, D]: gate_proj | up_proj rows
+    Linear down;              // [D, I]
+    float* k_cache;           // [num_blocks, block_size, Hkv, Dh]
+    float* v_cache;
+};
+
+struct DecoderShape {
+    int64_t D, I, Hq, Hkv, Dh, rotary_dim;
+    float eps, scale;
+};
+
+struct DecodeBatch {              // S sequences, one new token each
+    int64_t S;
+    const int32_t* positions;     // [S]: rows of cos_sin
+    const int32_t* slot_mapping;  // [S]: cache slot of the new K/V; -1 writes nothing
+    const int32_t* block_tables;  // [S, max_blocks]
+    const int32_t* seq_lens;      // [S]: keys each sequence attends to, the new one included
+    int64_t max_blocks, block_size;
+    const float* cos_sin;         // [positions, rotary_dim]: cos | sin
+};
+
+// x [S, D]: the new tokens' embeddings in, the final norm's output out.
+void decode_step(const std::vector<DecoderLayer>& layers, const float* final_norm, const DecoderShape& shape,
+                 const DecodeBatch& batch, float* x);
+
+}  // namespace smolvlm_cpu

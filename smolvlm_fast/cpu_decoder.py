@@ -1,0 +1,60 @@
+"""Decode steps in one C++ call: every decoder layer of the NumPy model for one new token per sequence
+(csrc/cpu/decoder_step.cpp, through smolvlm_fast._cpu.Decoder).
+
+A decode step in NumPy is about ten calls per layer on rows of a few hundred floats; on a 2-core Xeon their Python
+and NumPy overhead (~80 us a layer) was a third of the step. The C++ step runs the same layers (same weights,
+same cache, same metadata) with the products and the attention on its thread pool. Prefill, images and anything
+else stay in model_numpy's free functions, which remain the reference this is tested against.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .config import ModelConfig
+from .quant import cpu_linear_spec
+
+try:
+    from . import _cpu
+except ImportError:  # not built: NumpyModel keeps to its NumPy decode
+    _cpu = None
+
+
+def available() -> bool:
+    """The extension has the fused step and SMOLVLM_FAST_FUSED_DECODE is not 0."""
+    return getattr(_cpu, "Decoder", None) is not None and os.environ.get("SMOLVLM_FAST_FUSED_DECODE", "1") != "0"
+
+
+def build_decoder(weights: dict, config: ModelConfig, prefix: str):
+    """The decoder's weights (HF names, q/k/v and gate/up already stacked by model_numpy.stack_projections)
+    handed to C++ once: a _cpu.Decoder."""
+    from .model_numpy import GATE_UP, QKV, QKV_BIAS  # model_numpy imports this module
+
+    t = config.text
+    layers = []
+    for i in range(t.num_hidden_layers):
+        p = f"{prefix}layers.{i}."
+        layers.append({
+            "input_norm": _f32(weights[p + "input_layernorm.weight"]),
+            "post_norm": _f32(weights[p + "post_attention_layernorm.weight"]),
+            "qkv": cpu_linear_spec(weights[p + QKV], weights.get(p + QKV_BIAS)),
+            "o": cpu_linear_spec(weights[p + "self_attn.o_proj.weight"]),
+            "gate_up": cpu_linear_spec(weights[p + GATE_UP]),
+            "down": cpu_linear_spec(weights[p + "mlp.down_proj.weight"]),
+        })
+    return _cpu.Decoder(layers, _f32(weights[prefix + "norm.weight"]), t.intermediate_size, t.num_attention_heads,
+                        t.num_key_value_heads, t.head_dim, t.head_dim, t.rms_norm_eps, t.head_dim**-0.5)
+
+
+def decode_step(decoder, x: np.ndarray, meta, kv_caches: list, cos_sin: np.ndarray) -> np.ndarray:
+    """x [S, D] embeddings of one new token per sequence -> final hidden states [S, D] (in place)."""
+    i32 = lambda v: np.ascontiguousarray(v, dtype=np.int32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    decoder.step(x, kv_caches, i32(meta.positions), i32(meta.slot_mapping), i32(meta.block_tables),
+                 i32(meta.seq_lens), cos_sin)
+    return x
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
