@@ -215,16 +215,21 @@ def logits(w: dict, config: ModelConfig, hidden: np.ndarray) -> np.ndarray:
 class NumpyModel:
     """SmolVLM or a text-only Llama over NumPy: weights by Hugging Face name, the forward in free functions."""
 
-    def __init__(self, config: ModelConfig, weights: dict, fused_decode: bool | None = None):
-        """fused_decode: run decode steps in one C++ call (cpu_decoder); None means where the extension has it."""
+    def __init__(self, config: ModelConfig, weights: dict, fused_decode: bool | None = None,
+                 int8_activations: bool | None = None):
+        """fused_decode: run decode steps in one C++ call (cpu_decoder); None means where the extension has it.
+        int8_activations: in those steps, int4 products round x to int8 (cpu_decoder.int8_activations_default)."""
         self.config, self.weights = config, stack_projections(weights, config)
         self.cos_sin = np.empty((0, config.text.head_dim), dtype=np.float32)
         self.fused_decode = cpu_decoder.available() if fused_decode is None else fused_decode
+        self.int8_activations = (cpu_decoder.int8_activations_default() if int8_activations is None
+                                 else int8_activations)
         self._decoder = None  # the _cpu.Decoder, built on the first decode step
 
     @classmethod
-    def from_checkpoint(cls, location: str | Path, quantize: str | None = None) -> "NumpyModel":
-        """A checkpoint dir (config.json + safetensors) or a .gguf file; quantize="int4" makes the decoder int4."""
+    def from_checkpoint(cls, location: str | Path, quantize: str | None = None, **options) -> "NumpyModel":
+        """A checkpoint dir (config.json + safetensors) or a .gguf file; quantize="int4" makes the decoder int4.
+        options: fused_decode, int8_activations (see __init__)."""
         location = Path(location)
         if location.suffix == ".gguf":
             config, weights = load_gguf_weights(location)
@@ -233,7 +238,7 @@ class NumpyModel:
             weights = load_safetensors_weights(location, config)
         if quantize is not None:
             weights = quantize_weights(weights, config, quantize)
-        return cls(config, weights)
+        return cls(config, weights, **options)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """One (k_cache, v_cache) pair of float32 [num_blocks, block_size, kv_heads, head_dim] per decoder layer."""
@@ -253,7 +258,8 @@ class NumpyModel:
         x = embed(self.weights, self.config, np.asarray(input_ids), image_features)  # [T, D]
         if self.fused_decode and image_features is None and is_decode(len(x), meta.seq_lens, meta.query_start_loc):
             if self._decoder is None:
-                self._decoder = cpu_decoder.build_decoder(self.weights, self.config, text_prefix(self.config))
+                self._decoder = cpu_decoder.build_decoder(self.weights, self.config, text_prefix(self.config),
+                                                          self.int8_activations)
             return cpu_decoder.decode_step(self._decoder, x, meta, kv_caches, self.rope(max(meta.seq_lens)))
         step = Step.from_metadata(meta, self.rope(max(meta.seq_lens)), kv_caches[0][0].shape[1], t.num_attention_heads)
         return decoder(self.weights, self.config, x, step, kv_caches)  # [T, D]

@@ -133,8 +133,9 @@ std::pair<const float*, float*> checked_x_out(const char* fn, const py::array& x
     return {xp, op};
 }
 
-void int4_gemm(const py::array& x, const py::array& qweight, const py::array& scales, const py::object& mins,
-               int group_size, const py::array& out) {
+// int8_x: round x to int8 per 32-element block first (int4_gemm_int8); returns whether that was done.
+bool int4_gemm(const py::array& x, const py::array& qweight, const py::array& scales, const py::object& mins,
+               int group_size, const py::array& out, bool int8_x) {
     const char* fn = "int4_gemm";
     if (qweight.ndim() != 2) throw py::value_error("int4_gemm: qweight must be 2-D, got " + shape_of(qweight));
     const int64_t K = qweight.shape(1) * 2;
@@ -143,7 +144,9 @@ void int4_gemm(const py::array& x, const py::array& qweight, const py::array& sc
     auto [xp, op] = checked_x_out(fn, x, out, w.N, K, &M);
     check_no_overlap(fn, out, qweight, "qweight");
     py::gil_scoped_release release;
+    if (int8_x && smolvlm_cpu::int4_gemm_int8(xp, M, w, op)) return true;
     smolvlm_cpu::int4_gemm(xp, M, w, op);
+    return false;
 }
 
 void q8_gemm(const py::array& x, const py::array& q, const py::array& scales, const py::array& out) {
@@ -172,27 +175,30 @@ void q8_dequantize(const py::array& q, const py::array& scales, const py::array&
     smolvlm_cpu::q8_dequantize(w, op);
 }
 
-void paged_decode_attention(const py::array& q, const py::array& k_cache, const py::array& v_cache,
-                            const py::array& block_tables, const py::array& seq_lens, float scale,
-                            const py::array& out) {
-    const char* fn = "paged_decode_attention";
+// The checks both attention entry points share: q [T, Hq, Dh] (T = S for decode), caches
+// [num_blocks, block_size, Hkv, Dh], block_tables [S, max_blocks] and seq_lens [S] int32, out like q; every block
+// below a sequence's seq_len must be a block id of the cache. Returns the arguments, *op the output's data.
+smolvlm_cpu::PagedDecode paged_args(const char* fn, bool decode, const py::array& q, const py::array& k_cache,
+                                    const py::array& v_cache, const py::array& block_tables,
+                                    const py::array& seq_lens, float scale, const py::array& out, float** op) {
     const std::string where = std::string(fn) + ": ";
-    if (q.ndim() != 3) throw py::value_error(where + "q must be [S, Hq, Dh], got shape " + shape_of(q));
+    if (q.ndim() != 3)
+        throw py::value_error(where + "q must be [" + (decode ? "S" : "T") + ", Hq, Dh], got shape " + shape_of(q));
     if (k_cache.ndim() != 4)
         throw py::value_error(where + "k_cache must be [num_blocks, block_size, Hkv, Dh], got shape " +
                               shape_of(k_cache));
-    const int64_t S = q.shape(0), Hq = q.shape(1), Dh = q.shape(2);
-    const int64_t num_blocks = k_cache.shape(0), block_size = k_cache.shape(1), Hkv = k_cache.shape(2);
     if (block_tables.ndim() != 2)
         throw py::value_error(where + "block_tables must be [S, max_blocks], got shape " + shape_of(block_tables));
-    const int64_t max_blocks = block_tables.shape(1);
+    const int64_t T = q.shape(0), Hq = q.shape(1), Dh = q.shape(2);
+    const int64_t num_blocks = k_cache.shape(0), block_size = k_cache.shape(1), Hkv = k_cache.shape(2);
+    const int64_t S = decode ? T : block_tables.shape(0), max_blocks = block_tables.shape(1);
     smolvlm_cpu::PagedDecode a{};
-    a.q = checked<const float>(fn, "q", q, DType::f32, {S, Hq, Dh});
+    a.q = checked<const float>(fn, "q", q, DType::f32, {T, Hq, Dh});
     a.k_cache = checked<const float>(fn, "k_cache", k_cache, DType::f32, {num_blocks, block_size, Hkv, Dh});
     a.v_cache = checked<const float>(fn, "v_cache", v_cache, DType::f32, {num_blocks, block_size, Hkv, Dh});
     a.block_tables = checked<const int32_t>(fn, "block_tables", block_tables, DType::i32, {S, max_blocks});
     a.seq_lens = checked<const int32_t>(fn, "seq_lens", seq_lens, DType::i32, {S});
-    float* op = checked<float>(fn, "out", out, DType::f32, {S, Hq, Dh}, true);
+    *op = checked<float>(fn, "out", out, DType::f32, {T, Hq, Dh}, true);
     check_no_overlap(fn, out, q, "q");
     check_no_overlap(fn, out, k_cache, "k_cache");
     check_no_overlap(fn, out, v_cache, "v_cache");
@@ -223,8 +229,44 @@ void paged_decode_attention(const py::array& q, const py::array& k_cache, const 
     a.block_size = block_size;
     a.max_blocks = max_blocks;
     a.scale = scale;
+    return a;
+}
+
+void paged_decode_attention(const py::array& q, const py::array& k_cache, const py::array& v_cache,
+                            const py::array& block_tables, const py::array& seq_lens, float scale,
+                            const py::array& out) {
+    float* op;
+    const smolvlm_cpu::PagedDecode a = paged_args("paged_decode_attention", true, q, k_cache, v_cache, block_tables,
+                                                  seq_lens, scale, out, &op);
     py::gil_scoped_release release;
     smolvlm_cpu::paged_decode_attention(a, op);
+}
+
+// query_start_loc [S + 1] int32: 0, then non-decreasing up to T, with 0 <= q_len_s <= seq_lens[s].
+void paged_prefill_attention(const py::array& q, const py::array& k_cache, const py::array& v_cache,
+                             const py::array& block_tables, const py::array& seq_lens,
+                             const py::array& query_start_loc, float scale, const py::array& out) {
+    const char* fn = "paged_prefill_attention";
+    const std::string where = std::string(fn) + ": ";
+    smolvlm_cpu::PagedPrefill a{};
+    float* op;
+    static_cast<smolvlm_cpu::PagedDecode&>(a) =
+        paged_args(fn, false, q, k_cache, v_cache, block_tables, seq_lens, scale, out, &op);
+    a.T = q.shape(0);
+    a.query_start_loc = checked<const int32_t>(fn, "query_start_loc", query_start_loc, DType::i32, {a.S + 1});
+    check_no_overlap(fn, out, query_start_loc, "query_start_loc");
+    if (a.query_start_loc[0] != 0 || a.query_start_loc[a.S] != a.T)
+        throw py::value_error(where + "query_start_loc must run from 0 to T = " + std::to_string(a.T) + ", got " +
+                              std::to_string(a.query_start_loc[0]) + " .. " + std::to_string(a.query_start_loc[a.S]));
+    for (int64_t s = 0; s < a.S; ++s) {
+        const int64_t q_len = int64_t(a.query_start_loc[s + 1]) - a.query_start_loc[s];
+        if (q_len < 0 || q_len > a.seq_lens[s])
+            throw py::value_error(where + "sequence " + std::to_string(s) + " has " + std::to_string(q_len) +
+                                  " queries (query_start_loc), not in [0, seq_lens[" + std::to_string(s) +
+                                  "] = " + std::to_string(a.seq_lens[s]) + "]");
+    }
+    py::gil_scoped_release release;
+    smolvlm_cpu::paged_prefill_attention(a, op);
 }
 
 // ---------------------------------------------------------------- the fused decode step (decoder_step.cpp)
@@ -288,7 +330,7 @@ smolvlm_cpu::Linear linear_spec(const std::string& name, const py::tuple& spec, 
 class Decoder {
 public:
     Decoder(const py::list& layers, const py::array& final_norm, int64_t intermediate, int64_t Hq, int64_t Hkv,
-            int64_t Dh, int64_t rotary_dim, float eps, float scale)
+            int64_t Dh, int64_t rotary_dim, float eps, float scale, bool int8_activations)
         : keep_(layers), final_norm_(final_norm) {
         const char* fn = "Decoder";
         if (final_norm.ndim() != 1) throw py::value_error("Decoder: final_norm must be [hidden_size]");
@@ -299,7 +341,7 @@ public:
                                   std::to_string(intermediate) + ", heads " + std::to_string(Hq) + "/" +
                                   std::to_string(Hkv) + ", head_dim " + std::to_string(Dh) + ", rotary_dim " +
                                   std::to_string(rotary_dim) + ")");
-        shape_ = {D, intermediate, Hq, Hkv, Dh, rotary_dim, eps, scale};
+        shape_ = {D, intermediate, Hq, Hkv, Dh, rotary_dim, eps, scale, int8_activations};
         final_ = checked<const float>(fn, "final_norm", final_norm, DType::f32, {D});
         const int64_t I = intermediate;
         for (size_t i = 0; i < layers.size(); ++i) {
@@ -405,8 +447,10 @@ PYBIND11_MODULE(_cpu, m) {
     m.doc() = "CPU kernels for int4 (Int4Weight) and int8 (GGUF Q8_0) weights (layouts in smolvlm_fast/quant.py) "
               "and decode attention over the paged KV cache";
     m.def("int4_gemm", &int4_gemm, py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("mins"),
-          py::arg("group_size"), py::arg("out"),
-          "out[M, N] = x[M, K] @ dequantize_int4(W).T in float32; mins None for symmetric weights");
+          py::arg("group_size"), py::arg("out"), py::arg("int8_x") = false,
+          "out[M, N] = x[M, K] @ dequantize_int4(W).T in float32; mins None for symmetric weights. int8_x: round "
+          "each 32-element block of x to int8 first (VNNI integer dots, ~1e-3 relative error); returns whether "
+          "it did (False where the build has no AVX512-VNNI)");
     m.def("q8_gemm", &q8_gemm, py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("out"),
           "out[M, N] = x[M, K] @ dequantize_q8(W).T in float32");
     m.def("int4_dequantize", &int4_dequantize, py::arg("qweight"), py::arg("scales"), py::arg("mins"),
@@ -417,13 +461,21 @@ PYBIND11_MODULE(_cpu, m) {
           py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"), py::arg("out"),
           "decode attention, one query per sequence: out[s, h] = softmax(scale * q[s, h] . K_s) V_s over the "
           "seq_lens[s] keys of KV head h // (Hq // Hkv) in the paged cache [num_blocks, block_size, Hkv, Dh]");
+    m.def("paged_prefill_attention", &paged_prefill_attention, py::arg("q"), py::arg("k_cache"),
+          py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("query_start_loc"),
+          py::arg("scale"), py::arg("out"),
+          "causal attention for packed queries q [T, Hq, Dh]: query j of sequence s (q_len_s = query_start_loc[s + 1] "
+          "- query_start_loc[s]) sits at position seq_lens[s] - q_len_s + j and sees the cache keys at positions <= "
+          "its own");
     py::class_<Decoder>(m, "Decoder",
                         "the Llama decoder's weights for fused decode steps (csrc/cpu/decoder_step.cpp); layers: "
                         "dicts of input_norm, post_norm (float32 [D]) and qkv, o, gate_up, down "
                         "(quant.cpu_linear_spec tuples)")
-        .def(py::init<const py::list&, const py::array&, int64_t, int64_t, int64_t, int64_t, int64_t, float, float>(),
+        .def(py::init<const py::list&, const py::array&, int64_t, int64_t, int64_t, int64_t, int64_t, float, float,
+                      bool>(),
              py::arg("layers"), py::arg("final_norm"), py::arg("intermediate_size"), py::arg("num_heads"),
-             py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("rotary_dim"), py::arg("eps"), py::arg("scale"))
+             py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("rotary_dim"), py::arg("eps"), py::arg("scale"),
+             py::arg("int8_activations") = false)
         .def("step", &Decoder::step, py::arg("x"), py::arg("kv_caches"), py::arg("positions"),
              py::arg("slot_mapping"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("cos_sin"),
              "one decode step: x [S, D] embeddings in, final hidden states out; writes each layer's new K/V")

@@ -70,7 +70,7 @@ struct Scratch {
 // Self-attention of layer `l` for the batch: h [S, D] (normed) -> out [S, D] (o_proj applied).
 void attention(const DecoderLayer& l, const DecoderShape& c, const DecodeBatch& b, Scratch& t, float* out) {
     const int64_t S = b.S, Dh = c.Dh, q_size = c.Hq * Dh, kv_size = c.Hkv * Dh, width = q_size + 2 * kv_size;
-    linear(t.h.data(), S, l.qkv, t.qkv.data());  // [S, width]: q | k | v
+    linear(t.h.data(), S, l.qkv, t.qkv.data(), c.int8_activations);  // [S, width]: q | k | v
     for (int64_t s = 0; s < S; ++s) {
         float* row = t.qkv.data() + s * width;
         const float* cs = b.cos_sin + static_cast<int64_t>(b.positions[s]) * c.rotary_dim;
@@ -96,14 +96,16 @@ void attention(const DecoderLayer& l, const DecoderShape& c, const DecodeBatch& 
     a.max_blocks = b.max_blocks;
     a.scale = c.scale;
     paged_decode_attention(a, t.attn.data());  // [S, Hq, Dh]
-    linear(t.attn.data(), S, l.o, out);        // [S, D]
+    linear(t.attn.data(), S, l.o, out, c.int8_activations);      // [S, D]
 }
 
 }  // namespace
 
-void linear(const float* x, int64_t M, const Linear& w, float* out) {
+void linear(const float* x, int64_t M, const Linear& w, float* out, bool int8_x) {
     switch (w.kind) {
-        case Linear::Kind::int4: int4_gemm(x, M, w.int4, out); break;
+        case Linear::Kind::int4:
+            if (!int8_x || !int4_gemm_int8(x, M, w.int4, out)) int4_gemm(x, M, w.int4, out);
+            break;
         case Linear::Kind::q8: q8_gemm(x, M, w.q8, out); break;
         case Linear::Kind::f32: f32_gemm(x, M, w.f32, out); break;
     }
@@ -121,9 +123,9 @@ void decode_step(const std::vector<DecoderLayer>& layers, const float* final_nor
         add_rms_norm(x, t.residual.data(), l.input_norm, S, c.D, c.eps, t.h.data());  // h = norm(x + residual)
         attention(l, c, b, t, x);                                                      // x = attention(h)
         add_rms_norm(x, t.residual.data(), l.post_norm, S, c.D, c.eps, t.h.data());
-        linear(t.h.data(), S, l.gate_up, t.gate_up.data());  // [S, 2I]
+        linear(t.h.data(), S, l.gate_up, t.gate_up.data(), c.int8_activations);  // [S, 2I]
         silu_and_mul(t.gate_up.data(), S, c.I, t.act.data());  // [S, I]
-        linear(t.act.data(), S, l.down, x);                      // [S, D]
+        linear(t.act.data(), S, l.down, x, c.int8_activations);  // [S, D]
     }
     add_rms_norm(x, t.residual.data(), final_norm, S, c.D, c.eps, x);  // in place: y[d] only reads r[d]
 }

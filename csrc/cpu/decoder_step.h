@@ -21,8 +21,8 @@ struct Linear {
     int64_t N = 0, K = 0;
 };
 
-// out [M, N] = x [M, K] @ W^T (+ bias).
-void linear(const float* x, int64_t M, const Linear& w, float* out);
+// out [M, N] = x [M, K] @ W^T (+ bias); int8_x: int4 weights meet x rounded to int8 (int4_gemm_int8).
+void linear(const float* x, int64_t M, const Linear& w, float* out, bool int8_x = false);
 
 struct DecoderLayer {
     const float* input_norm;  // [D]
@@ -38,6 +38,7 @@ struct DecoderLayer {
 struct DecoderShape {
     int64_t D, I, Hq, Hkv, Dh, rotary_dim;
     float eps, scale;
+    bool int8_activations;  // int4 products round x to int8 per block (llama.cpp's arithmetic; ~2x faster)
 };
 
 struct DecodeBatch {              // S sequences, one new token each

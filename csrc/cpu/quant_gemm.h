@@ -1,5 +1,5 @@
 // CPU matrix products with int4 (Int4Weight), int8 (GGUF Q8_0) and float32 weights: out[M, N] = x[M, K] @ W[N, K]^T,
-// accumulated in float32 (x is never quantized). Layouts: smolvlm_fast/quant.py's docstring.
+// accumulated in float32 (x is never quantized, except by int4_gemm_int8). Layouts: smolvlm_fast/quant.py's docstring.
 // The caller (bindings.cpp) checks every argument; these functions trust them.
 #pragma once
 
@@ -27,6 +27,10 @@ struct F32Matrix {
 };
 
 void int4_gemm(const float* x, int64_t M, const Int4Matrix& w, float* out);
+// The same product with each 32-element block of x rounded to int8 (scale max|x| / 127, llama.cpp's Q8_0 for
+// activations) and integer dot products (AVX512-VNNI): ~2x faster decode, at ~1e-3 relative error in out.
+// Returns false, doing nothing, where this build has no VNNI.
+bool int4_gemm_int8(const float* x, int64_t M, const Int4Matrix& w, float* out);
 void q8_gemm(const float* x, int64_t M, const Q8Matrix& w, float* out);
 // Float32 weights, for the fused decode step (decoder_step.cpp) on float checkpoints: few rows of x, where
 // NumPy's BLAS would cost a Python call per product.
