@@ -31,11 +31,7 @@ GROUP_SIZES = (32, 64, 128)
 BLOCK = 32                     # elements per packed block (and per GGUF block)
 GGML_Q4_0, GGML_Q4_1, GGML_Q8_0 = 2, 3, 8   # gguf.GGMLQuantizationType values
 _GGUF_BLOCK_BYTES = {GGML_Q4_0: 18, GGML_Q4_1: 20, GGML_Q8_0: 34}
-_CHUNK_ELEMENTS = 1 << 20      # weight elements dequantized at a time for BLAS (4 MB of float32)
-# From this many rows of x on, dequantizing a chunk of weight rows and calling BLAS (NumPy's matmul) beats the fused
-# C++ kernel: on a 2-core Sapphire Rapids (SmolLM2 gate_up / down, 2 threads) the fused kernel is 2-4x faster up
-# to 32 rows, even at 48-64, and BLAS 1.2-2.8x faster from 128.
-_BLAS_MIN_ROWS = 64
+_CHUNK_ELEMENTS = 1 << 20      # weight elements dequantized at a time for BLAS (4 MB of float32), without the C++
 
 
 @dataclass(frozen=True)
@@ -278,9 +274,9 @@ def get_num_threads() -> int:
 
 
 def linear(x: np.ndarray, w: np.ndarray | Int4Weight | Q8Weight, bias: np.ndarray | None = None) -> np.ndarray:
-    """y = x @ W.T (+ bias) in float32: x [..., K] -> [..., N]. Quantized weights: the fused C++ kernel for a few
-    rows of x (decode), else a chunk of weight rows at a time dequantized and multiplied by BLAS (prefill, or no
-    C++ kernels built), so memory stays flat."""
+    """y = x @ W.T (+ bias) in float32: x [..., K] -> [..., N]. Quantized weights: the C++ kernels (decode tiles for
+    a few rows of x, a GEMM over dequantized L2-sized panels for many); without them, a chunk of weight rows at a
+    time dequantized and multiplied by BLAS, so memory stays flat."""
     x = np.asarray(x)
     N, K = w.shape
     if x.shape[-1:] != (K,):
@@ -305,30 +301,17 @@ def _quantized_matmul(x: np.ndarray, w: Int4Weight | Q8Weight) -> np.ndarray:
     out = np.empty((M, w.N), dtype=np.float32)
     if M == 0:
         return out
-    if _cpu is not None and M < _BLAS_MIN_ROWS:
+    if _cpu is not None:
         if isinstance(w, Int4Weight):
             _cpu.int4_gemm(x, w.qweight, w.scales, w.mins, w.group_size, out)
         else:
             _cpu.q8_gemm(x, w.q, w.scales, out)
         return out
     rows = min(w.N, max(1, _CHUNK_ELEMENTS // w.K))
-    buf = np.empty((rows, w.K), dtype=np.float32)
     for n0 in range(0, w.N, rows):
         n1 = min(w.N, n0 + rows)
-        np.matmul(x, _dequantize_rows(w, n0, n1, buf[: n1 - n0]).T, out=out[:, n0:n1])
+        np.matmul(x, dequantize(w, slice(n0, n1)).T, out=out[:, n0:n1])
     return out
-
-
-def _dequantize_rows(w: Int4Weight | Q8Weight, n0: int, n1: int, buf: np.ndarray) -> np.ndarray:
-    """Rows n0..n1 as float32, into buf when the C++ kernels are there."""
-    if _cpu is None:
-        return dequantize(w, slice(n0, n1))
-    if isinstance(w, Int4Weight):
-        mins = None if w.mins is None else w.mins[n0:n1]
-        _cpu.int4_dequantize(w.qweight[n0:n1], w.scales[n0:n1], mins, w.group_size, buf)
-    else:
-        _cpu.q8_dequantize(w.q[n0:n1], w.scales[n0:n1], buf)
-    return buf
 
 
 def cpu_linear_spec(w: np.ndarray | Int4Weight | Q8Weight, bias: np.ndarray | None = None) -> tuple:

@@ -71,9 +71,9 @@ def test_gemm_matches_numpy(kind, M, N, K):
 
 
 @pytest.mark.parametrize("kind", ["asym32", "sym64", "q8"])
-@pytest.mark.parametrize("M", [1, 7, 33, 100])  # both sides of quant._BLAS_MIN_ROWS
+@pytest.mark.parametrize("M", [1, 7, 31, 32, 33, 100, 300])  # both sides of the C++ switch to prefill_gemm (32)
 def test_linear_on_the_kernels(kind, M):
-    """linear(): the fused kernel for few rows, dequantized chunks and BLAS from _BLAS_MIN_ROWS on."""
+    """linear(): the decode tiles for few rows, the panel GEMM (csrc/cpu/prefill_gemm.cpp) for many."""
     w = make_weight(kind, 300, 576)
     x = RNG.standard_normal((M, 576), dtype=np.float32)
     bias = RNG.standard_normal(300, dtype=np.float32)

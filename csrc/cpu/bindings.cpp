@@ -12,6 +12,7 @@
 
 #include "decoder_step.h"
 #include "paged_attention.h"
+#include "prefill_gemm.h"
 #include "quant_gemm.h"
 
 namespace py = pybind11;
@@ -133,6 +134,10 @@ std::pair<const float*, float*> checked_x_out(const char* fn, const py::array& x
     return {xp, op};
 }
 
+// From this many rows of x on, the products go through prefill_gemm (a dequantized panel of W in L2 under a
+// 32 x 12 register tile) rather than the decode tiles (which unpack each weight block for at most 8 rows of x).
+constexpr int64_t kPrefillRows = 32;
+
 // int8_x: round x to int8 per 32-element block first (int4_gemm_int8); returns whether that was done.
 bool int4_gemm(const py::array& x, const py::array& qweight, const py::array& scales, const py::object& mins,
                int group_size, const py::array& out, bool int8_x) {
@@ -145,7 +150,9 @@ bool int4_gemm(const py::array& x, const py::array& qweight, const py::array& sc
     check_no_overlap(fn, out, qweight, "qweight");
     py::gil_scoped_release release;
     if (int8_x && smolvlm_cpu::int4_gemm_int8(xp, M, w, op)) return true;
-    smolvlm_cpu::int4_gemm(xp, M, w, op);
+    smolvlm_cpu::AnyMatrix any;
+    any.int4 = &w;
+    if (M < kPrefillRows || !smolvlm_cpu::prefill_gemm(xp, M, any, op)) smolvlm_cpu::int4_gemm(xp, M, w, op);
     return false;
 }
 
@@ -155,7 +162,24 @@ void q8_gemm(const py::array& x, const py::array& q, const py::array& scales, co
     auto [xp, op] = checked_x_out("q8_gemm", x, out, w.N, w.K, &M);
     check_no_overlap("q8_gemm", out, q, "q");
     py::gil_scoped_release release;
-    smolvlm_cpu::q8_gemm(xp, M, w, op);
+    smolvlm_cpu::AnyMatrix any;
+    any.q8 = &w;
+    if (M < kPrefillRows || !smolvlm_cpu::prefill_gemm(xp, M, any, op)) smolvlm_cpu::q8_gemm(xp, M, w, op);
+}
+
+// out[M, N] = x[M, K] @ w[N, K]^T for float32 w (the fused decode step's kernel for few rows, prefill_gemm for many).
+void f32_gemm(const py::array& x, const py::array& w, const py::array& out) {
+    const char* fn = "f32_gemm";
+    if (w.ndim() != 2) throw py::value_error("f32_gemm: w must be 2-D, got " + shape_of(w));
+    const int64_t N = w.shape(0), K = w.shape(1);
+    const smolvlm_cpu::F32Matrix m{checked<const float>(fn, "w", w, DType::f32, {N, K}), N, K};
+    int64_t M;
+    auto [xp, op] = checked_x_out(fn, x, out, N, K, &M);
+    check_no_overlap(fn, out, w, "w");
+    py::gil_scoped_release release;
+    smolvlm_cpu::AnyMatrix any;
+    any.f32 = &m;
+    if (M < kPrefillRows || !smolvlm_cpu::prefill_gemm(xp, M, any, op)) smolvlm_cpu::f32_gemm(xp, M, m, op);
 }
 
 void int4_dequantize(const py::array& qweight, const py::array& scales, const py::object& mins, int group_size,
@@ -453,6 +477,7 @@ PYBIND11_MODULE(_cpu, m) {
           "it did (False where the build has no AVX512-VNNI)");
     m.def("q8_gemm", &q8_gemm, py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("out"),
           "out[M, N] = x[M, K] @ dequantize_q8(W).T in float32");
+    m.def("f32_gemm", &f32_gemm, py::arg("x"), py::arg("w"), py::arg("out"), "out[M, N] = x[M, K] @ w[N, K].T");
     m.def("int4_dequantize", &int4_dequantize, py::arg("qweight"), py::arg("scales"), py::arg("mins"),
           py::arg("group_size"), py::arg("out"), "out[N, K] = dequantize_int4(W)");
     m.def("q8_dequantize", &q8_dequantize, py::arg("q"), py::arg("scales"), py::arg("out"),
