@@ -1,7 +1,8 @@
 """Paged-attention decode: the Triton kernel against gather-then-SDPA and against the GPU's copy bandwidth.
 
 Per (batch, context), one query per sequence, every sequence at the full context, pages in shuffled order:
-  ours      smolvlm_fast.kernels.paged_attention (split-context decode, one launch or two)
+  ours      smolvlm_fast.kernels.paged_attention (split-context decode, one launch or two): rows with impl "triton";
+            and, where smolvlm_fast._C is built, the CUDA kernel (smolvlm_fast.ops.cuda.paged_attention): impl "cuda"
   baseline  gather the pages into a dense [B, Hkv, ctx, Dh] (k_cache[block_tables]) then
             F.scaled_dot_product_attention(enable_gqa=True): what PyTorch alone does with a paged cache
   metric    GB/s of K/V read = B * ctx * Hkv * Dh * 2 (K and V) * 2 bytes / time; q and out are ignored
@@ -83,13 +84,24 @@ def run_case(args, batch, ctx, copy, gen):
 
     kv_bytes = batch * ctx * Hkv * args.head_dim * 2 * k_cache.element_size()
     rate = lambda times: [kv_bytes / (ms * 1e-3) / GB for ms in times]  # noqa: E731
-    mine = rate(bench_ms(ours, args.rep_ms))
+    impls = {"triton": ours}
+    from smolvlm_fast.ops import cuda
+
+    if cuda.available():  # the CUDA kernel as a second column, on the same inputs
+        impls["cuda"] = lambda: cuda.paged_attention(q, k_cache, v_cache, tables, seq_lens, out=out,  # noqa: E731
+                                                     max_seq_len=ctx, split_size=args.split_size)
+        err = (impls["cuda"]().float() - expect).abs().max().item() / expect.abs().max().item()
+        if not err < 0.03:
+            raise AssertionError(f"b={batch} ctx={ctx}: CUDA kernel and gather+SDPA differ by {err:.3g} (relative)")
     base = rate(bench_ms(theirs, args.rep_ms)) if not args.no_baseline else None
     case = f"decode/b{batch}/ctx{ctx}"
     shape = f"B={batch} ctx={ctx} Hq={Hq} Hkv={Hkv} Dh={args.head_dim} page={args.page}"
-    kw = dict(bench=BENCH, shape=shape, dtype=args.dtype, device="cuda", metric="GB/s", ours=mine, impl="triton")
-    rows = [make_row(case=case, baseline="gather+SDPA" if base else None, theirs=base, **kw),
-            make_row(case=f"{case}/vs-copy", baseline="torch copy", theirs=copy, **kw)]
+    rows = []
+    for impl, fn in impls.items():
+        kw = dict(bench=BENCH, shape=shape, dtype=args.dtype, device="cuda", metric="GB/s",
+                  ours=rate(bench_ms(fn, args.rep_ms)), impl=impl)
+        rows += [make_row(case=case, baseline="gather+SDPA" if base else None, theirs=base, **kw),
+                 make_row(case=f"{case}/vs-copy", baseline="torch copy", theirs=copy, **kw)]
     del q, k_cache, v_cache, tables
     torch.cuda.empty_cache()
     return rows
@@ -133,7 +145,7 @@ def main(argv=None) -> None:
                 print(f"decode/b{batch}/ctx{ctx}: {cache_gb:.1f} GB of K/V > --max-gb, skipped", file=sys.stderr)
                 continue
             for row in run_case(args, batch, ctx, copy, gen):
-                print(format_row(row))
+                print(f"{row['impl']:<7}" + format_row(row))
                 if not args.no_save:
                     append_row(BENCH, row, args.results_dir)
 

@@ -6,12 +6,15 @@ and 3 or 5 KV heads of 64 for the cache write; one token (decode) and many (pref
 GB/s = bytes the op must read and write (each tensor once) / median time; times from triton.testing.do_bench
 (CUDA events, L2 flushed before every run), ours and the baseline on the same inputs in the same run.
 Rows go to bench/results/bench_small_ops.jsonl (fields in shared/DESIGN.md, "Benchmark results").
+Where smolvlm_fast._C is built, the ops with a CUDA kernel (write_kv_cache) are measured through it too, on the same
+cases: a second column, rows with impl "cuda".
 
     python bench/bench_small_ops.py                    # every case, bf16
     python bench/bench_small_ops.py --ops rms_norm write_kv_cache --dtype float16 --no-save
 """
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch
 
-from bench.common import run_kernel_bench
+from bench.common import append_row, format_row, make_row, run_kernel_bench
 
 BENCH = "bench_small_ops"
 BASELINE = "torch eager"
@@ -82,9 +85,12 @@ def activation_cases(dtype, device):
                    lambda x=x: gelu_tanh(x), lambda x=x: reference.gelu_tanh(x))
 
 
-def write_kv_cache_cases(dtype, device):
-    from smolvlm_fast.kernels.write_kv_cache import write_kv_cache
+def write_kv_cache_cases(dtype, device, impl="triton"):
     from smolvlm_fast.ops import reference
+    if impl == "cuda":
+        from smolvlm_fast.ops.cuda import write_kv_cache
+    else:
+        from smolvlm_fast.kernels.write_kv_cache import write_kv_cache
 
     block_size, head_dim, max_position = 16, 64, 8192
     table = reference.rope_table(head_dim, max_position, 100000.0, device=device)
@@ -105,6 +111,8 @@ def write_kv_cache_cases(dtype, device):
 
 CASES = {"rms_norm": rms_norm_cases, "layer_norm": layer_norm_cases, "activations": activation_cases,
          "write_kv_cache": write_kv_cache_cases}
+# the groups with a CUDA kernel too (smolvlm_fast._C): the same cases through smolvlm_fast.ops.cuda
+CUDA_CASES = {"write_kv_cache": functools.partial(write_kv_cache_cases, impl="cuda")}
 
 
 def gbps(nbytes: int, fn: Callable[[], object]) -> list[float]:
@@ -124,9 +132,36 @@ def check(case: Case) -> None:
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
+def cuda_column(argv=None) -> None:
+    """The CUDA column: CUDA_CASES of the selected groups, timed like the Triton rows, saved with impl "cuda"."""
+    import argparse
+
+    from smolvlm_fast.ops import cuda
+
+    if not torch.cuda.is_available() or not cuda.available():
+        return
+    p = argparse.ArgumentParser(add_help=False)  # run_kernel_bench's options, which it has already checked
+    p.add_argument("--ops", nargs="+", default=list(CASES))
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--no-save", action="store_true")
+    p.add_argument("--results-dir", type=Path, default=None)
+    args, _ = p.parse_known_args(argv)
+    for group in args.ops:
+        for case in CUDA_CASES.get(group, lambda dtype, device: [])(getattr(torch, args.dtype), "cuda"):
+            check(case)
+            row = make_row(bench=BENCH, case=case.op, shape=case.shape, dtype=args.dtype, device="cuda", metric="GB/s",
+                           ours=gbps(case.nbytes, case.ours), baseline=BASELINE, theirs=gbps(case.nbytes, case.theirs),
+                           impl="cuda")
+            print(format_row({**row, "case": f"{case.op} {case.shape} [cuda]"}))
+            if not args.no_save:
+                append_row(BENCH, row, args.results_dir)
+
+
 def main(argv=None) -> int:
-    return run_kernel_bench(BENCH, __doc__, CASES, lambda case: ("GB/s", gbps(case.nbytes, case.ours), gbps(case.nbytes, case.theirs)), check, baseline=BASELINE,
+    code = run_kernel_bench(BENCH, __doc__, CASES, lambda case: ("GB/s", gbps(case.nbytes, case.ours), gbps(case.nbytes, case.theirs)), check, baseline=BASELINE,
                             dtypes=["bfloat16", "float16", "float32"], argv=argv)
+    cuda_column(argv)
+    return code
 
 
 if __name__ == "__main__":

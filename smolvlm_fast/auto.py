@@ -62,23 +62,35 @@ def checkpoint_location(path, gguf_file=None) -> Path:
     return root
 
 
-def load_torch_model(location: Path, device, dtype: str | None):
-    """(model, generation config, tokenizer or None) on the torch backend."""
+def load_torch_model(location: Path, device, dtype: str | None, quantize: str | None = None,
+                     quantize_options: dict | None = None):
+    """(model, generation config, tokenizer or None) on the torch backend. quantize="int4" swaps the decoder's
+    Linear layers for Int4Linear after loading (GGUF Q4_0 / Q4_1 weights go in as they are); quantize_options
+    (vision, lm_head) extend it to the vision encoder and the output projection."""
     import torch
 
     from .model_torch import build_model
     from .weights.safetensors import iter_safetensors
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    options = quantize_options or {}
+    if location.suffix == ".gguf" and quantize == "int4":
+        from .int4_linear import load_gguf_int4
+        from .weights.gguf import load_gguf_tokenizer
+        model = load_gguf_int4(location, device, dtype, **options)
+        return model, {"eos_token_id": list(model.config.eos_token_ids)}, load_gguf_tokenizer(location)
     if location.suffix == ".gguf":
         from .weights.gguf import load_gguf
         checkpoint = load_gguf(location)
         config = ModelConfig.from_dict(checkpoint.config, source=str(location))
-        model = build_model(config, checkpoint.tensors.items(), str(location), device, getattr(torch, dtype))
+        model = build_model(config, checkpoint.tensors.items(), str(location), device, dtype)
         return model, _gguf_generation_config(checkpoint.config), checkpoint.tokenizer
     config = ModelConfig.from_file(location / "config.json")
-    model = build_model(config, iter_safetensors(location), str(location), device, getattr(torch, dtype))
+    model = build_model(config, iter_safetensors(location), str(location), device, dtype)
+    if quantize == "int4":
+        from .int4_linear import quantize_model
+        quantize_model(model, **options)
     return model, _read_generation_config(location), None
 
 
@@ -109,12 +121,18 @@ class SmolVLMForConditionalGeneration:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path=None, *, device=None, dtype=None, torch_dtype=None,
                         backend: str | None = None, gguf_file=None, quantize: str | None = None,
+                        quantize_vision: bool = False, quantize_lm_head: bool = False,
                         block_size: int = 16, **_ignored):
+        """quantize="int4": the decoder's linear layers in int4 (group 64, or 32 where 64 does not divide K; GGUF
+        Q4_0 / Q4_1 weights as they are). quantize_vision / quantize_lm_head (torch backend) add the vision encoder
+        with the connector, and the output projection."""
         backend = backend or ("torch" if torch_available() else "numpy")
         if backend not in ("torch", "numpy"):
             raise InputError(f"backend must be 'torch' or 'numpy', got {backend!r}")
         if quantize not in (None, "int4"):
             raise InputError(f"quantize must be None or 'int4', got {quantize!r}")
+        if (quantize_vision or quantize_lm_head) and (quantize is None or backend == "numpy"):
+            raise InputError("quantize_vision and quantize_lm_head need quantize='int4' and backend='torch'")
         location = checkpoint_location(pretrained_model_name_or_path, gguf_file)
         checkpoint_dtype = None
         if location.is_dir() and (location / "config.json").exists():
@@ -123,9 +141,9 @@ class SmolVLMForConditionalGeneration:
         dtype = dtype_name(dtype or torch_dtype, checkpoint_dtype)
         if backend == "numpy":
             return cls(*_with_backend(load_numpy_model(location, device, dtype, quantize), "numpy"), block_size=block_size)
-        if quantize is not None:
-            raise InputError("quantize='int4' runs on backend='numpy' for now (the GPU int4 kernels are not here yet)")
-        return cls(*_with_backend(load_torch_model(location, device, dtype), "torch"), block_size=block_size)
+        options = {"vision": quantize_vision, "lm_head": quantize_lm_head}
+        return cls(*_with_backend(load_torch_model(location, device, dtype, quantize, options), "torch"),
+                   block_size=block_size)
 
     # -- transformers conventions
     @property

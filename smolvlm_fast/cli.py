@@ -28,7 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", choices=("torch", "numpy"), default=None,
                      help="torch (CPU or CUDA) or numpy (no PyTorch needed); default: torch when installed")
     gen.add_argument("--quantize", choices=("int4",), default=None,
-                     help="quantize the decoder's weights to int4 at load (numpy backend)")
+                     help="the decoder's linear layers in int4 (quantized at load; GGUF Q4_0/Q4_1 kept as they are)")
+    gen.add_argument("--quantize-vision", action="store_true",
+                     help="with --quantize int4: the vision encoder and connector too (torch backend)")
+    gen.add_argument("--quantize-lm-head", action="store_true",
+                     help="with --quantize int4: the output projection too (torch backend)")
     gen.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s to stderr")
     return parser
 
@@ -71,7 +75,9 @@ def run_generate(args) -> int:
     from .auto import AutoModelForVision2Seq, AutoProcessor
 
     model = AutoModelForVision2Seq.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                                   backend=args.backend, quantize=args.quantize)
+                                                   backend=args.backend, quantize=args.quantize,
+                                                   quantize_vision=args.quantize_vision,
+                                                   quantize_lm_head=args.quantize_lm_head)
     processor = model.tokenizer if model.tokenizer is not None else AutoProcessor.from_pretrained(args.model)
     tokenizer = getattr(processor, "tokenizer", processor)
     streamer = TimedStreamer(tokenizer)  # the clock starts before the image and prompt processing

@@ -217,8 +217,9 @@ class SmolVLM(nn.Module):
         return self.text(self.embed(ids, image_features), ForwardBatch.from_metadata(meta, self.device), kv_caches)
 
     def compute_logits(self, hidden):
-        weight = self.text.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return hidden @ weight.T  # [n, vocab]
+        if self.lm_head is not None:
+            return self.lm_head(hidden)  # [n, vocab]; an nn.Linear, or an Int4Linear swapped in by quantization
+        return hidden @ self.text.embed_tokens.weight.T  # [n, vocab]
 
     def image_features_per_row(self, pixel_values, pixel_attention_mask=None) -> list:
         """pixel_values [B, n, C, H, W] (all-zero padding images allowed) -> per batch row, its image features

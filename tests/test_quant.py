@@ -72,6 +72,22 @@ def test_round_trip_within_half_a_step(K, group_size, symmetric):
     assert (err / step).mean() < 0.3
 
 
+@pytest.mark.parametrize("group_size", quant.GROUP_SIZES)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_each_element_gets_its_nearest_level(group_size, symmetric):
+    """Round to nearest: given the group's scale (and min), no other of the 16 levels is closer to the weight."""
+    N, K = 16, 384
+    w = weights(N, K)
+    q = quant.quantize_int4(w, group_size=group_size, symmetric=symmetric)
+    d = q.scales.astype(np.float32)[:, :, None, None]  # [N, groups, 1, 1]
+    base = -8 * d if symmetric else q.mins.astype(np.float32)[:, :, None, None]
+    levels = d * np.arange(16, dtype=np.float32) + base  # [N, groups, 1, 16]
+    g = w.reshape(N, K // group_size, group_size, 1)
+    closest = np.abs(g - levels).min(axis=-1).reshape(N, K)
+    err = np.abs(w - quant.dequantize_int4(q))
+    assert (err <= closest + 1e-6 * np.abs(w)).all()
+
+
 def test_constant_and_zero_groups():
     w = np.zeros((2, 64), np.float32)
     w[1] = 0.37
@@ -117,6 +133,20 @@ def test_int4_from_gguf_is_lossless(qtype, K):
     np.testing.assert_array_equal(quant.dequantize_int4(w), gguf_dequantize(raw, qtype))
     assert quant.int4_from_gguf(raw, int(qtype)).qweight.tobytes() == w.qweight.tobytes()
     assert quant.from_gguf(raw, qtype.name).scales.tobytes() == w.scales.tobytes()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
+def test_int4_from_gguf_random_blocks(qtype):
+    """Arbitrary blocks, not only what gguf's quantizer writes: random nibbles, scales and mins of either sign."""
+    N, nb = 24, 18  # K = 576
+    size = 18 if qtype == Q.Q4_0 else 20
+    blocks = RNG.integers(0, 256, (N, nb, size), dtype=np.uint8)
+    blocks[:, :, 0:2] = (RNG.standard_normal((N, nb)) * 0.05).astype(np.float16).view(np.uint8).reshape(N, nb, 2)
+    if qtype == Q.Q4_1:
+        blocks[:, :, 2:4] = (RNG.standard_normal((N, nb)) * 0.3).astype(np.float16).view(np.uint8).reshape(N, nb, 2)
+    raw = blocks.reshape(N, nb * size)
+    w = quant.int4_from_gguf(raw, qtype)
+    np.testing.assert_array_equal(quant.dequantize_int4(w), gguf_dequantize(raw, qtype))
 
 
 def test_q8_from_gguf_is_lossless():

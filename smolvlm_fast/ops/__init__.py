@@ -1,7 +1,8 @@
 """One function per op (shared/KERNELS.md); each picks an implementation for the tensors' device.
 
-On CUDA tensors the Triton kernel (smolvlm_fast.kernels) runs where one exists, elsewhere the PyTorch
-reference. `impl="reference"|"triton"` forces one for a call; `with ops.prefer("triton"):` forces one for a
+On CUDA tensors the CUDA kernel (csrc/cuda/, smolvlm_fast._C, through ops/cuda.py) runs where one exists and is
+built, else the Triton kernel (smolvlm_fast.kernels), else the PyTorch reference; elsewhere the reference.
+`impl="reference"|"triton"|"cuda"` forces one for a call; `with ops.prefer("triton"):` forces one for a
 block of code (the tests use it to run a whole model through the kernels in Triton's CPU interpreter).
 """
 from __future__ import annotations
@@ -12,11 +13,12 @@ import functools
 import importlib
 
 OPS = ("rms_norm", "layer_norm", "silu_and_mul", "gelu_tanh", "patch_embed", "dwsep_patch_embed", "rope_attention",
-       "write_kv_cache", "paged_attention", "cross_attention")
+       "write_kv_cache", "paged_attention", "cross_attention", "int4_gemm")
 # op -> the module of kernels/ that implements it in Triton
 TRITON_MODULES = {"rms_norm": "rms_norm", "layer_norm": "layer_norm", "silu_and_mul": "activations",
                   "gelu_tanh": "activations", "write_kv_cache": "write_kv_cache", "rope_attention": "rope_attention",
-                  "paged_attention": "paged_attention", "cross_attention": "cross_attention"}
+                  "paged_attention": "paged_attention", "cross_attention": "cross_attention",
+                  "int4_gemm": "int4_gemm", "patch_embed": "patch_embed", "dwsep_patch_embed": "patch_embed"}
 _preferred: contextvars.ContextVar[str | None] = contextvars.ContextVar("smolvlm_fast_ops_preferred", default=None)
 
 
@@ -32,6 +34,10 @@ def _impls() -> dict[str, dict[str, object]]:
         except ImportError:  # triton not installed, or the kernel not written yet
             continue
         table[name]["triton"] = kernel
+    from . import cuda
+    if cuda.available():  # smolvlm_fast._C is built
+        for name in cuda.OPS:
+            table[name]["cuda"] = getattr(cuda, name)
     return table
 
 
@@ -52,8 +58,9 @@ def prefer(impl: str | None):
 def _pick(name: str, impl: str | None, tensor):
     impls = _impls()[name]
     if impl is None:
-        wanted = _preferred.get() or ("triton" if tensor.is_cuda else "reference")
-        return impls.get(wanted, impls["reference"])
+        preferred = _preferred.get()
+        order = (preferred,) if preferred else ("cuda", "triton") if tensor.is_cuda else ()
+        return next((impls[i] for i in order if i in impls), impls["reference"])
     if impl not in impls:
         raise ValueError(f"ops.{name}: implementation {impl!r} is not available (have {list(impls)})")
     return impls[impl]
@@ -98,6 +105,11 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, impl=None, *
 
 def cross_attention(q, k, v, *, impl=None, **kwargs):
     return _pick("cross_attention", impl, q)(q, k, v, **kwargs)
+
+
+def int4_gemm(x, w, bias=None, *, impl=None):
+    """x [M, K] @ W.T (+ bias) with W an int4 weight (int4_linear.Int4Tensors) -> [M, N] in x's dtype."""
+    return _pick("int4_gemm", impl, x)(x, w, bias)
 
 
 def rope_table(rotary_dim: int, max_position: int, theta: float, device=None):

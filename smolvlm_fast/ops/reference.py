@@ -159,3 +159,24 @@ def cross_attention(q, k, v, *, kv_lens=None, scale=None):
         n = k.shape[1] if kv_lens is None else int(kv_lens[b])
         out[b] = _attend(q[b], k[b, :n], v[b, :n], None, scale) if n else 0  # no image tokens: no update
     return out
+
+
+# ---------------------------------------------------------------- int4 weights
+
+def dequantize_int4(w) -> torch.Tensor:
+    """An int4 weight (int4_linear.Int4Tensors; layout in smolvlm_fast/quant.py) as float32 [N, K]."""
+    N, K, G = w.N, w.K, w.group_size
+    blocks = w.qweight.reshape(N, K // 32, 1, 16)  # byte j of a block: element j low, element j + 16 high
+    q = torch.cat([blocks & 0x0F, blocks >> 4], dim=2).view(N, K // G, G).float()  # [N, groups, G]
+    d = w.scales.float()[..., None]
+    out = d * (q - 8) if w.symmetric else d * q + w.mins.float()[..., None]
+    return out.view(N, K)
+
+
+def int4_gemm(x, w, bias=None):
+    """x [M, K] @ dequantize_int4(w).T (+ bias) -> [M, N] in x's dtype, accumulated in fp32 (fp64 for fp64 x)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(acc) @ dequantize_int4(w).to(acc).T
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)

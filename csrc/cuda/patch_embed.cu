@@ -1,0 +1,313 @@
+// patch_embed and dwsep_patch_embed (contract: patch_embed.cuh).
+//
+// patch_embed is a GEMM, out[m, d] = sum_k A[m, k] W[d, k], with m = (b, n) a patch, k = (c, i, j) in the weight's
+// own [C, P, P] order and A[m, k] = pixels[b, c, ph P + i, pw P + j] read from the image itself (no unfolded copy).
+// Tiles: 64 patches x 64 output channels per thread block (4 warps in 2 x 2, each 32 x 32: 2 x 4 m16n8k16 MMAs per
+// 16 of K), K in steps of 32. A and W tiles go to shared memory K-contiguous with rows padded to 40 elements, so that
+// the MMA fragment reads (row g, 32-bit word t) of a warp fall in 32 different banks (row stride 20 words). Tiles are
+// loaded 16 bytes at a time when a pixel row of a patch is contiguous and 16-byte aligned (P % 8 == 0, e.g. 16),
+// else element by element; the next tile is read into registers while the current one is multiplied. The grid's x
+// runs over output-channel tiles, so the blocks that share a row of patches run together (L2 reuse).
+//
+// dwsep_patch_embed: 16 patches per block. Each warp computes depthwise outputs, one (patch, channel) at a time
+// (lanes over the P x P pixels, a shuffle sum), rounded to the pixels' dtype as the reference's depthwise conv output
+// is, into shared memory; then each thread computes output elements (patch, d) as the C-long dot with pw_weight's
+// row d plus the epilogue. The depthwise result never goes to global memory.
+#include "common.cuh"
+#include "patch_embed.cuh"
+
+namespace smolvlm_cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kBM = 64, kBN = 64, kBK = 32;
+constexpr int kRowElems = kBK + 8;  // padded shared-memory row (80 bytes)
+
+struct PatchArgs {
+  const void* pixels;
+  const void* weight;  // [D, K] (patch_embed) / dw_weight [C, P*P] (dwsep)
+  const void* pw_weight;  // dwsep: [D, C]
+  const void* dw_bias;    // dwsep
+  const void* bias;
+  const void* pos;
+  const void* ids;
+  void* out;
+  int M, D, K, C, n_patches, patches_w, P;
+  int64_t stride_pb, stride_pc, stride_ph, stride_pw, stride_pos, stride_ib, stride_in;
+  int bias_dtype, pos_dtype, out_dtype;
+  bool ids_int64;
+};
+
+// out[m, d] = acc + bias[d] + pos_embed[position_ids[m], d]
+__device__ __forceinline__ void epilogue(const PatchArgs& a, int m, int d, float acc) {
+  if (a.bias != nullptr) acc += load_float(a.bias, d, a.bias_dtype);
+  if (a.pos != nullptr) {
+    const int b = m / a.n_patches, n = m % a.n_patches;
+    const int64_t row = a.ids != nullptr ? load_index(a.ids, b * a.stride_ib + n * a.stride_in, a.ids_int64) : n;
+    acc += load_float(a.pos, row * a.stride_pos + d, a.pos_dtype);
+  }
+  store_float(a.out, (int64_t)m * a.D + d, acc, a.out_dtype);
+}
+
+// Offset of pixel (patch m, reduction index k) in the image.
+__device__ __forceinline__ int64_t pixel_offset(const PatchArgs& a, int m, int k) {
+  const int b = m / a.n_patches, n = m % a.n_patches;
+  const int ph = n / a.patches_w, pw = n % a.patches_w;
+  const int pp = a.P * a.P;
+  const int c = k / pp, i = (k % pp) / a.P, j = k % a.P;
+  return b * a.stride_pb + c * a.stride_pc + (int64_t)(ph * a.P + i) * a.stride_ph +
+         (int64_t)(pw * a.P + j) * a.stride_pw;
+}
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T e[VEC];
+};
+
+// The tiles' share of one thread: kPieces pieces of VEC consecutive k of A and of W.
+template <typename T, int VEC>
+struct Staged {
+  static constexpr int kPerRow = kBK / VEC;
+  static constexpr int kPieces = kBM * kBK / (kThreads * VEC);
+  Pack<T, VEC> a[kPieces], w[kPieces];
+
+  __device__ void load(const PatchArgs& pa, int m0, int n0, int k0) {
+#pragma unroll
+    for (int i = 0; i < kPieces; ++i) {
+      const int q = threadIdx.x + i * kThreads, row = q / kPerRow, k = k0 + (q % kPerRow) * VEC;
+      const int m = m0 + row, d = n0 + row;
+      // VEC > 1 only when a piece never crosses a patch row or K (P % VEC == 0, K % VEC == 0)
+      if constexpr (VEC > 1) {
+        a[i] = m < pa.M && k < pa.K ? *reinterpret_cast<const Pack<T, VEC>*>(static_cast<const T*>(pa.pixels) +
+                                                                             pixel_offset(pa, m, k))
+                                    : Pack<T, VEC>{};
+        w[i] = d < pa.D && k < pa.K
+                   ? *reinterpret_cast<const Pack<T, VEC>*>(static_cast<const T*>(pa.weight) + (int64_t)d * pa.K + k)
+                   : Pack<T, VEC>{};
+      } else {
+        const T zero = from_float<T>(0.0f);
+        a[i].e[0] = m < pa.M && k < pa.K ? static_cast<const T*>(pa.pixels)[pixel_offset(pa, m, k)] : zero;
+        w[i].e[0] = d < pa.D && k < pa.K ? static_cast<const T*>(pa.weight)[(int64_t)d * pa.K + k] : zero;
+      }
+    }
+  }
+  __device__ void store(T (*as)[kRowElems], T (*ws)[kRowElems]) const {
+#pragma unroll
+    for (int i = 0; i < kPieces; ++i) {
+      const int q = threadIdx.x + i * kThreads, row = q / kPerRow, kk = (q % kPerRow) * VEC;
+      *reinterpret_cast<Pack<T, VEC>*>(&as[row][kk]) = a[i];
+      *reinterpret_cast<Pack<T, VEC>*>(&ws[row][kk]) = w[i];
+    }
+  }
+};
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) patch_embed_kernel(const PatchArgs a) {
+  __shared__ __align__(16) T as[kBM][kRowElems];
+  __shared__ __align__(16) T ws[kBN][kRowElems];
+  const int n0 = blockIdx.x * kBN, m0 = blockIdx.y * kBM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int wm = warp / 2, wn = warp % 2;  // the warp's 32 x 32 quarter of the tile
+
+  float acc[2][4][4];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+
+  Staged<T, VEC> staged;
+  staged.load(a, m0, n0, 0);
+  for (int k0 = 0; k0 < a.K; k0 += kBK) {
+    __syncthreads();  // the previous tile's readers are done
+    staged.store(as, ws);
+    __syncthreads();
+    if (k0 + kBK < a.K) staged.load(a, m0, n0, k0 + kBK);  // in flight during the MMAs below
+#pragma unroll
+    for (int ks = 0; ks < kBK; ks += 16) {
+      uint32_t af[2][4], bf[4][2];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        const int r = wm * 32 + mi * 16 + g;
+        af[mi][0] = *reinterpret_cast<const uint32_t*>(&as[r][ks + 2 * t]);
+        af[mi][1] = *reinterpret_cast<const uint32_t*>(&as[r + 8][ks + 2 * t]);
+        af[mi][2] = *reinterpret_cast<const uint32_t*>(&as[r][ks + 2 * t + 8]);
+        af[mi][3] = *reinterpret_cast<const uint32_t*>(&as[r + 8][ks + 2 * t + 8]);
+      }
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+        const int n = wn * 32 + ni * 8 + g;
+        bf[ni][0] = *reinterpret_cast<const uint32_t*>(&ws[n][ks + 2 * t]);
+        bf[ni][1] = *reinterpret_cast<const uint32_t*>(&ws[n][ks + 2 * t + 8]);
+      }
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma_16x8x16<T>(acc[mi][ni], af[mi], bf[ni]);
+    }
+  }
+
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int m = m0 + wm * 32 + mi * 16 + g + (r >= 2 ? 8 : 0);
+        const int d = n0 + wn * 32 + ni * 8 + 2 * t + (r & 1);
+        if (m < a.M && d < a.D) epilogue(a, m, d, acc[mi][ni][r]);
+      }
+}
+
+constexpr int kDwsepPatches = 16;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dwsep_patch_embed_kernel(const PatchArgs a) {
+  extern __shared__ float dw_s[];  // [kDwsepPatches][C]
+  const int m0 = blockIdx.x * kDwsepPatches;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int pp = a.P * a.P;
+  const T* pixels = static_cast<const T*>(a.pixels);
+  const T* dw_w = static_cast<const T*>(a.weight);
+
+  for (int item = warp; item < kDwsepPatches * a.C; item += kThreads / 32) {  // one (patch, channel) per warp
+    const int p = item / a.C, c = item % a.C, m = m0 + p;
+    float s = 0.0f;
+    if (m < a.M) {
+      for (int idx = lane; idx < pp; idx += 32) {
+        const int k = c * pp + idx;
+        s += to_float(pixels[pixel_offset(a, m, k)]) * to_float(dw_w[k]);
+      }
+    }
+    s = warp_sum(s);
+    if (lane == 0) {
+      if (a.dw_bias != nullptr) s += load_float(a.dw_bias, c, a.bias_dtype);
+      dw_s[p * a.C + c] = m < a.M ? round_to<T>(s) : 0.0f;
+    }
+  }
+  __syncthreads();
+
+  const T* pw_w = static_cast<const T*>(a.pw_weight);
+  for (int idx = threadIdx.x; idx < kDwsepPatches * a.D; idx += kThreads) {
+    const int p = idx / a.D, d = idx % a.D, m = m0 + p;
+    if (m >= a.M) continue;
+    float acc = 0.0f;
+    for (int c = 0; c < a.C; ++c) acc += dw_s[p * a.C + c] * to_float(pw_w[(int64_t)d * a.C + c]);
+    epilogue(a, m, d, acc);
+  }
+}
+
+void check_common(const char* op, std::uintptr_t out, std::uintptr_t pixels, int64_t batch, int64_t channels,
+                  int64_t patches_h, int64_t patches_w, int64_t patch, int64_t dim, int dtype, int bias_dtype,
+                  int pos_dtype, int out_dtype) {
+  const std::string name(op);
+  check_arg(out && pixels, name + ": out and pixels are required");
+  check_dtype(dtype, op, "pixels");
+  check_dtype(bias_dtype, op, "bias");
+  check_dtype(pos_dtype, op, "pos_embed");
+  check_dtype(out_dtype, op, "out");
+  check_arg(batch >= 1 && channels >= 1 && patches_h >= 1 && patches_w >= 1 && patch >= 1 && dim >= 1,
+            name + ": sizes must be positive");
+  check_arg(batch * patches_h * patches_w < (int64_t{1} << 31) && dim < (int64_t{1} << 31) &&
+                channels * patch * patch < (int64_t{1} << 31),
+            name + ": sizes too large for 32-bit indices");
+}
+
+}  // namespace
+
+void patch_embed(std::uintptr_t out, std::uintptr_t pixels, std::uintptr_t weight, std::uintptr_t bias,
+                 std::uintptr_t pos_embed, std::uintptr_t position_ids, int64_t batch, int64_t channels,
+                 int64_t patches_h, int64_t patches_w, int64_t patch, int64_t dim, int64_t stride_pb,
+                 int64_t stride_pc, int64_t stride_ph, int64_t stride_pw, int64_t stride_pos, int64_t stride_ib,
+                 int64_t stride_in, bool ids_int64, int dtype, int bias_dtype, int pos_dtype, int out_dtype,
+                 int device, std::uintptr_t stream) {
+  check_common("patch_embed", out, pixels, batch, channels, patches_h, patches_w, patch, dim, dtype, bias_dtype,
+               pos_dtype, out_dtype);
+  check_arg(dtype == kFloat16 || dtype == kBFloat16, "patch_embed: the CUDA kernel takes fp16 or bf16 pixels");
+  check_arg(weight != 0, "patch_embed: weight is required");
+  const int64_t M = batch * patches_h * patches_w;
+  check_arg(cdiv(M, kBM) <= 65535, "patch_embed: too many patches for one grid");
+  const int64_t K = channels * patch * patch;
+  const bool vectorized = patch % 8 == 0 && stride_pw == 1 && stride_pb % 8 == 0 && stride_pc % 8 == 0 &&
+                          stride_ph % 8 == 0 && aligned16(pixels) && aligned16(weight);
+
+  PatchArgs a{};
+  a.pixels = reinterpret_cast<const void*>(pixels);
+  a.weight = reinterpret_cast<const void*>(weight);
+  a.bias = reinterpret_cast<const void*>(bias);
+  a.pos = reinterpret_cast<const void*>(pos_embed);
+  a.ids = reinterpret_cast<const void*>(position_ids);
+  a.out = reinterpret_cast<void*>(out);
+  a.M = static_cast<int>(M);
+  a.D = static_cast<int>(dim);
+  a.K = static_cast<int>(K);
+  a.C = static_cast<int>(channels);
+  a.n_patches = static_cast<int>(patches_h * patches_w);
+  a.patches_w = static_cast<int>(patches_w);
+  a.P = static_cast<int>(patch);
+  a.stride_pb = stride_pb, a.stride_pc = stride_pc, a.stride_ph = stride_ph, a.stride_pw = stride_pw;
+  a.stride_pos = stride_pos, a.stride_ib = stride_ib, a.stride_in = stride_in;
+  a.bias_dtype = bias_dtype, a.pos_dtype = pos_dtype, a.out_dtype = out_dtype;
+  a.ids_int64 = ids_int64;
+
+  DeviceGuard guard(device);
+  const dim3 grid(static_cast<unsigned>(cdiv(dim, kBN)), static_cast<unsigned>(cdiv(M, kBM)));
+  cudaStream_t s = as_stream(stream);
+  if (dtype == kFloat16) {
+    if (vectorized) patch_embed_kernel<__half, 8><<<grid, kThreads, 0, s>>>(a);
+    else patch_embed_kernel<__half, 1><<<grid, kThreads, 0, s>>>(a);
+  } else {
+    if (vectorized) patch_embed_kernel<__nv_bfloat16, 8><<<grid, kThreads, 0, s>>>(a);
+    else patch_embed_kernel<__nv_bfloat16, 1><<<grid, kThreads, 0, s>>>(a);
+  }
+  check_launch("patch_embed_kernel");
+}
+
+void dwsep_patch_embed(std::uintptr_t out, std::uintptr_t pixels, std::uintptr_t dw_weight, std::uintptr_t dw_bias,
+                       std::uintptr_t pw_weight, std::uintptr_t pw_bias, std::uintptr_t pos_embed,
+                       std::uintptr_t position_ids, int64_t batch, int64_t channels, int64_t patches_h,
+                       int64_t patches_w, int64_t patch, int64_t dim, int64_t stride_pb, int64_t stride_pc,
+                       int64_t stride_ph, int64_t stride_pw, int64_t stride_pos, int64_t stride_ib, int64_t stride_in,
+                       bool ids_int64, int dtype, int bias_dtype, int pos_dtype, int out_dtype, int device,
+                       std::uintptr_t stream) {
+  check_common("dwsep_patch_embed", out, pixels, batch, channels, patches_h, patches_w, patch, dim, dtype, bias_dtype,
+               pos_dtype, out_dtype);
+  check_arg(dw_weight != 0 && pw_weight != 0, "dwsep_patch_embed: dw_weight and pw_weight are required");
+  check_arg(channels <= kDwsepMaxChannels, "dwsep_patch_embed: the CUDA kernel takes at most 512 channels");
+  const int64_t M = batch * patches_h * patches_w;
+
+  PatchArgs a{};
+  a.pixels = reinterpret_cast<const void*>(pixels);
+  a.weight = reinterpret_cast<const void*>(dw_weight);
+  a.pw_weight = reinterpret_cast<const void*>(pw_weight);
+  a.dw_bias = reinterpret_cast<const void*>(dw_bias);
+  a.bias = reinterpret_cast<const void*>(pw_bias);
+  a.pos = reinterpret_cast<const void*>(pos_embed);
+  a.ids = reinterpret_cast<const void*>(position_ids);
+  a.out = reinterpret_cast<void*>(out);
+  a.M = static_cast<int>(M);
+  a.D = static_cast<int>(dim);
+  a.K = static_cast<int>(channels * patch * patch);
+  a.C = static_cast<int>(channels);
+  a.n_patches = static_cast<int>(patches_h * patches_w);
+  a.patches_w = static_cast<int>(patches_w);
+  a.P = static_cast<int>(patch);
+  a.stride_pb = stride_pb, a.stride_pc = stride_pc, a.stride_ph = stride_ph, a.stride_pw = stride_pw;
+  a.stride_pos = stride_pos, a.stride_ib = stride_ib, a.stride_in = stride_in;
+  a.bias_dtype = bias_dtype, a.pos_dtype = pos_dtype, a.out_dtype = out_dtype;
+  a.ids_int64 = ids_int64;
+
+  DeviceGuard guard(device);
+  const dim3 grid(static_cast<unsigned>(cdiv(M, kDwsepPatches)));
+  const size_t shared = sizeof(float) * kDwsepPatches * channels;  // <= 32 KB: under the default 48 KB limit
+  cudaStream_t s = as_stream(stream);
+  switch (dtype) {
+    case kFloat32: dwsep_patch_embed_kernel<float><<<grid, kThreads, shared, s>>>(a); break;
+    case kFloat16: dwsep_patch_embed_kernel<__half><<<grid, kThreads, shared, s>>>(a); break;
+    default: dwsep_patch_embed_kernel<__nv_bfloat16><<<grid, kThreads, shared, s>>>(a); break;
+  }
+  check_launch("dwsep_patch_embed_kernel");
+}
+
+}  // namespace smolvlm_cuda

@@ -1,0 +1,117 @@
+"""`python -m smolvlm_fast.env`: what this install runs on, for bug reports and for checking a source build.
+
+Prints the versions (smolvlm_fast, Python, NumPy, PyTorch, Triton, CUDA), the GPU, whether the C++ extensions are
+built (smolvlm_fast._cpu with its SIMD level, smolvlm_fast._C with its GPU architectures), and for each op which
+implementation a CUDA tensor would get (ops/__init__.py: CUDA kernel, else Triton, else the PyTorch reference).
+Works without PyTorch (it says so) and without a GPU.
+"""
+from __future__ import annotations
+
+import importlib
+import platform
+import shutil
+import subprocess
+import sys
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except ImportError:
+        return "not installed"
+    except Exception as exc:  # installed but broken (say, triton without a working driver)
+        return f"installed, but import fails: {type(exc).__name__}: {exc}"
+
+
+def _nvcc_version() -> str | None:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    release = [line for line in out.splitlines() if "release" in line]
+    return release[0].split("release", 1)[1].split(",")[0].strip() if release else None
+
+
+def _cuda_version(code: int) -> str:
+    return f"{code // 1000}.{code % 1000 // 10}" if code > 0 else "none"
+
+
+def _extensions() -> tuple[list[str], object]:
+    lines = []
+    try:
+        from . import _cpu
+        lines.append(f"smolvlm_fast._cpu     built (simd: {getattr(_cpu, 'simd', '?')})")
+    except ImportError as exc:  # not built, or built for another CPU (its message says which)
+        why = str(exc) if "built for" in str(exc) else "the NumPy fallback runs"
+        lines.append(f"smolvlm_fast._cpu     not usable ({why})")
+    try:
+        from . import _C
+    except ImportError:
+        _C = None
+        lines.append("smolvlm_fast._C       not built (the Triton kernels run; see the README: Building from source on "
+                     "a CUDA machine)")
+    if _C is not None:
+        lines.append(f"smolvlm_fast._C       built (archs: {_C.archs or '?'}, CUDA runtime "
+                     f"{_cuda_version(_C.cuda_runtime_version())}, driver supports CUDA "
+                     f"{_cuda_version(_C.cuda_driver_version())})")
+    return lines, _C
+
+
+def _gpu_lines(torch, _C) -> list[str]:
+    if torch is not None and torch.cuda.is_available():
+        lines = []
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"GPU {i}                 {p.name} (compute capability {p.major}.{p.minor}, "
+                         f"{p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB)")
+        return lines
+    if _C is not None and _C.device_count() > 0:
+        return [f"GPU {i}                 compute capability {_C.compute_capability(i)} (PyTorch does not see it)"
+                for i in range(_C.device_count())]
+    return ["GPU                   none visible"]
+
+
+def _op_lines() -> list[str]:
+    from . import ops
+
+    lines = ["ops on a CUDA tensor (default implementation; available ones in brackets):"]
+    for name in ops.OPS:
+        have = ops.available(name)
+        chosen = next((impl for impl in ("cuda", "triton") if impl in have), "reference")
+        lines.append(f"  {name:<20} {chosen:<10} [{', '.join(have)}]")
+    return lines
+
+
+def report() -> list[str]:
+    from . import __version__
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    lines = [f"smolvlm_fast          {__version__}",
+             f"python                {platform.python_version()} ({sys.executable})",
+             f"numpy                 {_version('numpy')}"]
+    if torch is None:
+        lines.append("torch                 not installed (the NumPy backend runs; no GPU path)")
+    else:
+        lines.append(f"torch                 {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    lines.append(f"triton                {_version('triton')}")
+    lines.append(f"nvcc                  {_nvcc_version() or 'not found'}")
+    ext_lines, _C = _extensions()
+    lines += _gpu_lines(torch, _C)
+    lines += ext_lines
+    if torch is not None:
+        lines += _op_lines()
+    return lines
+
+
+def main() -> None:
+    print("\n".join(report()))
+
+
+if __name__ == "__main__":
+    main()
