@@ -1,21 +1,40 @@
-"""The one generation loop: prefill, then batched decode over the paged KV cache, with sampling, stop
-conditions and streaming. transformers-style `generate()`, the CLI and (later) the server all use it.
+"""The one generation loop: continuous batching over the paged KV cache, with sampling, stop conditions and streaming.
+transformers-style `generate()`, the CLI, `LLM` and (later) the server all use it.
+
+An `Engine` step is three calls, as in nano-vllm: the scheduler picks each running sequence's next tokens (decodes
+first, then chunks of prompts, within a token budget; it preempts when blocks run out), the model runs them packed
+in one forward, and the sequences that reached their end sample a token and check their stop conditions.
 
 It drives either backend's model (model_torch.SmolVLM or model_numpy.NumpyModel) through the same five
-members: config, allocate_kv_cache, forward(ids, StepMetadata, kv_caches, image_features), compute_logits.
-No torch here: the PyTorch-free path runs this loop too.
+members: config, allocate_kv_cache, forward(ids, StepMetadata, kv_caches, image_features), compute_logits,
+image_features_per_row. No torch here: the PyTorch-free path runs this loop too.
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
+import os
+from bisect import bisect_left
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .cache import PagedCache, schedule_step
+from .cache import FeatureCache, PagedCache, block_digest, schedule_step
 from .config import SamplingParams
 from .errors import InputError, check_image_tokens
 from .sampling import select_token
+from .scheduler import Scheduler, SchedulerConfig
+
+
+@dataclass
+class ImageInput:
+    """One image of a prompt: its frames (the tiles and the global image, as the processor cuts it) or its features,
+    and a content hash that names it for prefix caching."""
+    pixel_values: object | None = None          # [n_frames, C, H, W]
+    pixel_attention_mask: object | None = None  # [n_frames, H, W] (None: every pixel is real)
+    features: object | None = None              # [n_tokens, D] through the connector, in the backend's array type
+    content_hash: bytes | None = None           # None: hashed from pixel_values (features alone: never shared)
 
 
 @dataclass
@@ -24,33 +43,159 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     image_features: object | None = None  # [n_image_tokens, D] in the backend's array type, through the connector
     on_token: Callable[[int], None] | None = None
+    images: list[ImageInput] = field(default_factory=list)  # instead of image_features: per image, cacheable
+    request_id: str | None = None
 
 
 @dataclass
+class ImageSpan:
+    """Where one image's features go: its tokens are the prompt's <image> tokens start..end-1 (counted in order)."""
+    image: ImageInput
+    digest: bytes
+    start: int
+    end: int
+
+
+@dataclass(eq=False)  # compared by identity: the scheduler's queues hold them
 class Sequence:
     request: Request
     output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" or "length"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     rng: np.random.Generator | None = None
     text: str = ""  # decoded output, kept only when stop strings are watched
+    seq_id: int = -1
+    token_ids: list[int] = field(default_factory=list)  # prompt + output
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
+    digests: list[bytes] = field(default_factory=list)  # of the full blocks so far
+    images: list[ImageSpan] = field(default_factory=list)
+    image_positions: list[int] = field(default_factory=list)  # prompt positions of the <image> tokens, in order
+    image_token_id: int | None = None
+    features: dict[int, object] = field(default_factory=dict)  # image index -> features, held while prefilling
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def append_token(self, token: int) -> None:
+        self.output_ids.append(token)
+        self.token_ids.append(token)
+
+    def block_digests(self, num_blocks: int, block_size: int) -> list[bytes]:
+        """The digests of the first num_blocks (full) blocks, computed once each."""
+        for b in range(len(self.digests), num_blocks):
+            start, end = b * block_size, (b + 1) * block_size
+            parent = self.digests[-1] if self.digests else b""
+            self.digests.append(block_digest(parent, self.token_ids[start:end], self.images_in(start, end)))
+        return self.digests[:num_blocks]
+
+    def image_range(self, start: int, end: int) -> tuple[int, int]:
+        """[f0, f1): the <image> tokens (counted in order) at prompt positions start..end-1."""
+        return bisect_left(self.image_positions, start), bisect_left(self.image_positions, end)
+
+    def images_in(self, start: int, end: int) -> tuple[tuple[bytes, int], ...]:
+        """(content hash, offset into the image) of each image with tokens at positions start..end-1."""
+        f0, f1 = self.image_range(start, end)
+        return tuple((s.digest, max(f0, s.start) - s.start) for s in self.images if s.start < f1 and s.end > f0)
+
+    def image_safe_end(self, start: int, end: int, kind: str | None) -> tuple[int, str | None]:
+        """Cut the chunk start..end-1 so that a step feeds either image features ("real" <image> tokens of the
+        prompt) or <image> ids the model generated itself ("literal": embedded as tokens), never both: the model
+        replaces every <image> id of a step that has features. Returns (new end, the step's kind)."""
+        if self.image_token_id is None:
+            return end, kind
+        f0, f1 = self.image_range(start, end)
+        first_real = self.image_positions[f0] if f1 > f0 else None
+        first_literal = next((p for p in range(max(start, self.num_prompt_tokens), end)
+                              if self.token_ids[p] == self.image_token_id), None)
+        if kind is None:  # the prompt's real ones come before any literal one
+            kind = "real" if first_real is not None else "literal" if first_literal is not None else None
+        cut = first_literal if kind == "real" else first_real if kind == "literal" else None
+        return (end if cut is None else cut), kind
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0           # of the requests admitted
+    cached_prompt_tokens: int = 0    # of those, found in the prefix cache when first scheduled
+    prefill_tokens: int = 0          # run through the model in prompt chunks (after a preemption: prompt + output)
+    decode_tokens: int = 0
+    images_encoded: int = 0          # vision encoder runs, one per image
+    feature_cache_hits: int = 0      # images whose features came from the LRU instead
+    preemptions: int = 0
+    evictions: int = 0               # cached blocks reused for other tokens
+
 
 def check_requests(model, requests: list[Request]) -> None:
     """Every request fits the context, and its <image> tokens match its image features."""
-    limit = model.config.text.max_position_embeddings
     for i, r in enumerate(requests):
-        if not r.prompt_ids:
-            raise InputError(f"request {i}: the prompt is empty")
-        if len(r.prompt_ids) + max(r.params.max_new_tokens, 1) > limit:
-            raise InputError(f"request {i}: prompt of {len(r.prompt_ids)} tokens + max_new_tokens "
-                             f"{r.params.max_new_tokens} exceeds the model's context of {limit} tokens")
-        if model.config.is_vlm:
-            n_features = 0 if r.image_features is None else r.image_features.shape[0]
-            check_image_tokens(r.prompt_ids.count(model.config.image_token_id), n_features)
+        try:
+            check_request(model, r)
+        except InputError as e:
+            raise InputError(f"request {i}: {e}") from None
+
+
+def check_request(model, r: Request, capacity: int | None = None) -> None:
+    """One request at the border: a prompt in the vocabulary, room in the context (and in a cache of `capacity`
+    tokens), images only for a VLM and as many <image> tokens as its images give features."""
+    config = model.config
+    limit = config.text.max_position_embeddings
+    if not r.prompt_ids:
+        raise InputError("the prompt is empty")
+    if min(r.prompt_ids) < 0 or max(r.prompt_ids) >= config.text.vocab_size:
+        raise InputError(f"prompt token ids must be in [0, {config.text.vocab_size}), got values in "
+                         f"[{min(r.prompt_ids)}, {max(r.prompt_ids)}]")
+    needed = len(r.prompt_ids) + max(r.params.max_new_tokens, 1)
+    if needed > limit:
+        raise InputError(f"prompt of {len(r.prompt_ids)} tokens + max_new_tokens "
+                         f"{r.params.max_new_tokens} exceeds the model's context of {limit} tokens")
+    if capacity is not None and needed > capacity:
+        raise InputError(f"prompt of {len(r.prompt_ids)} tokens + max_new_tokens {r.params.max_new_tokens} "
+                         f"needs more than the whole KV cache ({capacity} tokens): raise num_blocks")
+    if (r.images or r.image_features is not None) and not config.is_vlm:
+        raise InputError("this is a text-only model; it cannot take images (use a SmolVLM checkpoint)")
+    if config.is_vlm:
+        n_features = sum(image_token_count(config, im) for im in request_images(r))
+        check_image_tokens(r.prompt_ids.count(config.image_token_id), n_features)
+
+
+def request_images(r: Request) -> list[ImageInput]:
+    if r.images and r.image_features is not None:
+        raise InputError("pass a request's images either as images or as image_features, not both")
+    return list(r.images) if r.image_features is None else [ImageInput(features=r.image_features)]
+
+
+def image_token_count(config, image: ImageInput) -> int:
+    """The <image> tokens one image fills: its feature rows, or image_seq_len per frame."""
+    if image.features is not None:
+        return int(image.features.shape[0])
+    shape = getattr(image.pixel_values, "shape", None)
+    if shape is None or len(shape) != 4:
+        raise InputError(f"an image's pixel_values must be [frames, channels, height, width], got shape {shape}")
+    mask = image.pixel_attention_mask
+    if mask is not None and tuple(mask.shape) != (shape[0], shape[2], shape[3]):
+        raise InputError(f"pixel_attention_mask {tuple(mask.shape)} does not match pixel_values {tuple(shape)}")
+    return int(shape[0]) * config.image_seq_len
+
+
+def image_hash(image: ImageInput) -> bytes:
+    """The image's content hash: given, or of its pixels; features alone get a random one (shared with nobody)."""
+    if image.content_hash is not None:
+        return image.content_hash
+    if image.pixel_values is None:
+        return os.urandom(32)
+    pixels = np.ascontiguousarray(to_numpy(image.pixel_values))
+    return hashlib.blake2b(pixels.tobytes() + str(pixels.shape).encode(), digest_size=32).digest()
 
 
 def concat_features(features: list):
@@ -72,7 +217,8 @@ def to_numpy(x) -> np.ndarray:
 
 
 def prefill(model, cache: PagedCache, kv_caches, requests: list[Request], seq_ids: list[int]):
-    """Run every prompt through the model at once. Returns the hidden states [T, D] and the step metadata."""
+    """Run every prompt through the model at once. Returns the hidden states [T, D] and the step metadata.
+    (One forward over whole prompts, for logits at every position; generation goes through Engine.)"""
     meta = schedule_step(cache, {s: len(r.prompt_ids) for s, r in zip(seq_ids, requests)})
     ids = np.array([t for r in requests for t in r.prompt_ids], dtype=np.int64)
     return model.forward(ids, meta, kv_caches, concat_features([r.image_features for r in requests])), meta
@@ -83,46 +229,176 @@ def new_cache(model, token_counts: list[int], block_size: int):
     return cache, model.allocate_kv_cache(cache.allocator.num_blocks, block_size)
 
 
+class Engine:
+    """Continuous batching over one model: requests join and leave the running batch at every step."""
+
+    def __init__(self, model, *, num_blocks: int, block_size: int = 16, max_num_batched_tokens: int = 512,
+                 max_num_seqs: int = 64, enable_prefix_caching: bool = True, feature_cache_bytes: int = 256 << 20,
+                 decode: Callable[[list[int]], str] | None = None):
+        self.model, self.decode = model, decode
+        self.cache = PagedCache(num_blocks, block_size, enable_prefix_caching)
+        self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
+        self.scheduler = Scheduler(self.cache, SchedulerConfig(max_num_batched_tokens, max_num_seqs))
+        self.features = FeatureCache(feature_cache_bytes)
+        self._counts = EngineStats()
+        self._ids = itertools.count()
+        self._last_step: list[Sequence] | None = []
+
+    @property
+    def stats(self) -> EngineStats:
+        return replace(self._counts, preemptions=self.scheduler.num_preemptions,
+                       cached_prompt_tokens=self.scheduler.cached_prompt_tokens,
+                       evictions=self.cache.allocator.evictions)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- requests
+    def add_request(self, request: Request) -> Sequence:
+        """Check a request (InputError when it can never run) and queue it."""
+        check_request(self.model, request, self.cache.capacity)
+        seq = self._new_sequence(request)
+        if request.params.max_new_tokens == 0:
+            seq.finish_reason = "length"
+            return seq
+        self._counts.prompt_tokens += seq.num_prompt_tokens
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq: Sequence, reason: str = "abort", error: str | None = None) -> None:
+        """Stop a sequence now; its blocks go back to the cache."""
+        if not seq.finished:
+            seq.finish_reason, seq.error = reason, error
+        self._release(seq)
+
+    def fail_last_step(self, error: str) -> list[Sequence]:
+        """After a step raised: end the sequences it ran with the error, so that the others go on (all of them
+        when it failed before it had picked any: the scheduler itself)."""
+        picked = self._last_step if self._last_step is not None else [*self.scheduler.running, *self.scheduler.waiting]
+        failed = [s for s in picked if not s.finished]
+        for seq in failed:
+            self.abort(seq, "error", error)
+        return failed
+
+    def reset_prefix_cache(self) -> None:
+        self.cache.allocator.reset()
+        self.features.clear()
+
+    def _new_sequence(self, request: Request) -> Sequence:
+        config = self.model.config
+        seq = Sequence(request, rng=_rng(request.params.seed), seq_id=next(self._ids),
+                       token_ids=list(request.prompt_ids), image_token_id=config.image_token_id)
+        if config.is_vlm:
+            seq.image_positions = [p for p, t in enumerate(request.prompt_ids) if t == config.image_token_id]
+            start = 0
+            for image in request_images(request):
+                n = image_token_count(config, image)
+                seq.images.append(ImageSpan(image, image_hash(image), start, start + n))
+                start += n
+        return seq
+
+    # -- one step
+    def step(self) -> list[Sequence]:
+        """Run one batch; returns the sequences that got a token or finished in it."""
+        self._last_step = None
+        batch = self.scheduler.schedule()
+        self._last_step = batch.seqs
+        if not batch.seqs:
+            return []
+        self._counts.steps += 1
+        ids, features = self._inputs(batch.seqs, batch.num_tokens)
+        hidden = self.model.forward(ids, batch.meta, self.kv_caches, features)
+        done = [self._computed(seq, n) for seq, n in zip(batch.seqs, batch.num_tokens)]
+        rows = [batch.meta.last_token_indices[i] for i, d in enumerate(done) if d]
+        sampling = [seq for seq, d in zip(batch.seqs, done) if d]
+        if sampling:
+            self._accept(sampling, to_numpy(self.model.compute_logits(hidden[rows])))
+        for seq in sampling:
+            if seq.finished:
+                self._release(seq)
+        return sampling
+
+    def _inputs(self, seqs: list[Sequence], counts: list[int]):
+        """The step's packed token ids [T] and the features of its <image> tokens, in order (or None)."""
+        spans = [(seq, seq.num_computed, seq.num_computed + n) for seq, n in zip(seqs, counts)]
+        ids = np.array([t for seq, start, end in spans for t in seq.token_ids[start:end]], dtype=np.int64)
+        return ids, concat_features([f for span in spans for f in self._features_for(*span)])
+
+    def _features_for(self, seq: Sequence, start: int, end: int) -> list:
+        """The features of the <image> tokens at positions start..end-1, sliced where a chunk splits an image."""
+        f0, f1 = seq.image_range(start, end)
+        return [self._image_features(seq, i)[max(f0, s.start) - s.start:min(f1, s.end) - s.start]
+                for i, s in enumerate(seq.images) if s.start < f1 and s.end > f0]
+
+    def _image_features(self, seq: Sequence, index: int):
+        """An image's features: held by the sequence, from the LRU, or from the vision encoder (then cached)."""
+        if index in seq.features:
+            return seq.features[index]
+        span = seq.images[index]
+        features = span.image.features if span.image.features is not None else self.features.get(span.digest)
+        if features is not None:
+            self._counts.feature_cache_hits += span.image.features is None
+        else:
+            image = span.image
+            mask = None if image.pixel_attention_mask is None else image.pixel_attention_mask[None]
+            features = self.model.image_features_per_row(image.pixel_values[None], mask)[0]
+            self._counts.images_encoded += 1
+            self.features.put(span.digest, features)
+        seq.features[index] = features
+        return features
+
+    def _computed(self, seq: Sequence, n: int) -> bool:
+        """Book n more tokens of seq as cached (naming its newly full blocks); True when it is to sample."""
+        decoding = seq.num_computed == seq.num_tokens - 1 and seq.num_computed >= seq.num_prompt_tokens
+        if decoding:
+            self._counts.decode_tokens += n
+        else:
+            self._counts.prefill_tokens += n
+        seq.num_computed += n
+        full = seq.num_computed // self.cache.block_size
+        self.cache.name_blocks(seq.seq_id, seq.block_digests(full, self.cache.block_size))
+        if seq.image_positions and seq.num_computed > seq.image_positions[-1]:
+            seq.features.clear()  # every image token is in the cache: the features are not needed any more
+        return seq.num_computed == seq.num_tokens
+
+    def _accept(self, seqs: list[Sequence], logits: np.ndarray) -> None:
+        """Pick each sequence's next token from its logits row, then check its stop conditions."""
+        for row, seq in enumerate(seqs):
+            params = seq.request.params
+            token = select_token(logits[row], params, seq.token_ids, seq.rng)
+            seq.append_token(token)
+            if seq.request.on_token:
+                seq.request.on_token(token)
+            if token in params.stop_token_ids or _hit_stop_string(seq, self.decode):
+                seq.finish_reason = "stop"
+            elif len(seq.output_ids) >= params.max_new_tokens:
+                seq.finish_reason = "length"
+
+    def _release(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        self.cache.free(seq.seq_id)
+        seq.features.clear()
+
+
 def generate(model, requests: list[Request], *, decode: Callable[[list[int]], str] | None = None,
              block_size: int = 16) -> list[Sequence]:
-    """Generate for every request together; sequences of different lengths decode in one batch."""
+    """Generate for every request together; sequences of different lengths decode in one batch.
+
+    A cache with room for every request and a token budget of all the prompts: one prefill step, then decode
+    steps, no preemption (the transformers-style generate() promises the whole batch at once)."""
     check_requests(model, requests)
-    seqs = [Sequence(r, rng=_rng(r.params.seed)) for r in requests]
-    cache, kv_caches = new_cache(model, [len(r.prompt_ids) + r.params.max_new_tokens for r in requests], block_size)
-    hidden, meta = prefill(model, cache, kv_caches, requests, list(range(len(requests))))
-    logits = to_numpy(model.compute_logits(hidden[meta.last_token_indices]))
-    active = [i for i, s in enumerate(seqs) if not _stop_before_start(s)]
-    _accept(seqs, active, logits, decode)
-    while active := [i for i in active if not seqs[i].finished]:
-        meta = schedule_step(cache, {i: 1 for i in active})
-        ids = np.array([seqs[i].output_ids[-1] for i in active], dtype=np.int64)
-        logits = to_numpy(model.compute_logits(model.forward(ids, meta, kv_caches, None)))
-        _accept(seqs, active, logits, decode)
+    blocks = sum(-(-(len(r.prompt_ids) + r.params.max_new_tokens) // block_size) for r in requests)
+    engine = Engine(model, num_blocks=max(blocks, 1), block_size=block_size,
+                    max_num_batched_tokens=max(sum(len(r.prompt_ids) for r in requests), 1),
+                    max_num_seqs=max(len(requests), 1), enable_prefix_caching=False, decode=decode)
+    seqs = [engine.add_request(r) for r in requests]
+    while engine.has_unfinished():
+        engine.step()
     return seqs
 
 
 def _rng(seed):
     return None if seed is None else np.random.default_rng(seed)
-
-
-def _stop_before_start(seq: Sequence) -> bool:
-    if seq.request.params.max_new_tokens == 0:
-        seq.finish_reason = "length"
-    return seq.finished
-
-
-def _accept(seqs, active, logits, decode):
-    """Pick each active sequence's next token from its logits row, then check its stop conditions."""
-    for row, i in enumerate(active):
-        seq, params = seqs[i], seqs[i].request.params
-        token = select_token(logits[row], params, seq.request.prompt_ids + seq.output_ids, seq.rng)
-        seq.output_ids.append(token)
-        if seq.request.on_token:
-            seq.request.on_token(token)
-        if token in params.stop_token_ids or _hit_stop_string(seq, decode):
-            seq.finish_reason = "stop"
-        elif len(seq.output_ids) >= params.max_new_tokens:
-            seq.finish_reason = "length"
 
 
 def _hit_stop_string(seq: Sequence, decode) -> bool:

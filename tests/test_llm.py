@@ -1,0 +1,150 @@
+"""The vLLM-style API: LLM(...).generate(prompts, SamplingParams) in order, every prompt form, stop strings, seeded
+sampling independent of the batch, bad requests failing alone, and the asyncio streaming API with aborts."""
+import asyncio
+from contextlib import aclosing
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from smolvlm_fast import AutoModelForVision2Seq, AutoProcessor, InputError, SamplingParams
+from smolvlm_fast.engine import Request
+from smolvlm_fast.llm import LLM, RequestOutput
+
+GREEDY = SamplingParams(max_new_tokens=6)
+
+
+def picture(seed: int, size=(60, 90)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def chat(question: str, *images):
+    content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": question}]
+    return [{"role": "user", "content": content}]
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_idefics3):
+    return LLM(tiny_idefics3, backend="numpy", max_num_batched_tokens=64, ignore_eos=True)
+
+
+def test_every_prompt_form_in_order(vlm):
+    image = picture(0)
+    ids = vlm.tokenizer.encode("The quick brown fox")
+    prompts = ["Once upon a time", ids, chat("What is in the picture?", image),
+               {"prompt": "User:<image>What is this?", "images": [image]}, {"prompt_token_ids": ids},
+               Request(ids, SamplingParams(max_new_tokens=3))]
+    outputs = vlm.generate(prompts, GREEDY)
+    assert all(isinstance(o, RequestOutput) and o.finished and o.error is None for o in outputs)
+    assert len({o.request_id for o in outputs}) == len(prompts)
+    assert outputs[1].prompt_token_ids == ids and outputs[1].token_ids == outputs[4].token_ids
+    assert [len(o.token_ids) for o in outputs] == [6] * 5 + [6]  # the SamplingParams given replace the Request's
+    image_token = vlm.model.config.image_token_id
+    assert outputs[2].prompt_token_ids.count(image_token) == 7 * 16  # 90x60: 2 x 3 tiles + the whole, 16 tokens each
+    for prompt, o in zip(prompts, outputs):
+        assert o.text == vlm.tokenizer.decode(o.token_ids, skip_special_tokens=True)
+        assert o.token_ids == vlm.generate(prompt, GREEDY)[0].token_ids  # alone, the same
+
+
+def test_chat_with_images_matches_the_transformers_style_model(tiny_idefics3, vlm):
+    conversation = chat("Compare the two pictures.", picture(1), picture(2, size=(120, 40)))
+    processor = AutoProcessor.from_pretrained(tiny_idefics3)
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="np")
+    model = AutoModelForVision2Seq.from_pretrained(tiny_idefics3, backend="numpy")
+    expected = model.generate(**inputs, max_new_tokens=6, eos_token_id=[])[0]
+    out = vlm.generate(conversation, GREEDY)[0]
+    assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
+    assert out.token_ids == expected[len(out.prompt_token_ids):].tolist()
+
+
+def test_stop_strings_cut_the_text_and_eos_stops(tiny_llama):
+    llm = LLM(tiny_llama, backend="numpy")
+    free = llm.generate("Tell me a story.", SamplingParams(max_new_tokens=12, stop_token_ids=()))[0]
+    stop = free.text[len(free.text) // 2:][:3]
+    if not stop.strip():
+        pytest.skip("the random model's text has no usable stop string")
+    cut = llm.generate("Tell me a story.", SamplingParams(max_new_tokens=12, stop_strings=(stop,)))[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and free.text.startswith(cut.text)
+    eos = llm.eos_token_ids[0]
+    assert eos in llm.make_request("hi", GREEDY).params.stop_token_ids
+    assert LLM(tiny_llama, backend="numpy", ignore_eos=True).make_request("hi", GREEDY).params.stop_token_ids == ()
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(vlm):
+    sampled = SamplingParams(max_new_tokens=10, do_sample=True, temperature=0.9, top_k=40, top_p=0.95,
+                             repetition_penalty=1.1, seed=11)
+    prompt = chat("Tell me a story.", picture(3))
+    alone = vlm.generate(prompt, sampled)[0].token_ids
+    others = ["The sky is blue", chat("What is in the picture?", picture(4)), "Numbers like 2024"]
+    batch = vlm.generate(others[:2] + [prompt] + others[2:], [GREEDY, sampled, sampled, GREEDY])
+    assert batch[2].token_ids == alone
+    other_seed = SamplingParams(**{**sampled.__dict__, "seed": 12})
+    assert vlm.generate(prompt, other_seed)[0].token_ids != alone
+
+
+def test_bad_requests_fail_alone(vlm, tiny_llama):
+    good = chat("What is in the picture?", picture(5))
+    limit = vlm.model.config.text.max_position_embeddings
+    outputs = vlm.generate([good, "", [1, 2, 3], {"prompt": "User:<image><image>Both?", "images": [picture(6)]},
+                            [10**6], good], [GREEDY, GREEDY, SamplingParams(max_new_tokens=limit), GREEDY, GREEDY,
+                                             GREEDY])
+    assert [o.finish_reason for o in outputs] == ["length", "error", "error", "error", "error", "length"]
+    assert "empty" in outputs[1].error and "context" in outputs[2].error
+    assert "<image> markers" in outputs[3].error and "token ids" in outputs[4].error
+    assert outputs[0].token_ids == outputs[5].token_ids == vlm.generate(good, GREEDY)[0].token_ids
+    text_only = LLM(tiny_llama, backend="numpy")
+    out = text_only.generate([chat("What?", picture(7)), "Hello"], GREEDY)
+    assert "text-only" in out[0].error and out[1].finish_reason in ("length", "stop")
+
+
+# ---------------------------------------------------------------- streaming
+
+
+async def collect(llm: LLM, prompt, params, delay: float = 0.0) -> list[RequestOutput]:
+    await asyncio.sleep(delay)
+    return [out async for out in llm.stream(prompt, params)]
+
+
+def test_streams_joining_at_different_times_equal_generate(tiny_idefics3):
+    prompts = [chat("What is in the picture?", picture(8)), "Once upon a time", chat("Is it old?", picture(9)),
+               "The train leaves the station"]
+    params = [SamplingParams(max_new_tokens=n) for n in (5, 9, 7, 3)]
+    llm = LLM(tiny_idefics3, backend="numpy", max_num_batched_tokens=48, ignore_eos=True)
+    expected = [o.token_ids for o in llm.generate(prompts, params)]
+
+    async def main():
+        return await asyncio.gather(*(collect(llm, p, sp, 0.01 * i) for i, (p, sp) in enumerate(zip(prompts, params))))
+    streams = asyncio.run(main())
+    for outputs, want in zip(streams, expected):
+        assert [len(o.token_ids) for o in outputs] == list(range(1, len(want) + 1))  # one output per token
+        assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
+        assert outputs[-1].token_ids == want
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expected  # generate through the running loop
+    llm.shutdown()
+
+
+def test_leaving_a_stream_aborts_the_request_and_frees_its_blocks(tiny_idefics3):
+    llm = LLM(tiny_idefics3, backend="numpy", ignore_eos=True)
+    allocator = llm.engine.cache.allocator
+
+    async def main():
+        seen = 0
+        async with aclosing(llm.stream(chat("Tell me a story.", picture(10)), SamplingParams(max_new_tokens=200))) as s:
+            async for _ in s:
+                seen += 1
+                if seen == 3:
+                    break  # the client is gone: closing the stream aborts its request
+        # The loop takes the abort before this request: when it is done, the abort was done too.
+        return await collect(llm, "Hello", GREEDY)
+    outputs = asyncio.run(main())
+    assert outputs[-1].finished and allocator.num_free == allocator.num_blocks
+    assert not llm.engine.has_unfinished()
+    llm.shutdown()
+
+
+def test_a_bad_streamed_request_raises(vlm):
+    async def main():
+        return [out async for out in vlm.stream("", GREEDY)]
+    with pytest.raises(InputError, match="empty"):
+        asyncio.run(main())
