@@ -34,8 +34,83 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantize-lm-head", action="store_true",
                      help="with --quantize int4: the output projection too (torch backend)")
     gen.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s to stderr")
+    add_caption_command(commands)
+    add_serve_command(commands)
     return parser
 
+
+def add_caption_command(commands) -> None:
+    from .caption import DEFAULT_MODEL, DEFAULT_PROMPT, DEFAULT_TAGS_PROMPT
+
+    cap = commands.add_parser("caption", help="caption every image in a folder into a JSON Lines file (resumable)")
+    cap.add_argument("dir", help="the folder (searched recursively for jpg, png, webp, gif, bmp and tiff files)")
+    cap.add_argument("--out", default="captions.jsonl",
+                     help="the JSON Lines output (default: captions.jsonl); images already in it are skipped")
+    cap.add_argument("--tags", action="store_true", help="ask for comma-separated tags too, stored as a list")
+    cap.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the caption question (default: {DEFAULT_PROMPT!r})")
+    cap.add_argument("--tags-prompt", default=DEFAULT_TAGS_PROMPT, help="the tags question, with --tags")
+    cap.add_argument("--model", default=DEFAULT_MODEL, help=f"a SmolVLM checkpoint directory or hub id "
+                                                            f"(default: {DEFAULT_MODEL})")
+    cap.add_argument("--batch-size", type=int, default=8, help="images in flight at once (default: 8)")
+    cap.add_argument("--max-new-tokens", type=int, default=96)
+    cap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    cap.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    cap.add_argument("--backend", choices=("torch", "numpy"), default=None,
+                     help="torch (CPU or CUDA) or numpy (no PyTorch needed); default: torch when installed")
+    cap.add_argument("--quantize", choices=("int4",), default=None, help="the decoder's linear layers in int4")
+    cap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cap.set_defaults(run=run_caption)
+
+
+def run_caption(args) -> int:
+    from .caption import run
+    return run(args)
+
+
+def add_serve_command(commands) -> None:
+    srv = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions with images)")
+    srv.add_argument("model", help="checkpoint directory, .gguf file or hub id")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL as given)")
+    srv.add_argument("--backend", choices=("torch", "numpy"), default=None,
+                     help="torch (CPU or CUDA) or numpy (no PyTorch needed); default: torch when installed")
+    srv.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    srv.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    srv.add_argument("--quantize", choices=("int4",), default=None, help="the decoder's linear layers in int4")
+    srv.add_argument("--allowed-local-dir", default=None, metavar="DIR",
+                     help="image_url may name files (paths or file:// URLs) inside DIR; by default no local file")
+    srv.add_argument("--allow-remote-urls", action="store_true",
+                     help="fetch http(s) image URLs (public addresses only, within --remote-timeout and "
+                          "--max-image-bytes); by default only data: URLs")
+    limits = srv.add_argument_group("limits", "a request over one gets an OpenAI-style 400 error (413 for the body)")
+    for flag, field, kind, help in SERVE_LIMITS:
+        limits.add_argument(flag, dest=field, type=kind, default=None, metavar="N", help=help)
+    srv.set_defaults(run=run_serve)
+
+
+SERVE_LIMITS = [  # flag, server.Limits field, type, help (the defaults are Limits')
+    ("--max-body-bytes", "max_body_bytes", int, "bytes in one request body, base64 images included (default: 32 MiB)"),
+    ("--max-images", "max_images", int, "images in one request (default: 8)"),
+    ("--max-image-bytes", "max_image_bytes", int, "bytes of one image file (default: 10 MiB)"),
+    ("--max-image-pixels", "max_image_pixels", int, "width x height of one image (default: 40 million)"),
+    ("--max-tokens", "max_tokens", int, "max_tokens of one request, and its value when none is asked (default: 4096)"),
+    ("--max-model-len", "max_model_len", int, "prompt + max_tokens of one request (default: the model's context)"),
+    ("--remote-timeout", "remote_timeout_s", float, "seconds to fetch one remote image (default: 10)"),
+]
+
+
+def run_serve(args) -> int:
+    try:
+        from .server import Limits, serve
+    except ImportError as e:
+        raise SmolVLMError(f"the server needs its extra: pip install 'smolvlm_fast[server]' ({e})") from None
+    limits = Limits(**{field: getattr(args, field) for _, field, _, _ in SERVE_LIMITS
+                       if getattr(args, field) is not None})
+    serve(args.model, host=args.host, port=args.port, model_name=args.served_model_name,
+          allowed_local_dir=args.allowed_local_dir, allow_remote_urls=args.allow_remote_urls, limits=limits,
+          backend=args.backend, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    return 0
 
 class TimedStreamer:
     """Prints text as it arrives and notes when each token came."""
@@ -103,7 +178,7 @@ def report_timing(streamer: TimedStreamer, prompt_tokens: int) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run_generate(args)
+        return getattr(args, "run", run_generate)(args)
     except SmolVLMError as e:
         print(f"smolvlm-fast: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,240 @@
+"""`smolvlm-fast caption DIR`: a caption (and, with tags=True, a list of tags) for every image in a folder.
+
+Every image under the folder (recursively, sorted; jpg, png, webp, gif (its first frame), bmp, tiff) goes through the
+LLM's continuous-batching engine, batch_size images in flight at once, so memory stays flat on a folder of any size.
+Each result is appended to a JSON Lines file as soon as it is ready, one line per image:
+
+    {"path": "holiday/beach.jpg", "caption": "...", "tags": ["sea", "sand"], "seconds": 1.92, "model": "..."}
+
+The run resumes: images already in the output are skipped, and a last line cut short by a killed run is dropped.
+An image that cannot be read is reported on stderr and in `<out stem>.errors.jsonl`, never stopping the run (it is
+tried again on the next run).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import SamplingParams
+from .errors import InputError, SmolVLMError
+from .images import load_image
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
+DEFAULT_PROMPT = "Describe this image in one or two sentences."
+DEFAULT_TAGS_PROMPT = ("List the main objects, people, places and themes in this image as comma-separated tags. "
+                       "Answer with the tags only.")
+
+
+@dataclass
+class Summary:
+    total: int                       # images found
+    already_done: int                # found in the output before this run
+    captioned: int = 0               # written by this run
+    errors: dict[str, str] = field(default_factory=dict)  # path -> why it was skipped
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.captioned / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        text = (f"captioned {self.captioned} images in {self.seconds:.1f} s ({self.images_per_second:.2f} images/s); "
+                f"{self.already_done} of {self.total} were already done")
+        return text + (f"; {len(self.errors)} skipped (unreadable)" if self.errors else "")
+
+
+# ---------------------------------------------------------------- the folder and the output file
+
+def find_images(root: Path) -> list[Path]:
+    """Every image file under root, by extension (any case), sorted by path."""
+    if not root.is_dir():
+        raise InputError(f"{root}: not a directory")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def relative_name(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def read_done(out: Path) -> set[str]:
+    """The paths already captioned in out. A last line without its newline (a killed run) is cut off the file,
+    or completed with a newline when it is whole JSON, so that appending goes on from a clean line."""
+    if not out.exists():
+        return set()
+    done, end = set(), 0
+    with out.open("r+b") as f:
+        for line in f:
+            record = _record(line)
+            if not line.endswith(b"\n"):  # the last line, cut short
+                if record is None:
+                    print(f"smolvlm-fast caption: dropping a truncated last line of {out}", file=sys.stderr)
+                    f.truncate(end)
+                else:
+                    f.write(b"\n")
+            if record is not None:
+                done.add(record["path"])
+            end += len(line)
+    return done
+
+
+def _record(line: bytes) -> dict | None:
+    """A captioned record of the output file, or None for a broken or foreign line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("path"), str) and isinstance(record.get("caption"), str)
+    return record if ok else None
+
+
+def errors_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".errors.jsonl")
+
+
+class JsonLines:
+    """Appends one JSON object per line and flushes it at once, so that a killed run leaves whole lines."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = None
+
+    def write(self, record: dict) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def parse_tags(text: str) -> list[str]:
+    """'cat, red chair,\\n sun.' -> ['cat', 'red chair', 'sun']: split at commas and new lines, stripped, in order,
+    without repeats."""
+    tags = (t.strip().strip(".;:-*#").strip() for t in text.replace("\n", ",").split(","))
+    return list(dict.fromkeys(t for t in tags if t))
+
+
+# ---------------------------------------------------------------- captioning
+
+@dataclass
+class Captioner:
+    """Asks the LLM about one image at a time; several captioners' requests share the engine's batches."""
+    llm: object
+    prompt: str = DEFAULT_PROMPT
+    tags_prompt: str | None = None  # None: no tags
+    max_new_tokens: int = 96
+    model_name: str = ""
+
+    async def caption(self, path: Path, name: str) -> dict:
+        """The output record of one image; raises SmolVLMError when the image cannot be read or the request fails."""
+        start = time.perf_counter()
+        image = await asyncio.to_thread(load_image, path)  # [H, W, 3] uint8; decoding overlaps the engine's steps
+        asks = [self.ask(image, self.prompt)]
+        if self.tags_prompt is not None:
+            asks.append(self.ask(image, self.tags_prompt))
+        answers = await asyncio.gather(*asks)
+        record = {"path": name, "caption": answers[0]}
+        if self.tags_prompt is not None:
+            record["tags"] = parse_tags(answers[1])
+        return record | {"seconds": round(time.perf_counter() - start, 3), "model": self.model_name}
+
+    async def ask(self, image, text: str) -> str:
+        chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+        final = None
+        async for final in self.llm.stream(chat, SamplingParams(max_new_tokens=self.max_new_tokens)):
+            pass
+        if final is None or final.finish_reason == "error":
+            raise SmolVLMError(final.error if final is not None else "no output")
+        return final.text.strip()
+
+
+async def caption_paths(captioner: Captioner, paths: list[Path], root: Path, on_record, on_error,
+                        batch_size: int = 8) -> None:
+    """Caption paths with at most batch_size images in flight; on_record(record) as each finishes, in any order,
+    on_error(name, message) for an image that fails."""
+    queue: Iterator[Path] = iter(paths)
+
+    async def worker():
+        for path in queue:  # the workers share one iterator: each takes the next image when it is free
+            name = relative_name(path, root)
+            try:
+                record = await captioner.caption(path, name)
+            except SmolVLMError as e:
+                on_error(name, str(e))
+            except Exception as e:  # noqa: BLE001  a decoder or processor bug on one image skips that image only
+                on_error(name, f"{type(e).__name__}: {e}")
+            else:
+                on_record(record)
+
+    await asyncio.gather(*(worker() for _ in range(max(1, batch_size))))
+
+
+def caption_folder(llm, root, out, *, prompt: str = DEFAULT_PROMPT, tags: bool = False,
+                   tags_prompt: str = DEFAULT_TAGS_PROMPT, max_new_tokens: int = 96, batch_size: int = 8,
+                   model_name: str = "", progress: bool = True) -> Summary:
+    """Caption every image under root that out does not hold yet, appending to out; returns what was done."""
+    from tqdm import tqdm
+
+    root, out = Path(root), Path(out)
+    if not llm.model.config.is_vlm:
+        raise InputError("captioning needs a vision-language model (a SmolVLM checkpoint): this one is text-only")
+    images = find_images(root)
+    done = read_done(out)
+    todo = [p for p in images if relative_name(p, root) not in done]
+    summary = Summary(total=len(images), already_done=len(images) - len(todo))
+    errors_file = errors_path(out)
+    errors_file.unlink(missing_ok=True)  # the images that failed last time are tried again
+    results, failures = JsonLines(out), JsonLines(errors_file)
+    bar = tqdm(total=len(images), initial=summary.already_done, unit="img", desc="captioning", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+
+    def on_record(record):
+        results.write(record)
+        summary.captioned += 1
+        bar.update()
+
+    def on_error(name, message):
+        summary.errors[name] = message
+        failures.write({"path": name, "error": message})
+        bar.write(f"smolvlm-fast caption: skipped {name}: {message}", file=sys.stderr)
+        bar.update()
+
+    captioner = Captioner(llm, prompt, tags_prompt if tags else None, max_new_tokens, model_name)
+    start = time.perf_counter()
+    try:
+        asyncio.run(caption_paths(captioner, todo, root, on_record, on_error, batch_size))
+    except KeyboardInterrupt:
+        bar.write(f"smolvlm-fast caption: interrupted after {summary.captioned} images; run again to resume",
+                  file=sys.stderr)
+        raise
+    finally:
+        summary.seconds = time.perf_counter() - start
+        bar.close()
+        results.close()
+        failures.close()
+        llm.shutdown()
+    return summary
+
+
+def run(args) -> int:
+    """The `smolvlm-fast caption` command (arguments from cli.py)."""
+    from .llm import LLM
+
+    llm = LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype, quantize=args.quantize,
+              max_num_seqs=2 * max(1, args.batch_size))
+    summary = caption_folder(llm, args.dir, args.out, prompt=args.prompt, tags=args.tags, tags_prompt=args.tags_prompt,
+                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, model_name=args.model,
+                             progress=not args.no_progress)
+    print(f"smolvlm-fast caption: {summary} -> {args.out}", file=sys.stderr)
+    if summary.errors:
+        print(f"smolvlm-fast caption: the skipped images are listed in {errors_path(Path(args.out))}", file=sys.stderr)
+    return 0
