@@ -199,10 +199,11 @@ class LLM:
         raise InputError(f"a prompt must be a string, token ids, chat messages or a dict, got {type(prompt).__name__}")
 
     def encode_chat(self, messages) -> tuple[list[int], list[ImageInput]]:
-        from .processor import conversation_images
+        from .processor import conversation_images, image_url_blocks_as_images
 
         if self.processor is None:
             raise InputError("chat prompts need a tokenizer: pass tokenizer= to LLM")
+        messages = image_url_blocks_as_images(messages)
         images = conversation_images(messages)[0]
         self._check_can_take(images)
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

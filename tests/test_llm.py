@@ -148,3 +148,15 @@ def test_a_bad_streamed_request_raises(vlm):
         return [out async for out in vlm.stream("", GREEDY)]
     with pytest.raises(InputError, match="empty"):
         asyncio.run(main())
+
+
+def test_openai_image_url_blocks_are_images(vlm, tmp_path):
+    """{"type": "image_url", "image_url": {"url": ...}} (OpenAI's form) is the same image as {"type": "image"}."""
+    path = tmp_path / "p.png"
+    picture(3).save(path)
+    ours = [{"role": "user", "content": [{"type": "image", "url": str(path)}, {"type": "text", "text": "What?"}]}]
+    openai = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(path)}},
+                                           {"type": "text", "text": "What?"}]}]
+    a, b = vlm.generate([ours, openai], GREEDY)
+    assert a.error is None and b.error is None
+    assert a.prompt_token_ids == b.prompt_token_ids and a.token_ids == b.token_ids
