@@ -15,6 +15,7 @@ Scenarios:
 
     python bench/bench_e2e.py                           # both scenarios, fp32 on CPU / bf16 on CUDA
     python bench/bench_e2e.py --scenario smolvlm --text-layers 4 --vision-layers 2 --repeats 3
+    python bench/bench_e2e.py --scenario smollm2 --backend numpy numpy-int8 torch   # all of ours, one run
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ FILLER = (
 class Scenario:
     name: str            # row case prefix
     shape: str           # row shape
-    ours: object         # smolvlm_fast model
+    ours: dict           # impl label -> smolvlm_fast model (one per --backend)
     theirs: object       # transformers model (None with --no-baseline)
     inputs: dict         # input_ids [1, S], attention_mask, and for the VLM pixel_values, pixel_attention_mask
     eos_token_id: int    # ignored while generating; kept to document what is overridden
@@ -94,12 +95,23 @@ def chat_prompt_ids(tokenizer, n_tokens: int) -> list[int]:
     return head_ids + body + tail_ids
 
 
-def ours_kwargs(args, device, dtype) -> dict:
-    """from_pretrained arguments of our model: the PyTorch backend in the bench's device and dtype, or the
-    PyTorch-free backend (CPU, float32 compute; GGUF Q4/Q8 weights stay quantized)."""
-    if args.backend == "numpy":
-        return {"backend": "numpy"}
-    return {"backend": "torch", "device": device, "dtype": dtype}
+# --backend choices -> the impl label of their rows
+IMPLS = {"torch": "smolvlm_fast", "numpy": "smolvlm_fast (numpy backend)",
+         "numpy-int8": "smolvlm_fast (numpy backend, int8 activations)"}
+
+
+def our_models(cls, path, args, device, dtype) -> dict:
+    """{impl label: model} for each --backend: the PyTorch backend in the bench's device and dtype; the PyTorch-free
+    backend (CPU, float32 compute; GGUF Q4/Q8 weights stay quantized); the same with its int4 products on int8
+    activations (llama.cpp's arithmetic, cpu_decoder.int8_activations_default)."""
+    models = {}
+    for backend in args.backend:
+        kwargs = {"backend": "torch", "device": device, "dtype": dtype} if backend == "torch" else {"backend": "numpy"}
+        model = cls.from_pretrained(path, **kwargs)
+        if backend == "numpy-int8":
+            model.model.int8_activations = True  # read when its C++ decoder is built, at the first step
+        models[IMPLS[backend]] = model
+    return models
 
 
 def smollm2_scenario(args, device, dtype) -> Scenario:
@@ -109,7 +121,7 @@ def smollm2_scenario(args, device, dtype) -> Scenario:
     gguf = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf)
     ids = torch.tensor([chat_prompt_ids(tokenizer, args.prompt_tokens)])
-    ours = AutoModelForCausalLM.from_pretrained(gguf, **ours_kwargs(args, device, dtype))
+    ours = our_models(AutoModelForCausalLM, gguf, args, device, dtype)
     theirs = None
     if not args.no_baseline:
         from transformers import LlamaForCausalLM
@@ -160,7 +172,7 @@ def smolvlm_scenario(args, device, dtype) -> Scenario:
     text_layers = args.text_layers or SMOLVLM_256M["text"]["num_hidden_layers"]
     vision_layers = args.vision_layers or SMOLVLM_256M["vision"]["num_hidden_layers"]
     path = smolvlm_checkpoint(text_layers, vision_layers)
-    ours = AutoModelForVision2Seq.from_pretrained(path, **ours_kwargs(args, device, dtype))
+    ours = our_models(AutoModelForVision2Seq, path, args, device, dtype)
     theirs = None
     if not args.no_baseline:
         from transformers import Idefics3ForConditionalGeneration
@@ -246,12 +258,13 @@ def theirs_generate(model, inputs: dict, new_tokens: int):
 # ---------------------------------------------------------------- running a scenario
 
 def measure(s: Scenario, args, device) -> tuple[dict[str, dict[str, list[float]]], bool]:
-    """({"ours"|"theirs": {"prefill": [tok/s], "decode": [tok/s], "ttft": [ms]}}, whether the samples are unreliable).
+    """({impl label | "theirs": {"prefill": [tok/s], "decode": [tok/s], "ttft": [ms]}}, whether the samples are
+    unreliable).
 
     A round times every implementation once, alternating who goes first. A round during which other processes
     took more than --max-contention of the CPU is discarded and run again (up to 3 x --repeats rounds in all).
     """
-    impls = {"ours": (s.ours, ours_prefill, ours_generate)}
+    impls = {label: (model, ours_prefill, ours_generate) for label, model in s.ours.items()}
     if s.theirs is not None:
         impls["theirs"] = (s.theirs, theirs_prefill, theirs_generate)
     for model, prefill, generate in impls.values():
@@ -285,9 +298,10 @@ def measure(s: Scenario, args, device) -> tuple[dict[str, dict[str, list[float]]
     rounds = clean if not unreliable else clean + contended
     samples = {k: {phase: [r[k][i] for r in rounds] for i, phase in enumerate(("prefill", "decode", "ttft"))}
                for k in impls}
-    if "theirs" in tokens:
-        same = next((i for i, (a, b) in enumerate(zip(tokens["ours"], tokens["theirs"])) if a != b), len(tokens["ours"]))
-        print(f"{s.name}: greedy tokens agree with transformers for {same}/{args.new_tokens}", file=sys.stderr)
+    for label in s.ours if "theirs" in tokens else ():
+        same = next((i for i, (a, b) in enumerate(zip(tokens[label], tokens["theirs"])) if a != b), len(tokens[label]))
+        print(f"{s.name}: {label}: greedy tokens agree with transformers for {same}/{args.new_tokens}",
+              file=sys.stderr)
     return samples, unreliable
 
 
@@ -297,16 +311,16 @@ def run_scenario(name: str, args, device, dtype) -> list[dict]:
     if args.profile:
         profile_decode(s, args)
     rows = []
-    for phase, metric in (("prefill", "tok/s"), ("decode", "tok/s"), ("ttft", "ms")):
-        theirs = samples.get("theirs", {}).get(phase)
-        row = make_row(bench=BENCH, case=f"{s.name}/{phase}", shape=s.shape, dtype=str(dtype).removeprefix("torch."),
-                       device=device, metric=metric, ours=samples["ours"][phase],
-                       baseline=BASELINE if theirs else None, theirs=theirs,
-                       impl="smolvlm_fast" if args.backend == "torch" else "smolvlm_fast (numpy backend)")
-        print(format_row(row), flush=True)
-        if not (args.no_save or busy):
-            append_row(BENCH, row, args.results_dir)
-        rows.append(row)
+    for label in s.ours:
+        for phase, metric in (("prefill", "tok/s"), ("decode", "tok/s"), ("ttft", "ms")):
+            theirs = samples.get("theirs", {}).get(phase)
+            row = make_row(bench=BENCH, case=f"{s.name}/{phase}", shape=s.shape,
+                           dtype=str(dtype).removeprefix("torch."), device=device, metric=metric,
+                           ours=samples[label][phase], baseline=BASELINE if theirs else None, theirs=theirs, impl=label)
+            print(format_row(row), flush=True)
+            if not (args.no_save or busy):
+                append_row(BENCH, row, args.results_dir)
+            rows.append(row)
     return rows
 
 
@@ -331,7 +345,8 @@ def profile_decode(s: Scenario, args) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     steps = args.new_tokens - 3  # puts: the prompt, then one per token; skip setup, prefill and one warm-up step
-    impls = {"smolvlm_fast": (s.ours, ours_generate)} | ({BASELINE: (s.theirs, theirs_generate)} if s.theirs else {})
+    impls = {label: (model, ours_generate) for label, model in s.ours.items()}
+    impls |= {BASELINE: (s.theirs, theirs_generate)} if s.theirs else {}
     for name, (model, generate) in impls.items():
         with profile(activities=activities, record_shapes=True,
                      schedule=schedule(wait=2, warmup=1, active=steps)) as prof:
@@ -356,8 +371,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
-    p.add_argument("--backend", choices=["torch", "numpy"], default="torch",
-                   help="our PyTorch path (default) or the PyTorch-free NumPy + C++ path (CPU only)")
+    p.add_argument("--backend", nargs="+", choices=list(IMPLS), default=["torch"],
+                   help="ours, measured in the same rounds: the PyTorch path (default), the PyTorch-free NumPy + C++ "
+                        "path (CPU only), and that path with int8 activations for its int4 products")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (default 5)")

@@ -178,10 +178,11 @@ def append_row(bench: str, row: dict, results_dir: Path | None = None) -> Path:
 
 
 def format_row(row: dict) -> str:
-    """One human-readable line: case, metric, ours against the baseline."""
+    """One human-readable line: case, metric, ours (the impl, when the row names one) against the baseline."""
     def num(x):
         return "-" if x is None else f"{x:,.1f}" if x >= 10 else f"{x:.3g}"
-    line = f"{row['case']:<44} {row['metric']:>5}  ours {num(row['median']):>9} [{num(row['p20'])}, {num(row['p80'])}]"
+    ours = row.get("impl") or "ours"
+    line = f"{row['case']:<44} {row['metric']:>5}  {ours} {num(row['median']):>9} [{num(row['p20'])}, {num(row['p80'])}]"
     if row.get("baseline"):
         line += f"  {row['baseline']} {num(row['baseline_median']):>9}  ratio {row['ratio']:.2f}x"
     return line

@@ -1,10 +1,11 @@
-"""Decode steps in one C++ call: every decoder layer of the NumPy model for one new token per sequence
-(csrc/cpu/decoder_step.cpp, through smolvlm_fast._cpu.Decoder).
+"""Decoder steps in one C++ call: every decoder layer of the NumPy model over a step's packed tokens, decode or
+prefill (csrc/cpu/decoder_step.cpp, through smolvlm_fast._cpu.Decoder).
 
 A decode step in NumPy is about ten calls per layer on rows of a few hundred floats; on a 2-core Xeon their Python
-and NumPy overhead (~80 us a layer) was a third of the step. The C++ step runs the same layers (same weights,
-same cache, same metadata) with the products and the attention on its thread pool. Prefill, images and anything
-else stay in model_numpy's free functions, which remain the reference this is tested against.
+and NumPy overhead (~80 us a layer) was a third of the step, and in a prefill the small ops pass over memory
+several times each. The C++ step runs the same layers (same weights, same cache, same metadata) with the products
+and the attention on its thread pool. The embeddings (and image features), the vision encoder and the LM head stay
+in model_numpy, whose free-function decoder remains the reference this is tested against.
 """
 from __future__ import annotations
 
@@ -22,14 +23,14 @@ except ImportError:  # not built: NumpyModel keeps to its NumPy decode
 
 
 def available() -> bool:
-    """The extension has the fused step and SMOLVLM_FAST_FUSED_DECODE is not 0."""
-    return getattr(_cpu, "Decoder", None) is not None and os.environ.get("SMOLVLM_FAST_FUSED_DECODE", "1") != "0"
+    """The extension has the fused step and SMOLVLM_FAST_FUSED is not 0."""
+    return getattr(_cpu, "Decoder", None) is not None and os.environ.get("SMOLVLM_FAST_FUSED", "1") != "0"
 
 
 def int8_activations_default() -> bool:
-    """SMOLVLM_FAST_INT8_ACTIVATIONS=1: decode's int4 products round x to int8 per 32-element block, as llama.cpp
-    does (about 2x faster products on a CPU with AVX512-VNNI, at ~1e-3 relative error in each product's output).
-    Off by default: the default decode matches the float32 reference to ~1e-6."""
+    """SMOLVLM_FAST_INT8_ACTIVATIONS=1: the fused step's int4 products round x to int8 per 32-element block, as
+    llama.cpp does (about 2x faster products on a CPU with AVX512-VNNI, at ~1e-3 relative error in each product's
+    output). Off by default: the default step matches the float32 reference to ~1e-6."""
     return os.environ.get("SMOLVLM_FAST_INT8_ACTIVATIONS", "0") == "1"
 
 
@@ -55,12 +56,12 @@ def build_decoder(weights: dict, config: ModelConfig, prefix: str, int8_activati
                         int8_activations)
 
 
-def decode_step(decoder, x: np.ndarray, meta, kv_caches: list, cos_sin: np.ndarray) -> np.ndarray:
-    """x [S, D] embeddings of one new token per sequence -> final hidden states [S, D] (in place)."""
+def step(decoder, x: np.ndarray, meta, kv_caches: list, cos_sin: np.ndarray) -> np.ndarray:
+    """x [T, D] embeddings of the step's packed tokens -> final hidden states [T, D] (in place)."""
     i32 = lambda v: np.ascontiguousarray(v, dtype=np.int32)
     x = np.ascontiguousarray(x, dtype=np.float32)
     decoder.step(x, kv_caches, i32(meta.positions), i32(meta.slot_mapping), i32(meta.block_tables),
-                 i32(meta.seq_lens), cos_sin)
+                 i32(meta.seq_lens), cos_sin, i32(meta.query_start_loc))
     return x
 
 

@@ -16,7 +16,7 @@ from . import cpu_decoder
 from .cache import StepMetadata
 from .config import ModelConfig, TextConfig, VisionConfig
 from .errors import CheckpointError, InputError, check_image_tokens
-from .ops.numpy_ops import (gelu_tanh, is_decode, layer_norm, paged_attention, paged_plan, patch_embed, rms_norm,
+from .ops.numpy_ops import (gelu_tanh, kv_cache_zeros, layer_norm, paged_attention, paged_plan, patch_embed, rms_norm,
                             rope_attention, rope_factors, rope_table, rotate, silu_and_mul, write_kv_cache)
 from .quant import Int4Weight, Q8Weight, dequantize, embedding_rows, from_gguf, linear, quantize_int4
 from .weights.layout import check_complete, check_tensor, tensor_shapes
@@ -215,13 +215,13 @@ def logits(w: dict, config: ModelConfig, hidden: np.ndarray) -> np.ndarray:
 class NumpyModel:
     """SmolVLM or a text-only Llama over NumPy: weights by Hugging Face name, the forward in free functions."""
 
-    def __init__(self, config: ModelConfig, weights: dict, fused_decode: bool | None = None,
+    def __init__(self, config: ModelConfig, weights: dict, fused: bool | None = None,
                  int8_activations: bool | None = None):
-        """fused_decode: run decode steps in one C++ call (cpu_decoder); None means where the extension has it.
+        """fused: run each step's decoder in one C++ call (cpu_decoder); None means where the extension has it.
         int8_activations: in those steps, int4 products round x to int8 (cpu_decoder.int8_activations_default)."""
         self.config, self.weights = config, stack_projections(weights, config)
         self.cos_sin = np.empty((0, config.text.head_dim), dtype=np.float32)
-        self.fused_decode = cpu_decoder.available() if fused_decode is None else fused_decode
+        self.fused = cpu_decoder.available() if fused is None else fused
         self.int8_activations = (cpu_decoder.int8_activations_default() if int8_activations is None
                                  else int8_activations)
         self._decoder = None  # the _cpu.Decoder, built on the first decode step
@@ -229,7 +229,7 @@ class NumpyModel:
     @classmethod
     def from_checkpoint(cls, location: str | Path, quantize: str | None = None, **options) -> "NumpyModel":
         """A checkpoint dir (config.json + safetensors) or a .gguf file; quantize="int4" makes the decoder int4.
-        options: fused_decode, int8_activations (see __init__)."""
+        options: fused, int8_activations (see __init__)."""
         location = Path(location)
         if location.suffix == ".gguf":
             config, weights = load_gguf_weights(location)
@@ -244,7 +244,7 @@ class NumpyModel:
         """One (k_cache, v_cache) pair of float32 [num_blocks, block_size, kv_heads, head_dim] per decoder layer."""
         t = self.config.text
         shape = (num_blocks, block_size, t.num_key_value_heads, t.head_dim)
-        return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(t.num_hidden_layers)]
+        return [(kv_cache_zeros(shape), kv_cache_zeros(shape)) for _ in range(t.num_hidden_layers)]
 
     def image_features_per_row(self, pixel_values, pixel_attention_mask=None) -> list[np.ndarray | None]:
         if not self.config.is_vlm:
@@ -256,11 +256,11 @@ class NumpyModel:
         """Packed input_ids [T] -> hidden states [T, D]; writes the new tokens' K/V into kv_caches."""
         t = self.config.text
         x = embed(self.weights, self.config, np.asarray(input_ids), image_features)  # [T, D]
-        if self.fused_decode and image_features is None and is_decode(len(x), meta.seq_lens, meta.query_start_loc):
+        if self.fused:
             if self._decoder is None:
                 self._decoder = cpu_decoder.build_decoder(self.weights, self.config, text_prefix(self.config),
                                                           self.int8_activations)
-            return cpu_decoder.decode_step(self._decoder, x, meta, kv_caches, self.rope(max(meta.seq_lens)))
+            return cpu_decoder.step(self._decoder, x, meta, kv_caches, self.rope(max(meta.seq_lens)))
         step = Step.from_metadata(meta, self.rope(max(meta.seq_lens)), kv_caches[0][0].shape[1], t.num_attention_heads)
         return decoder(self.weights, self.config, x, step, kv_caches)  # [T, D]
 

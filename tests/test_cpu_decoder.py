@@ -1,5 +1,6 @@
-"""The fused C++ decode step (smolvlm_fast.cpu_decoder, csrc/cpu/decoder_step.cpp) against the NumPy model's own
-decode: same weights, same cache, same metadata; float32, int4, Q8_0 and the real GGUF's mix of them."""
+"""The fused C++ decoder step (smolvlm_fast.cpu_decoder, csrc/cpu/decoder_step.cpp) against the NumPy model's own
+free-function decoder: same weights, same cache, same metadata; prefill (whole, in chunks, after a cached prefix,
+mixed with decoding sequences, with image features) and decode; float32, int4, Q8_0 and the real GGUF's mix."""
 import numpy as np
 import pytest
 
@@ -13,21 +14,21 @@ pytestmark = pytest.mark.skipif(not cpu_decoder.available(), reason="smolvlm_fas
 def run_steps(model: NumpyModel, prompts: list[list[int]], steps: int, block_size: int, fused: bool,
               poison: bool = True):
     """Prefill each prompt alone, then decode them together greedily for `steps` steps; returns the logits of
-    every decode step [steps, S, V] and the tokens. Cache slots no sequence owns hold NaN (poison): a read past a
-    sequence's keys shows up in the logits."""
-    model.fused_decode = fused
+    every decode step [steps, S, V] (the first row: the prefills' last tokens) and the tokens. Cache slots no
+    sequence owns hold NaN (poison): a read past a sequence's keys shows up in the logits."""
+    model.fused = fused
     cache = PagedCache(num_blocks=64, block_size=block_size)
     kv = model.allocate_kv_cache(64, block_size)
     if poison:
         for k, v in kv:
             k.fill(np.nan)
             v.fill(np.nan)
-    last = []
+    first = []
     for seq_id, ids in enumerate(prompts):
         meta = schedule_step(cache, {seq_id: len(ids)})
-        hidden = model.forward(np.array(ids), meta, kv)
-        last.append(int(model.compute_logits(hidden[-1:]).argmax()))
-    all_logits, tokens = [], [last]
+        first.append(model.compute_logits(model.forward(np.array(ids), meta, kv)[-1:])[0])
+    last = [int(row.argmax()) for row in first]
+    all_logits, tokens = [np.stack(first)], [last]
     for _ in range(steps):
         meta = schedule_step(cache, {s: 1 for s in range(len(prompts))})
         logits = model.compute_logits(model.forward(np.array(last), meta, kv))  # [S, V]
@@ -54,23 +55,23 @@ def prompts_for(block_size: int, seed: int, vocab: int = 300):
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_fused_decode_equals_numpy_float32(tiny_llama, block_size):
+def test_fused_equals_numpy_float32(tiny_llama, block_size):
     model = NumpyModel.from_checkpoint(tiny_llama)
     assert_same_decode(model, prompts_for(block_size, seed=block_size), steps=2 * block_size + 1,
                        block_size=block_size)
 
 
-def test_fused_decode_equals_numpy_int4(tiny_llama):
+def test_fused_equals_numpy_int4(tiny_llama):
     model = NumpyModel.from_checkpoint(tiny_llama, quantize="int4")
     assert_same_decode(model, prompts_for(16, seed=1), steps=20, block_size=16)
 
 
-def test_fused_decode_of_a_vlm_text_model(tiny_idefics3):
+def test_fused_of_a_vlm_text_model(tiny_idefics3):
     model = NumpyModel.from_checkpoint(tiny_idefics3)
     assert_same_decode(model, prompts_for(16, seed=2, vocab=420), steps=8, block_size=16)
 
 
-def test_fused_decode_with_qkv_bias(tiny_llama):
+def test_fused_with_qkv_bias(tiny_llama):
     model = NumpyModel.from_checkpoint(tiny_llama)
     rng = np.random.default_rng(3)
     t = model.config.text
@@ -80,7 +81,7 @@ def test_fused_decode_with_qkv_bias(tiny_llama):
     assert_same_decode(model, prompts_for(16, seed=3), steps=6, block_size=16)
 
 
-def test_fused_decode_on_the_real_gguf(smollm2_gguf):
+def test_fused_on_the_real_gguf(smollm2_gguf):
     """Q4_1 layers and the Q8_0 tied embedding, as shipped."""
     model = NumpyModel.from_checkpoint(smollm2_gguf)
     rng = np.random.default_rng(4)
@@ -120,6 +121,12 @@ def test_a_good_step_runs(decoder_and_step):
     (dict(x=np.zeros((1, 5), np.float32)), "x must have shape"),
     (dict(x=np.zeros((1, 128), np.float32)[:, ::2]), "C-contiguous"),
     (dict(kv_caches=[]), "pairs"),
+    (dict(query_start_loc=np.array([0, 2], np.int32)), "query_start_loc must run from 0"),
+    (dict(x=np.zeros((2, 64), np.float32), positions=np.array([2, 3], np.int32),
+          slot_mapping=np.array([2, 3], np.int32), query_start_loc=np.array([0, 2], np.int32),
+          seq_lens=np.array([1], np.int32)), "2 new tokens for seq_lens 1"),
+    (dict(x=np.zeros((2, 64), np.float32), positions=np.array([2, 3], np.int32),
+          slot_mapping=np.array([2, 3], np.int32)), "without query_start_loc"),
 ])
 def test_bad_step_arguments_raise(decoder_and_step, change, message):
     decoder, args = decoder_and_step

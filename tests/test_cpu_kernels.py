@@ -48,14 +48,15 @@ def close(ours: np.ndarray, expect: np.ndarray, tol: float = 1e-5):
     np.testing.assert_allclose(ours, expect, rtol=tol, atol=tol * np.abs(expect).max())
 
 
-def cases():
+def cases(shapes=SHAPES, rows=(1, 3, 16, 37), lm_head=True):
+    """(kind, M, N, K) for every weight kind on every shape its group size divides."""
     for kind in KINDS:
-        for N, K in SHAPES:
+        for N, K in shapes:
             if kind != "q8" and K % int(kind.lstrip("asym")):
                 continue
-            for M in (1, 3, 16, 37):
+            for M in rows:
                 yield pytest.param(kind, M, N, K, id=f"{kind}-M{M}-{N}x{K}")
-        if kind in ("asym32", "sym64", "q8"):  # the LM head's shape, decode only
+        if lm_head and kind in ("asym32", "sym64", "q8"):  # the LM head's shape, decode only
             yield pytest.param(kind, 1, 49152, 576, id=f"{kind}-M1-49152x576")
 
 

@@ -12,7 +12,6 @@
 
 #include "decoder_step.h"
 #include "paged_attention.h"
-#include "prefill_gemm.h"
 #include "quant_gemm.h"
 
 namespace py = pybind11;
@@ -134,10 +133,6 @@ std::pair<const float*, float*> checked_x_out(const char* fn, const py::array& x
     return {xp, op};
 }
 
-// From this many rows of x on, the products go through prefill_gemm (a dequantized panel of W in L2 under a
-// 32 x 12 register tile) rather than the decode tiles (which unpack each weight block for at most 8 rows of x).
-constexpr int64_t kPrefillRows = 32;
-
 // int8_x: round x to int8 per 32-element block first (int4_gemm_int8); returns whether that was done.
 bool int4_gemm(const py::array& x, const py::array& qweight, const py::array& scales, const py::object& mins,
                int group_size, const py::array& out, bool int8_x) {
@@ -149,11 +144,12 @@ bool int4_gemm(const py::array& x, const py::array& qweight, const py::array& sc
     auto [xp, op] = checked_x_out(fn, x, out, w.N, K, &M);
     check_no_overlap(fn, out, qweight, "qweight");
     py::gil_scoped_release release;
-    if (int8_x && smolvlm_cpu::int4_gemm_int8(xp, M, w, op)) return true;
-    smolvlm_cpu::AnyMatrix any;
-    any.int4 = &w;
-    if (M < kPrefillRows || !smolvlm_cpu::prefill_gemm(xp, M, any, op)) smolvlm_cpu::int4_gemm(xp, M, w, op);
-    return false;
+    smolvlm_cpu::Linear l;
+    l.kind = smolvlm_cpu::Linear::Kind::int4;
+    l.int4 = w;
+    l.N = w.N;
+    l.K = w.K;
+    return smolvlm_cpu::linear(xp, M, l, op, int8_x);
 }
 
 void q8_gemm(const py::array& x, const py::array& q, const py::array& scales, const py::array& out) {
@@ -162,9 +158,12 @@ void q8_gemm(const py::array& x, const py::array& q, const py::array& scales, co
     auto [xp, op] = checked_x_out("q8_gemm", x, out, w.N, w.K, &M);
     check_no_overlap("q8_gemm", out, q, "q");
     py::gil_scoped_release release;
-    smolvlm_cpu::AnyMatrix any;
-    any.q8 = &w;
-    if (M < kPrefillRows || !smolvlm_cpu::prefill_gemm(xp, M, any, op)) smolvlm_cpu::q8_gemm(xp, M, w, op);
+    smolvlm_cpu::Linear l;
+    l.kind = smolvlm_cpu::Linear::Kind::q8;
+    l.q8 = w;
+    l.N = w.N;
+    l.K = w.K;
+    smolvlm_cpu::linear(xp, M, l, op);
 }
 
 // out[M, N] = x[M, K] @ w[N, K]^T for float32 w (the fused decode step's kernel for few rows, prefill_gemm for many).
@@ -177,9 +176,11 @@ void f32_gemm(const py::array& x, const py::array& w, const py::array& out) {
     auto [xp, op] = checked_x_out(fn, x, out, N, K, &M);
     check_no_overlap(fn, out, w, "w");
     py::gil_scoped_release release;
-    smolvlm_cpu::AnyMatrix any;
-    any.f32 = &m;
-    if (M < kPrefillRows || !smolvlm_cpu::prefill_gemm(xp, M, any, op)) smolvlm_cpu::f32_gemm(xp, M, m, op);
+    smolvlm_cpu::Linear l;
+    l.f32 = m;
+    l.N = N;
+    l.K = K;
+    smolvlm_cpu::linear(xp, M, l, op);
 }
 
 void int4_dequantize(const py::array& qweight, const py::array& scales, const py::object& mins, int group_size,
@@ -314,6 +315,19 @@ void check_block_tables(const std::string& where, const int32_t* block_tables, c
     }
 }
 
+// query_start_loc [S + 1] runs from 0 to T without going down, and no sequence has more new tokens than keys.
+void check_query_starts(const std::string& where, const int32_t* starts, const int32_t* seq_lens, int64_t S,
+                        int64_t T) {
+    if (starts[0] != 0 || starts[S] != T)
+        throw py::value_error(where + "query_start_loc must run from 0 to T = " + std::to_string(T));
+    for (int64_t s = 0; s < S; ++s) {
+        const int64_t n = int64_t(starts[s + 1]) - starts[s];
+        if (n < 0 || n > seq_lens[s])
+            throw py::value_error(where + "sequence " + std::to_string(s) + " has " + std::to_string(n) +
+                                  " new tokens for seq_lens " + std::to_string(seq_lens[s]));
+    }
+}
+
 // A weight as smolvlm_fast.quant.cpu_linear_spec describes it: ("f32", w, bias), ("int4", qweight, scales, mins,
 // group_size, bias) or ("q8", q, scales, bias); bias None or float32 [N]. Shape [N, K] must be as expected.
 smolvlm_cpu::Linear linear_spec(const std::string& name, const py::tuple& spec, int64_t N, int64_t K) {
@@ -384,29 +398,42 @@ public:
         }
     }
 
-    // x [S, D] float32: embeddings in, final hidden states out. kv_caches: per layer (k_cache, v_cache), each
-    // float32 [num_blocks, block_size, Hkv, Dh]; cos_sin [P, rotary_dim] with every position < P.
+    // x [T, D] float32: the step's packed tokens' embeddings in, final hidden states out. kv_caches: per layer
+    // (k_cache, v_cache), each float32 [num_blocks, block_size, Hkv, Dh]; positions and slot_mapping [T];
+    // block_tables [S, max_blocks] and seq_lens [S] per sequence; query_start_loc [S + 1] (None: one token per
+    // sequence, a decode step); cos_sin [P, rotary_dim] with every position < P.
     void step(const py::array& x, const py::list& kv_caches, const py::array& positions,
               const py::array& slot_mapping, const py::array& block_tables, const py::array& seq_lens,
-              const py::array& cos_sin) {
+              const py::array& cos_sin, const py::object& query_start_loc) {
         const char* fn = "Decoder.step";
         const std::string where = std::string(fn) + ": ";
         const auto& c = shape_;
-        if (x.ndim() != 2) throw py::value_error(where + "x must be [S, hidden_size], got " + shape_of(x));
-        const int64_t S = x.shape(0);
-        float* xp = checked<float>(fn, "x", x, DType::f32, {S, c.D}, true);
-        if (kv_caches.size() != layers_.size())
-            throw py::value_error(where + "expected " + std::to_string(layers_.size()) + " (k_cache, v_cache) pairs, got " +
-                                  std::to_string(kv_caches.size()));
+        if (x.ndim() != 2) throw py::value_error(where + "x must be [T, hidden_size], got " + shape_of(x));
         if (block_tables.ndim() != 2)
             throw py::value_error(where + "block_tables must be [S, max_blocks], got " + shape_of(block_tables));
-        smolvlm_cpu::DecodeBatch b{};
-        b.S = S;
+        smolvlm_cpu::StepBatch b{};
+        b.T = x.shape(0);
+        b.S = block_tables.shape(0);
         b.max_blocks = block_tables.shape(1);
-        b.positions = checked<const int32_t>(fn, "positions", positions, DType::i32, {S});
-        b.slot_mapping = checked<const int32_t>(fn, "slot_mapping", slot_mapping, DType::i32, {S});
-        b.block_tables = checked<const int32_t>(fn, "block_tables", block_tables, DType::i32, {S, b.max_blocks});
-        b.seq_lens = checked<const int32_t>(fn, "seq_lens", seq_lens, DType::i32, {S});
+        float* xp = checked<float>(fn, "x", x, DType::f32, {b.T, c.D}, true);
+        if (kv_caches.size() != layers_.size())
+            throw py::value_error(where + "expected " + std::to_string(layers_.size()) +
+                                  " (k_cache, v_cache) pairs, got " + std::to_string(kv_caches.size()));
+        b.positions = checked<const int32_t>(fn, "positions", positions, DType::i32, {b.T});
+        b.slot_mapping = checked<const int32_t>(fn, "slot_mapping", slot_mapping, DType::i32, {b.T});
+        b.block_tables = checked<const int32_t>(fn, "block_tables", block_tables, DType::i32, {b.S, b.max_blocks});
+        b.seq_lens = checked<const int32_t>(fn, "seq_lens", seq_lens, DType::i32, {b.S});
+        std::vector<int32_t> one_each;  // query_start_loc of a decode step: 0, 1, ..., S
+        if (query_start_loc.is_none()) {
+            if (b.T != b.S)
+                throw py::value_error(where + "without query_start_loc every sequence has one token, but x has " +
+                                      std::to_string(b.T) + " for " + std::to_string(b.S) + " sequences");
+            for (int64_t s = 0; s <= b.S; ++s) one_each.push_back(static_cast<int32_t>(s));
+            b.query_start_loc = one_each.data();
+        } else {
+            b.query_start_loc = checked<const int32_t>(fn, "query_start_loc", query_start_loc.cast<py::array>(),
+                                                       DType::i32, {b.S + 1});
+        }
         if (cos_sin.ndim() != 2) throw py::value_error(where + "cos_sin must be [positions, rotary_dim]");
         const int64_t P = cos_sin.shape(0);
         b.cos_sin = checked<const float>(fn, "cos_sin", cos_sin, DType::f32, {P, c.rotary_dim});
@@ -427,18 +454,19 @@ public:
         }
         if (block_size <= 0) throw py::value_error(where + "block_size must be positive");
         b.block_size = block_size;
-        check_block_tables(where, b.block_tables, b.seq_lens, S, b.max_blocks, block_size, num_blocks);
-        for (int64_t s = 0; s < S; ++s) {
-            if (b.positions[s] < 0 || b.positions[s] >= P)
-                throw py::value_error(where + "positions[" + std::to_string(s) + "] = " +
-                                      std::to_string(b.positions[s]) + " is outside the cos/sin table (" +
+        check_block_tables(where, b.block_tables, b.seq_lens, b.S, b.max_blocks, block_size, num_blocks);
+        check_query_starts(where, b.query_start_loc, b.seq_lens, b.S, b.T);
+        for (int64_t t = 0; t < b.T; ++t) {
+            if (b.positions[t] < 0 || b.positions[t] >= P)
+                throw py::value_error(where + "positions[" + std::to_string(t) + "] = " +
+                                      std::to_string(b.positions[t]) + " is outside the cos/sin table (" +
                                       std::to_string(P) + " rows)");
-            if (b.slot_mapping[s] < -1 || b.slot_mapping[s] >= num_blocks * block_size)
-                throw py::value_error(where + "slot_mapping[" + std::to_string(s) + "] = " +
-                                      std::to_string(b.slot_mapping[s]) + " is not a cache slot");
+            if (b.slot_mapping[t] < -1 || b.slot_mapping[t] >= num_blocks * block_size)
+                throw py::value_error(where + "slot_mapping[" + std::to_string(t) + "] = " +
+                                      std::to_string(b.slot_mapping[t]) + " is not a cache slot");
         }
         py::gil_scoped_release release;
-        smolvlm_cpu::decode_step(layers, final_, shape_, b, xp);
+        smolvlm_cpu::decoder_step(layers, final_, shape_, b, xp);
     }
 
     size_t num_layers() const { return layers_.size(); }
@@ -493,7 +521,7 @@ PYBIND11_MODULE(_cpu, m) {
           "- query_start_loc[s]) sits at position seq_lens[s] - q_len_s + j and sees the cache keys at positions <= "
           "its own");
     py::class_<Decoder>(m, "Decoder",
-                        "the Llama decoder's weights for fused decode steps (csrc/cpu/decoder_step.cpp); layers: "
+                        "the Llama decoder's weights for fused steps (csrc/cpu/decoder_step.cpp); layers: "
                         "dicts of input_norm, post_norm (float32 [D]) and qkv, o, gate_up, down "
                         "(quant.cpu_linear_spec tuples)")
         .def(py::init<const py::list&, const py::array&, int64_t, int64_t, int64_t, int64_t, int64_t, float, float,
@@ -503,7 +531,9 @@ PYBIND11_MODULE(_cpu, m) {
              py::arg("int8_activations") = false)
         .def("step", &Decoder::step, py::arg("x"), py::arg("kv_caches"), py::arg("positions"),
              py::arg("slot_mapping"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("cos_sin"),
-             "one decode step: x [S, D] embeddings in, final hidden states out; writes each layer's new K/V")
+             py::arg("query_start_loc") = py::none(),
+             "one step over packed tokens: x [T, D] embeddings in, final hidden states out; writes each layer's "
+             "new K/V")
         .def("__len__", &Decoder::num_layers);
     m.def("set_num_threads", &smolvlm_cpu::set_num_threads, py::arg("n"),
           "threads for the kernels; n <= 0 restores the default (SMOLVLM_FAST_NUM_THREADS, else the usable cores)");

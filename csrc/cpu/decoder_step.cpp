@@ -1,31 +1,69 @@
-// The decode step in C++. In NumPy a decode step is ~10 calls per layer on rows of a few hundred floats, and the
-// Python and NumPy overhead of those calls (~80 us a layer on a 2-core Xeon) was a third of the step's time. Here
-// the products and the attention run on the thread pool (quant_gemm.cpp, paged_attention.cpp) and the small ops
-// (norms, RoPE, SwiGLU, the cache write) on the calling thread: with one row per sequence they are too small to
-// be worth waking a thread for.
+// A decoder step in C++. In NumPy a decode step is ~10 calls per layer on rows of a few hundred floats, and the
+// Python and NumPy overhead of those calls (~80 us a layer on a 2-core Xeon) was a third of the step's time; in a
+// prefill the small ops (norms, RoPE, SwiGLU) each pass over memory several times. Here the products and the
+// attention run on the thread pool (quant_gemm.cpp / prefill_gemm.cpp, paged_attention.cpp) and the small ops on
+// the calling thread, one pass each. The MLP goes kMlpRows tokens at a time so a long prompt's [T, 2I] never
+// exists whole.
 #include "decoder_step.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "paged_attention.h"
+#include "prefill_gemm.h"
+#include "simd_math.h"
 
 namespace smolvlm_cpu {
 namespace {
 
+// f(r0, r1) for row ranges covering [0, rows), on the thread pool when rows * work_per_row multiply-adds pay
+// for it (a prefill), else here (a decode step's few rows).
+template <class F>
+void for_rows(int64_t rows, int64_t work_per_row, F&& f) {
+    constexpr int64_t kRowsPerChunk = 16;
+    struct Ctx {
+        F* f;
+        int64_t rows;
+    } ctx{&f, rows};
+    parallel_for(
+        [](void* p, int64_t c) {
+            const auto* x = static_cast<const Ctx*>(p);
+            (*x->f)(c * kRowsPerChunk, std::min(x->rows, (c + 1) * kRowsPerChunk));
+        },
+        &ctx, (rows + kRowsPerChunk - 1) / kRowsPerChunk, rows * work_per_row);
+}
+
 // residual[s] += x[s]; y[s] = weight * residual[s] / rms(residual[s]) — as ops.rms_norm with its residual.
+// y may be x (each row is read before it is written).
 void add_rms_norm(const float* x, float* residual, const float* weight, int64_t S, int64_t D, float eps, float* y) {
-    for (int64_t s = 0; s < S; ++s) {
-        float* r = residual + s * D;
-        float sum_sq = 0.f;
-        for (int64_t d = 0; d < D; ++d) {
-            r[d] += x[s * D + d];
-            sum_sq += r[d] * r[d];
+    for_rows(S, 3 * D, [&](int64_t s0, int64_t s1) {
+        for (int64_t s = s0; s < s1; ++s) {
+            float* r = residual + s * D;
+            const float* xs = x + s * D;
+            float* ys = y + s * D;
+            float sum_sq = 0.f;
+            int64_t d = 0;
+#if defined(__AVX512F__)
+            __m512 acc = _mm512_setzero_ps();
+            for (; d < D; d += 16) {
+                const __mmask16 k = first_lanes(D - d);
+                const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(k, r + d), _mm512_maskz_loadu_ps(k, xs + d));
+                _mm512_mask_storeu_ps(r + d, k, v);
+                acc = _mm512_fmadd_ps(v, v, acc);
+            }
+            sum_sq = _mm512_reduce_add_ps(acc);
+#else
+            for (; d < D; ++d) {
+                r[d] += xs[d];
+                sum_sq += r[d] * r[d];
+            }
+#endif
+            const float rms = std::sqrt(sum_sq / static_cast<float>(D) + eps);
+            for (d = 0; d < D; ++d) ys[d] = r[d] / rms * weight[d];
         }
-        const float rms = std::sqrt(sum_sq / static_cast<float>(D) + eps);
-        for (int64_t d = 0; d < D; ++d) y[s * D + d] = r[d] / rms * weight[d];
-    }
+    });
 }
 
 // Rotate-half RoPE of n_heads heads [n_heads, Dh] in place, on the first R features; cs [R]: cos | sin.
@@ -43,91 +81,127 @@ void rope(float* heads, int64_t n_heads, int64_t Dh, int64_t R, const float* cs)
     }
 }
 
-// gate_up [S, 2I] -> out [S, I] = silu(gate) * up.
+// gate_up [S, 2I] -> out [S, I] = silu(gate) * up, silu(g) = g / (1 + e^-g).
 void silu_and_mul(const float* gate_up, int64_t S, int64_t I, float* out) {
-    for (int64_t s = 0; s < S; ++s)
-        for (int64_t i = 0; i < I; ++i) {
-            const float g = gate_up[s * 2 * I + i];
-            out[s * I + i] = g / (1.0f + std::exp(-g)) * gate_up[s * 2 * I + I + i];
+    for_rows(S, 8 * I, [&](int64_t s0, int64_t s1) {
+        for (int64_t s = s0; s < s1; ++s) {
+            const float* g = gate_up + s * 2 * I;
+            const float* u = g + I;
+            float* o = out + s * I;
+            int64_t i = 0;
+#if defined(__AVX512F__)
+            for (; i < I; i += 16) {
+                const __mmask16 k = first_lanes(I - i);
+                const __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
+                const __m512 denom = _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
+                _mm512_mask_storeu_ps(o + i, k, _mm512_mul_ps(_mm512_div_ps(gv, denom), _mm512_maskz_loadu_ps(k, u + i)));
+            }
+#endif
+            for (; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
         }
+    });
 }
 
-// Scratch for one step, reused across steps on this thread (sizes grow to the largest batch seen).
+constexpr int64_t kMlpRows = 256;
+
+// Scratch for one step, reused across steps on this thread (sizes grow to the largest step seen).
 struct Scratch {
     std::vector<float> residual, h, qkv, q, attn, gate_up, act;
-    void resize(int64_t S, const DecoderShape& c) {
-        const int64_t qkv_width = (c.Hq + 2 * c.Hkv) * c.Dh;
-        residual.assign(S * c.D, 0.f);  // zero: the first layer's "add" leaves the embeddings themselves
-        h.resize(S * c.D);
-        qkv.resize(S * qkv_width);
-        q.resize(S * c.Hq * c.Dh);
-        attn.resize(S * c.Hq * c.Dh);
-        gate_up.resize(S * 2 * c.I);
-        act.resize(S * c.I);
+    void resize(int64_t T, const DecoderShape& c) {
+        const int64_t qkv_width = (c.Hq + 2 * c.Hkv) * c.Dh, mlp_rows = std::min(T, kMlpRows);
+        residual.assign(T * c.D, 0.f);  // zero: the first layer's "add" leaves the embeddings themselves
+        h.resize(T * c.D);
+        qkv.resize(T * qkv_width);
+        q.resize(T * c.Hq * c.Dh);
+        attn.resize(T * c.Hq * c.Dh);
+        gate_up.resize(mlp_rows * 2 * c.I);
+        act.resize(mlp_rows * c.I);
     }
 };
 
-// Self-attention of layer `l` for the batch: h [S, D] (normed) -> out [S, D] (o_proj applied).
-void attention(const DecoderLayer& l, const DecoderShape& c, const DecodeBatch& b, Scratch& t, float* out) {
-    const int64_t S = b.S, Dh = c.Dh, q_size = c.Hq * Dh, kv_size = c.Hkv * Dh, width = q_size + 2 * kv_size;
-    linear(t.h.data(), S, l.qkv, t.qkv.data(), c.int8_activations);  // [S, width]: q | k | v
-    for (int64_t s = 0; s < S; ++s) {
-        float* row = t.qkv.data() + s * width;
-        const float* cs = b.cos_sin + static_cast<int64_t>(b.positions[s]) * c.rotary_dim;
-        std::memcpy(t.q.data() + s * q_size, row, q_size * sizeof(float));
-        rope(t.q.data() + s * q_size, c.Hq, Dh, c.rotary_dim, cs);
-        rope(row + q_size, c.Hkv, Dh, c.rotary_dim, cs);
-        const int64_t slot = b.slot_mapping[s];
-        if (slot < 0) continue;
-        std::memcpy(l.k_cache + slot * kv_size, row + q_size, kv_size * sizeof(float));
-        std::memcpy(l.v_cache + slot * kv_size, row + q_size + kv_size, kv_size * sizeof(float));
-    }
-    PagedDecode a{};
+// Self-attention of layer `l` for the step: h [T, D] (normed) -> out [T, D] (o_proj applied).
+void attention(const DecoderLayer& l, const DecoderShape& c, const StepBatch& b, Scratch& t, float* out) {
+    const int64_t T = b.T, Dh = c.Dh, q_size = c.Hq * Dh, kv_size = c.Hkv * Dh, width = q_size + 2 * kv_size;
+    linear(t.h.data(), T, l.qkv, t.qkv.data(), c.int8_activations);  // [T, width]: q | k | v
+    for_rows(T, width, [&](int64_t t0, int64_t t1) {  // RoPE on q and k, q to its own array, k and v to the cache
+        for (int64_t s = t0; s < t1; ++s) {
+            float* row = t.qkv.data() + s * width;
+            const float* cs = b.cos_sin + static_cast<int64_t>(b.positions[s]) * c.rotary_dim;
+            std::memcpy(t.q.data() + s * q_size, row, q_size * sizeof(float));
+            rope(t.q.data() + s * q_size, c.Hq, Dh, c.rotary_dim, cs);
+            rope(row + q_size, c.Hkv, Dh, c.rotary_dim, cs);
+            const int64_t slot = b.slot_mapping[s];
+            if (slot < 0) continue;
+            std::memcpy(l.k_cache + slot * kv_size, row + q_size, kv_size * sizeof(float));
+            std::memcpy(l.v_cache + slot * kv_size, row + q_size + kv_size, kv_size * sizeof(float));
+        }
+    });
+    PagedPrefill a{};
     a.q = t.q.data();
     a.k_cache = l.k_cache;
     a.v_cache = l.v_cache;
     a.block_tables = b.block_tables;
     a.seq_lens = b.seq_lens;
-    a.S = S;
+    a.S = b.S;
     a.Hq = c.Hq;
     a.Hkv = c.Hkv;
     a.Dh = Dh;
     a.block_size = b.block_size;
     a.max_blocks = b.max_blocks;
     a.scale = c.scale;
-    paged_decode_attention(a, t.attn.data());  // [S, Hq, Dh]
-    linear(t.attn.data(), S, l.o, out, c.int8_activations);      // [S, D]
+    a.query_start_loc = b.query_start_loc;
+    a.T = T;
+    paged_prefill_attention(a, t.attn.data());  // [T, Hq, Dh]; one-query sequences take its decode path
+    linear(t.attn.data(), T, l.o, out, c.int8_activations);  // [T, D]
 }
 
 }  // namespace
 
-void linear(const float* x, int64_t M, const Linear& w, float* out, bool int8_x) {
+bool linear(const float* x, int64_t M, const Linear& w, float* out, bool int8_x) {
+    // From kPrefillRows rows of x on, prefill_gemm (a dequantized panel of W in L1/L2 under a 32 x 12 register
+    // tile) beats the decode tiles, which unpack each weight block for at most 8 rows of x.
+    constexpr int64_t kPrefillRows = 32;
+    bool int8_done = false;
+    AnyMatrix any;
     switch (w.kind) {
         case Linear::Kind::int4:
-            if (!int8_x || !int4_gemm_int8(x, M, w.int4, out)) int4_gemm(x, M, w.int4, out);
+            any.int4 = &w.int4;
+            // int8 x only for decode-sized products: with many rows the float panel GEMM is faster still
+            int8_done = int8_x && M < kPrefillRows && int4_gemm_int8(x, M, w.int4, out);
+            if (!int8_done && (M < kPrefillRows || !prefill_gemm(x, M, any, out))) int4_gemm(x, M, w.int4, out);
             break;
-        case Linear::Kind::q8: q8_gemm(x, M, w.q8, out); break;
-        case Linear::Kind::f32: f32_gemm(x, M, w.f32, out); break;
+        case Linear::Kind::q8:
+            any.q8 = &w.q8;
+            if (M < kPrefillRows || !prefill_gemm(x, M, any, out)) q8_gemm(x, M, w.q8, out);
+            break;
+        case Linear::Kind::f32:
+            any.f32 = &w.f32;
+            if (M < kPrefillRows || !prefill_gemm(x, M, any, out)) f32_gemm(x, M, w.f32, out);
+            break;
     }
     if (w.bias)
         for (int64_t m = 0; m < M; ++m)
             for (int64_t n = 0; n < w.N; ++n) out[m * w.N + n] += w.bias[n];
+    return int8_done;
 }
 
-void decode_step(const std::vector<DecoderLayer>& layers, const float* final_norm, const DecoderShape& c,
-                 const DecodeBatch& b, float* x) {
+void decoder_step(const std::vector<DecoderLayer>& layers, const float* final_norm, const DecoderShape& c,
+                  const StepBatch& b, float* x) {
     thread_local Scratch t;
-    t.resize(b.S, c);
-    const int64_t S = b.S;
+    t.resize(b.T, c);
+    const int64_t T = b.T;
     for (const DecoderLayer& l : layers) {
-        add_rms_norm(x, t.residual.data(), l.input_norm, S, c.D, c.eps, t.h.data());  // h = norm(x + residual)
+        add_rms_norm(x, t.residual.data(), l.input_norm, T, c.D, c.eps, t.h.data());  // h = norm(x + residual)
         attention(l, c, b, t, x);                                                      // x = attention(h)
-        add_rms_norm(x, t.residual.data(), l.post_norm, S, c.D, c.eps, t.h.data());
-        linear(t.h.data(), S, l.gate_up, t.gate_up.data(), c.int8_activations);  // [S, 2I]
-        silu_and_mul(t.gate_up.data(), S, c.I, t.act.data());  // [S, I]
-        linear(t.act.data(), S, l.down, x, c.int8_activations);  // [S, D]
+        add_rms_norm(x, t.residual.data(), l.post_norm, T, c.D, c.eps, t.h.data());
+        for (int64_t r0 = 0; r0 < T; r0 += kMlpRows) {  // x = mlp(h), kMlpRows tokens at a time
+            const int64_t rows = std::min(kMlpRows, T - r0);
+            linear(t.h.data() + r0 * c.D, rows, l.gate_up, t.gate_up.data(), c.int8_activations);  // [rows, 2I]
+            silu_and_mul(t.gate_up.data(), rows, c.I, t.act.data());                            // [rows, I]
+            linear(t.act.data(), rows, l.down, x + r0 * c.D, c.int8_activations);               // [rows, D]
+        }
     }
-    add_rms_norm(x, t.residual.data(), final_norm, S, c.D, c.eps, x);  // in place: y[d] only reads r[d]
+    add_rms_norm(x, t.residual.data(), final_norm, T, c.D, c.eps, x);  // in place: y[d] only reads r[d]
 }
 
 }  // namespace smolvlm_cpu

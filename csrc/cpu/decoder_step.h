@@ -1,5 +1,6 @@
-// The whole Llama decoder for one decode step (one new token per sequence) in one call: every layer's norms,
-// products, RoPE, KV-cache write and paged attention, then the final norm. float32 activations; each weight in
+// The whole Llama decoder for one step in one call — a decode step (one new token per sequence) or a prefill
+// (many packed tokens per sequence): every layer's norms, products, RoPE, KV-cache write and paged attention,
+// then the final norm. float32 activations; each weight in
 // the kind its checkpoint holds (float32, int4, Q8_0). The caller (bindings.cpp) checks every argument.
 #pragma once
 
@@ -21,8 +22,9 @@ struct Linear {
     int64_t N = 0, K = 0;
 };
 
-// out [M, N] = x [M, K] @ W^T (+ bias); int8_x: int4 weights meet x rounded to int8 (int4_gemm_int8).
-void linear(const float* x, int64_t M, const Linear& w, float* out, bool int8_x = false);
+// out [M, N] = x [M, K] @ W^T (+ bias), by the kernel that suits M and the weight's kind. int8_x: int4 weights
+// meet x rounded to int8 (int4_gemm_int8, where the build has VNNI); returns whether that happened.
+bool linear(const float* x, int64_t M, const Linear& w, float* out, bool int8_x = false);
 
 struct DecoderLayer {
     const float* input_norm;  // [D]
@@ -38,21 +40,22 @@ struct DecoderLayer {
 struct DecoderShape {
     int64_t D, I, Hq, Hkv, Dh, rotary_dim;
     float eps, scale;
-    bool int8_activations;  // int4 products round x to int8 per block (llama.cpp's arithmetic; ~2x faster)
+    bool int8_activations;  // decode-sized int4 products round x to int8 per block (llama.cpp's arithmetic)
 };
 
-struct DecodeBatch {              // S sequences, one new token each
-    int64_t S;
-    const int32_t* positions;     // [S]: rows of cos_sin
-    const int32_t* slot_mapping;  // [S]: cache slot of the new K/V; -1 writes nothing
-    const int32_t* block_tables;  // [S, max_blocks]
-    const int32_t* seq_lens;      // [S]: keys each sequence attends to, the new one included
+struct StepBatch {                   // T new tokens of S sequences, packed sequence after sequence
+    int64_t T, S;
+    const int32_t* positions;        // [T]: rows of cos_sin
+    const int32_t* slot_mapping;     // [T]: cache slot of each token's K/V; -1 writes nothing
+    const int32_t* query_start_loc;  // [S + 1]: sequence s owns tokens query_start_loc[s] .. [s + 1] - 1
+    const int32_t* block_tables;     // [S, max_blocks]
+    const int32_t* seq_lens;         // [S]: keys each sequence attends to, its new ones included
     int64_t max_blocks, block_size;
-    const float* cos_sin;         // [positions, rotary_dim]: cos | sin
+    const float* cos_sin;            // [positions, rotary_dim]: cos | sin
 };
 
-// x [S, D]: the new tokens' embeddings in, the final norm's output out.
-void decode_step(const std::vector<DecoderLayer>& layers, const float* final_norm, const DecoderShape& shape,
-                 const DecodeBatch& batch, float* x);
+// x [T, D]: the new tokens' embeddings in, the final norm's output out.
+void decoder_step(const std::vector<DecoderLayer>& layers, const float* final_norm, const DecoderShape& shape,
+                  const StepBatch& batch, float* x);
 
 }  // namespace smolvlm_cpu

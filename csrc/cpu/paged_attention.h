@@ -1,5 +1,5 @@
-// Decode attention over the paged KV cache on the CPU: one query per sequence, float32 throughout.
-// The caller (bindings.cpp) checks every argument; this function trusts them.
+// Attention over the paged KV cache on the CPU, float32 throughout: decode (one query per sequence) and prefill
+// (several packed queries per sequence, causal). The caller (bindings.cpp) checks every argument; these trust them.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +17,18 @@ struct PagedDecode {
 };
 
 // out [S, Hq, Dh]: query head h of sequence s attends to the seq_lens[s] keys of its KV head h / (Hq / Hkv).
+// Call it from outside the thread pool's tasks (it runs its own parallel_for).
 void paged_decode_attention(const PagedDecode& a, float* out);
+
+// Packed queries: q is [T, Hq, Dh] here. Sequence s owns queries query_start_loc[s] .. query_start_loc[s + 1] - 1
+// (q_len_s of them, 0 <= q_len_s <= seq_lens[s]); its query j sits at position seq_lens[s] - q_len_s + j and sees
+// the keys at positions <= its own.
+struct PagedPrefill : PagedDecode {
+    const int32_t* query_start_loc = nullptr;  // [S + 1]: 0 = query_start_loc[0] <= ... <= query_start_loc[S] = T
+    int64_t T = 0;
+};
+
+// out [T, Hq, Dh]. A sequence with one query is computed exactly as paged_decode_attention computes it.
+void paged_prefill_attention(const PagedPrefill& a, float* out);
 
 }  // namespace smolvlm_cpu
