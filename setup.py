@@ -65,7 +65,7 @@ DEFAULT_CUDA_ARCH = "80"
 def cuda_source_hash() -> str:
     """sha256 of csrc/cuda/'s code (names and contents): baked into the module, so a test can tell a stale build."""
     digest = hashlib.sha256()
-    for path in sorted(Path(CUDA_DIR).iterdir()):
+    for path in sorted((Path(__file__).resolve().parent / CUDA_DIR).iterdir()):
         if path.suffix in (".cu", ".cuh", ".cpp", ".h"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
@@ -249,4 +249,5 @@ def cuda_modules():
     return [cuda_extension()]
 
 
-setup(ext_modules=ext_modules(), cmdclass={"build_ext": OptionalBuildExt})
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import its helpers
+    setup(ext_modules=ext_modules(), cmdclass={"build_ext": OptionalBuildExt})

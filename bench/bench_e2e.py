@@ -19,7 +19,6 @@ Scenarios:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -32,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch
 
-from bench.common import CpuContention, append_row, format_row, make_row, time_call
+from bench.common import (CpuContention, add_model_run_options, append_row, bench_parser, format_row, make_row,
+                          time_call)
 
 BENCH = "bench_e2e"
 BASELINE = "transformers"
@@ -367,8 +367,8 @@ def profile_decode(s: Scenario, args) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = bench_parser(__doc__)
+    add_model_run_options(p)
     p.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
     p.add_argument("--backend", nargs="+", choices=list(IMPLS), default=["torch"],
@@ -382,12 +382,6 @@ def parse_args(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=512, help="smollm2 prompt length (default 512)")
     p.add_argument("--text-layers", type=int, default=None, help="smolvlm decoder layers (default 30, as released)")
     p.add_argument("--vision-layers", type=int, default=None, help="smolvlm encoder layers (default 12, as released)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-baseline", action="store_true", help="measure smolvlm_fast only, no transformers")
-    p.add_argument("--no-save", action="store_true", help="print only; append no rows to the results file")
-    p.add_argument("--results-dir", type=Path, default=None, help="default bench/results")
-    p.add_argument("--max-contention", type=float, default=0.10,
-                   help="rerun a round when other processes took more than this share of the CPU (default 0.10)")
     p.add_argument("--profile", action="store_true",
                    help="also profile the decode steps, ours and transformers (torch.profiler), and print the top ops")
     p.add_argument("--profile-rows", type=int, default=15, help="ops listed per profile (default 15)")

@@ -23,7 +23,6 @@ CUDA it prints that it skipped and exits 0.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np
 import torch
 
-from bench.common import append_row, format_row, make_row
+from bench.common import append_row, bench_parser, format_row, gpu_skipped, make_row
 
 BENCH = "bench_int4_gemm"
 BASELINE = "torch.matmul"
@@ -172,19 +171,14 @@ def memory_row(dtype, device, kv_tokens: int) -> dict:
 
 
 def main(argv=None) -> int:
-    doc = __doc__
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=doc.split("\n\n", 1)[1])
+    p = bench_parser(__doc__)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--layers", nargs="+", default=None, help="only these layer names (e.g. 256m.qkv vision.fc1)")
     p.add_argument("--kv-tokens", type=int, default=4096)
     p.add_argument("--no-gemm", action="store_true")
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--no-save", action="store_true", help="print only; append no rows to the results file")
-    p.add_argument("--results-dir", type=Path, default=None, help="default bench/results")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print(f"{BENCH}: skipped, no CUDA GPU (the Triton kernels are timed on a GPU only)")
+    if gpu_skipped(BENCH):
         return 0
     dtype, device = getattr(torch, args.dtype), "cuda"
     torch.manual_seed(0)

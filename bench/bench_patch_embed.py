@@ -18,7 +18,6 @@ bench/results/bench_patch_embed.jsonl (fields in shared/DESIGN.md, "Benchmark re
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch
 import torch.nn.functional as F
 
-from bench.common import append_row, format_row, make_row
+from bench.common import run_kernel_bench
 
 BENCH = "bench_patch_embed"
 
@@ -130,31 +129,11 @@ def check(case: Case) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--ops", nargs="+", choices=list(CASES), default=list(CASES))
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--no-save", action="store_true", help="print only; append no rows to the results file")
-    p.add_argument("--results-dir", type=Path, default=None, help="default bench/results")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print(f"{BENCH}: skipped, no CUDA GPU (the Triton kernels are timed on a GPU only)")
-        return 0
-    dtype, device = getattr(torch, args.dtype), "cuda"
-    torch.manual_seed(0)
-    for group in args.ops:
-        for case in CASES[group](dtype, device):
-            check(case)
-            ours = tflops(case.flops, case.ours)
-            for baseline, fn in case.baselines.items():
-                row = make_row(bench=BENCH, case=case.op, shape=case.shape, dtype=args.dtype, device=device,
-                               metric="TFLOP/s", ours=ours, baseline=baseline, theirs=tflops(case.flops, fn),
-                               impl="triton")
-                print(format_row({**row, "case": f"{case.op} {case.shape}"}))
-                if not args.no_save:
-                    append_row(BENCH, row, args.results_dir)
-    return 0
+    def measure(case):
+        return "TFLOP/s", tflops(case.flops, case.ours), {name: tflops(case.flops, fn)
+                                                          for name, fn in case.baselines.items()}
+    return run_kernel_bench(BENCH, __doc__, CASES, measure, check, dtypes=["bfloat16", "float16", "float32"],
+                            argv=argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ it), fp32 on the CPU.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import time
@@ -36,7 +35,7 @@ import torch
 
 from bench.bench_e2e import (ASSISTANT, END_OF_UTTERANCE, FAKE_AROUND_IMAGE, GLOBAL_IMG, IM_START, IMAGE, SMOLVLM_256M,
                              USER, smolvlm_checkpoint)
-from bench.common import CpuContention, append_row, format_row, make_row
+from bench.common import CpuContention, add_model_run_options, append_row, bench_parser, format_row, make_row
 
 BENCH = "bench_serving"
 TILE = SMOLVLM_256M["vision"]["image_size"]
@@ -167,9 +166,8 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> str:
 
 
 def parse_args(argv=None):
-    doc = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=doc[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=doc[1])
+    p = bench_parser(__doc__)
+    add_model_run_options(p)
     p.add_argument("--requests", type=int, default=16, help="requests in the mix (default 16)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--backend", choices=["torch", "numpy"], default="torch", help="our backend (default torch)")
@@ -178,12 +176,6 @@ def parse_args(argv=None):
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2, help="timed runs of the mix per implementation (default 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-baseline", action="store_true", help="measure smolvlm_fast only, no transformers")
-    p.add_argument("--no-save", action="store_true", help="print only; append no rows to the results file")
-    p.add_argument("--results-dir", type=Path, default=None, help="default bench/results")
-    p.add_argument("--max-contention", type=float, default=0.10,
-                   help="rerun a round when other processes took more than this share of the CPU (default 0.10)")
     return p.parse_args(argv)
 
 

@@ -158,8 +158,10 @@ def cuda_column(argv=None) -> None:
 
 
 def main(argv=None) -> int:
-    code = run_kernel_bench(BENCH, __doc__, CASES, lambda case: ("GB/s", gbps(case.nbytes, case.ours), gbps(case.nbytes, case.theirs)), check, baseline=BASELINE,
-                            dtypes=["bfloat16", "float16", "float32"], argv=argv)
+    def measure(case):
+        return "GB/s", gbps(case.nbytes, case.ours), {BASELINE: gbps(case.nbytes, case.theirs)}
+    code = run_kernel_bench(BENCH, __doc__, CASES, measure, check, dtypes=["bfloat16", "float16", "float32"],
+                            argv=argv)
     cuda_column(argv)
     return code
 

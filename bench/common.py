@@ -188,34 +188,58 @@ def format_row(row: dict) -> str:
     return line
 
 
-def run_kernel_bench(bench: str, doc: str, cases: dict, measure, check, *, baseline: str, dtypes: list[str],
-                     argv=None) -> int:
-    """The command line of a Triton-kernel benchmark: for each group of cases (`cases[name](dtype, device)`),
-    check the kernel against its baseline, `measure(case) -> (metric, ours, theirs)`, print and save the row.
-    Skips (exit 0) where there is no CUDA GPU: the kernels are timed on a GPU only."""
+def bench_parser(doc: str):
+    """An argparse parser described by the module docstring `doc` (first paragraph; the rest as epilog), with the
+    options every benchmark takes: --no-save and --results-dir."""
     import argparse
-
-    import torch
 
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=doc.split("\n\n", 1)[1])
-    p.add_argument("--ops", nargs="+", choices=list(cases), default=list(cases))
-    p.add_argument("--dtype", default=dtypes[0], choices=dtypes)
     p.add_argument("--no-save", action="store_true", help="print only; append no rows to the results file")
     p.add_argument("--results-dir", type=Path, default=None, help="default bench/results")
+    return p
+
+
+def add_model_run_options(p) -> None:
+    """The options of the benchmarks that time whole model runs on the CPU against transformers."""
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-baseline", action="store_true", help="measure smolvlm_fast only, no transformers")
+    p.add_argument("--max-contention", type=float, default=0.10,
+                   help="rerun a round when other processes took more than this share of the CPU (default 0.10)")
+
+
+def gpu_skipped(bench: str) -> bool:
+    """True, after saying so, where there is no CUDA GPU: the GPU kernels are timed on a GPU only."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    print(f"{bench}: skipped, no CUDA GPU (the Triton kernels are timed on a GPU only)")
+    return True
+
+
+def run_kernel_bench(bench: str, doc: str, cases: dict, measure, check, *, dtypes: list[str], argv=None) -> int:
+    """The command line of a Triton-kernel benchmark: for each group of cases (`cases[name](dtype, device)`),
+    check the kernel against its baselines, `measure(case) -> (metric, ours, {baseline: theirs})`, print and save a
+    row per baseline. Skips (exit 0) where there is no CUDA GPU: the kernels are timed on a GPU only."""
+    import torch
+
+    p = bench_parser(doc)
+    p.add_argument("--ops", nargs="+", choices=list(cases), default=list(cases))
+    p.add_argument("--dtype", default=dtypes[0], choices=dtypes)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print(f"{bench}: skipped, no CUDA GPU (the Triton kernels are timed on a GPU only)")
+    if gpu_skipped(bench):
         return 0
     dtype, device = getattr(torch, args.dtype), "cuda"
     torch.manual_seed(0)
     for group in args.ops:
         for case in cases[group](dtype, device):
             check(case)
-            metric, ours, theirs = measure(case)
-            row = make_row(bench=bench, case=case.op, shape=case.shape, dtype=args.dtype, device=device, metric=metric,
-                           ours=ours, baseline=baseline, theirs=theirs, impl="triton")
-            print(format_row({**row, "case": f"{case.op} {case.shape}"}))
-            if not args.no_save:
-                append_row(bench, row, args.results_dir)
+            metric, ours, baselines = measure(case)
+            for baseline, theirs in baselines.items():
+                row = make_row(bench=bench, case=case.op, shape=case.shape, dtype=args.dtype, device=device,
+                               metric=metric, ours=ours, baseline=baseline, theirs=theirs, impl="triton")
+                print(format_row({**row, "case": f"{case.op} {case.shape}"}))
+                if not args.no_save:
+                    append_row(bench, row, args.results_dir)
     return 0

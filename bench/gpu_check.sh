@@ -49,6 +49,7 @@ else
 fi
 
 if [ -z "${SKIP_BENCH:-}" ]; then
+    step bench_attention "$PY" bench/bench_attention.py              # rope_attention, cross_attention (Triton)
     step bench_paged_attention "$PY" bench/bench_paged_attention.py  # Triton and CUDA columns
     step bench_small_ops "$PY" bench/bench_small_ops.py              # write_kv_cache: Triton and CUDA columns
     for bench in bench/bench_int4_gemm.py bench/bench_patch_embed.py; do
@@ -87,5 +88,6 @@ for B, T in [(1, 64), (8, 1088), (32, 1088)]:
     print(f"cross_attention B={B:<2} T={T:<5} cuda {c:.4f}  triton {t:.4f}  ratio {t / c:.2f}x  "
           f"cuda {2 * k.numel() * 2 / (c * 1e-3) / 1e9:.0f} GB/s")
 EOF
+    step bench_e2e "$PY" bench/bench_e2e.py  # both scenarios, bf16 on CUDA, against transformers in the same run
 fi
 exit $status

@@ -280,6 +280,13 @@ def _check_pixels(op: str, pixels: torch.Tensor, patch: int) -> tuple[int, int, 
     return B, H // patch, W // patch
 
 
+def _check_like_pixels(op: str, pixels, **weights) -> None:
+    for name, w in weights.items():
+        if w.dtype != pixels.dtype or w.device != pixels.device:
+            raise ValueError(f"{op}: {name} must be {pixels.dtype} on {pixels.device} like the pixels; got "
+                             f"{w.dtype} on {w.device}")
+
+
 def _check_vector(op: str, name: str, t, n: int, device) -> None:
     if t is not None and (tuple(t.shape) != (n,) or t.device != device or not t.is_floating_point()):
         raise ValueError(f"{op}: {name} must be a float [{n}] tensor on {device}; got "
@@ -319,6 +326,13 @@ def _output(op: str, out, pixels, pos_embed, B: int, N: int, D: int) -> torch.Te
     return out
 
 
+def _epilogue_args(op: str, bias_name: str, bias, pos_embed, position_ids, out, pixels, B: int, N: int, D: int):
+    """The epilogue's inputs checked, and the output: (out, position flags, pos strides, pos_embed, position_ids)."""
+    _check_vector(op, bias_name, bias, D, pixels.device)
+    flags, pos_strides, pos_embed, position_ids = _positions(op, pos_embed, position_ids, B, N, D, pixels.device)
+    return _output(op, out, pixels, pos_embed, B, N, D), flags, pos_strides, pos_embed, position_ids
+
+
 def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos_embed: torch.Tensor | None,
                 position_ids: torch.Tensor | None, *, groups: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
     """conv2d(pixels, weight, bias, stride=P, groups).flatten(2).transpose(1, 2) + pos_embed[position_ids] -> [B, N, D]
@@ -332,13 +346,10 @@ def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if groups < 1 or C % groups or D % groups or c_group != C // groups:
         raise ValueError(f"{op}: weight {tuple(weight.shape)} does not fit {C} channels in {groups} groups "
                          "(C and D must be multiples of groups, weight [D, C/groups, P, P])")
-    if weight.dtype != pixels.dtype or weight.device != pixels.device:
-        raise ValueError(f"{op}: weight must be {pixels.dtype} on {pixels.device} like the pixels; got "
-                         f"{weight.dtype} on {weight.device}")
-    _check_vector(op, "bias", bias, D, pixels.device)
+    _check_like_pixels(op, pixels, weight=weight)
     N = rows * cols
-    flags, pos_strides, pos_embed, position_ids = _positions(op, pos_embed, position_ids, B, N, D, pixels.device)
-    out = _output(op, out, pixels, pos_embed, B, N, D)
+    out, flags, pos_strides, pos_embed, position_ids = _epilogue_args(op, "bias", bias, pos_embed, position_ids,
+                                                                      out, pixels, B, N, D)
     M = B * N
     if M == 0 or D == 0:
         return out
@@ -380,16 +391,12 @@ def dwsep_patch_embed(pixels: torch.Tensor, dw_weight: torch.Tensor, dw_bias: to
     if pixels.shape[1] != C or pw_weight.dim() != 2 or pw_weight.shape[1] != C:
         raise ValueError(f"{op}: pixels {tuple(pixels.shape)}, dw_weight {tuple(dw_weight.shape)} and pw_weight "
                          f"{tuple(pw_weight.shape)} disagree on the channels (want [B, C, H, W], [C, 1, P, P], [D, C])")
-    for name, w in (("dw_weight", dw_weight), ("pw_weight", pw_weight)):
-        if w.dtype != pixels.dtype or w.device != pixels.device:
-            raise ValueError(f"{op}: {name} must be {pixels.dtype} on {pixels.device} like the pixels; got "
-                             f"{w.dtype} on {w.device}")
+    _check_like_pixels(op, pixels, dw_weight=dw_weight, pw_weight=pw_weight)
     D = pw_weight.shape[0]
     _check_vector(op, "dw_bias", dw_bias, C, pixels.device)
-    _check_vector(op, "pw_bias", pw_bias, D, pixels.device)
     N = rows * cols
-    flags, pos_strides, pos_embed, position_ids = _positions(op, pos_embed, position_ids, B, N, D, pixels.device)
-    out = _output(op, out, pixels, pos_embed, B, N, D)
+    out, flags, pos_strides, pos_embed, position_ids = _epilogue_args(op, "pw_bias", pw_bias, pos_embed,
+                                                                      position_ids, out, pixels, B, N, D)
     M = B * N
     if M == 0 or D == 0:
         return out

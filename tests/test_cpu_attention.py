@@ -196,49 +196,63 @@ def test_paged_attention_prefill_with_rope_and_strided_queries():
 # ---------------------------------------------------------------- bad arguments
 
 
-def bad_prefill_cases():
-    q, k_cache, v_cache, tables, lens, qsl = paged_case([20, 5], [20, 2], 9, 3, 64, 16)
-    a = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=tables, seq_lens=lens, query_start_loc=qsl,
-             scale=0.125, out=np.empty((22, 9, 64), np.float32))
+def bad_cases(decode: bool):
+    """(message, arguments) for paged_decode_attention (decode) or paged_prefill_attention: one argument wrong each."""
+    q, k_cache, v_cache, tables, lens, qsl = paged_case([20, 5], [1, 1] if decode else [20, 2], 9, 3, 64, 16)
+    T = q.shape[0]
+    a = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=tables, seq_lens=lens, scale=0.125,
+             out=np.empty((T, 9, 64), np.float32))
+    if not decode:
+        a["query_start_loc"] = qsl
     yield "q must be float32", dict(a, q=q.astype(np.float64))
-    yield r"q must be \[T, Hq, Dh\]", dict(a, q=q[0])
+    yield rf"q must be \[{'S' if decode else 'T'}, Hq, Dh\]", dict(a, q=q[0])
     yield "q must be C-contiguous", dict(a, q=np.asfortranarray(q))
     yield r"k_cache must be \[num_blocks", dict(a, k_cache=k_cache[0])
     yield "k_cache must have shape", dict(a, k_cache=k_cache[..., :32].copy())
     yield "v_cache must have shape", dict(a, v_cache=v_cache[:-1].copy())
+    yield "v_cache must be float32", dict(a, v_cache=v_cache.astype(np.float16))
     yield "k_cache must be C-contiguous", dict(a, k_cache=k_cache.transpose(1, 0, 2, 3))
     yield "block_tables must be int32", dict(a, block_tables=tables.astype(np.int64))
     yield r"block_tables must be \[S, max_blocks\]", dict(a, block_tables=tables.reshape(-1))
     yield r"seq_lens must have shape \[2\]", dict(a, seq_lens=lens[:1].copy())
-    yield r"query_start_loc must have shape \[3\]", dict(a, query_start_loc=qsl[:2].copy())
-    yield "query_start_loc must be int32", dict(a, query_start_loc=qsl.astype(np.int64))
-    yield "query_start_loc must run from 0 to T = 22", dict(a, query_start_loc=np.array([1, 20, 22], np.int32))
-    yield "query_start_loc must run from 0 to T = 22", dict(a, query_start_loc=np.array([0, 20, 21], np.int32))
-    yield r"sequence 0 has -2 queries", dict(a, query_start_loc=np.array([0, -2, 22], np.int32))
-    yield r"sequence 1 has 7 queries \(query_start_loc\), not in \[0, seq_lens\[1\] = 5\]", dict(
-        a, query_start_loc=np.array([0, 15, 22], np.int32))
+    yield "seq_lens must be int32", dict(a, seq_lens=lens.astype(np.int64))
+    if decode:  # prefill takes S from block_tables
+        yield r"block_tables must have shape \[2, ", dict(a, block_tables=tables[:1].copy())
+    else:
+        yield r"query_start_loc must have shape \[3\]", dict(a, query_start_loc=qsl[:2].copy())
+        yield "query_start_loc must be int32", dict(a, query_start_loc=qsl.astype(np.int64))
+        yield "query_start_loc must run from 0 to T = 22", dict(a, query_start_loc=np.array([1, 20, 22], np.int32))
+        yield "query_start_loc must run from 0 to T = 22", dict(a, query_start_loc=np.array([0, 20, 21], np.int32))
+        yield r"sequence 0 has -2 queries", dict(a, query_start_loc=np.array([0, -2, 22], np.int32))
+        yield r"sequence 1 has 7 queries \(query_start_loc\), not in \[0, seq_lens\[1\] = 5\]", dict(
+            a, query_start_loc=np.array([0, 15, 22], np.int32))
     yield r"seq_lens\[1\] = 0 is not in", dict(a, seq_lens=np.array([20, 0], np.int32))
     yield r"seq_lens\[0\] = 49 is not in \[1, max_blocks \* block_size = 48\]", dict(
         a, seq_lens=np.array([49, 5], np.int32))
+    num_blocks = k_cache.shape[0]
     bad = tables.copy()
-    bad[0, 1] = k_cache.shape[0]
-    yield rf"block_tables\[0, 1\] = {k_cache.shape[0]} is not a block id", dict(a, block_tables=bad)
+    bad[0, 1] = num_blocks
+    yield rf"block_tables\[0, 1\] = {num_blocks} is not a block id in \[0, {num_blocks}\)", dict(a, block_tables=bad)
     bad = tables.copy()
     bad[1, 0] = -1
     yield r"block_tables\[1, 0\] = -1 is not a block id", dict(a, block_tables=bad)
-    yield "Hq a multiple of Hkv", dict(a, q=q[:, :8].copy(), out=np.empty((22, 8, 64), np.float32))
-    yield r"out must have shape \[22, 9, 64\]", dict(a, out=np.empty((2, 9, 64), np.float32))
-    read_only = np.empty((22, 9, 64), np.float32)
+    yield "Hq a multiple of Hkv", dict(a, q=q[:, :8].copy(), out=np.empty((T, 8, 64), np.float32))
+    yield rf"out must have shape \[{T}, 9, 64\]", dict(a, out=np.empty((T, 9, 63), np.float32))
+    yield rf"out must have shape \[{T}, 9, 64\]", dict(a, out=np.empty((T + 1, 9, 64), np.float32))
+    read_only = np.empty((T, 9, 64), np.float32)
     read_only.flags.writeable = False
     yield "out must be writeable", dict(a, out=read_only)
     yield "out overlaps q", dict(a, out=q)
     yield "scale must be finite", dict(a, scale=float("inf"))
+    yield "scale must be finite", dict(a, scale=float("nan"))
 
 
-@pytest.mark.parametrize("message,args", list(bad_prefill_cases()), ids=lambda v: v if isinstance(v, str) else "")
-def test_prefill_rejects_bad_arguments(message, args):
+@pytest.mark.parametrize("entry,message,args", [(entry, *case) for entry in ("decode", "prefill")
+                                                 for case in bad_cases(entry == "decode")],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_rejects_bad_arguments(entry, message, args):
     with pytest.raises(ValueError, match=message):
-        cpu.paged_prefill_attention(**args)
+        getattr(cpu, f"paged_{entry}_attention")(**args)
 
 
 def test_empty_batch():

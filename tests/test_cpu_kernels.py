@@ -115,9 +115,10 @@ def test_long_rows():
         close(kernel(x, w), reference(x, w))
 
 
-def test_threads_give_identical_results():
+@pytest.mark.parametrize("M", [5, 300])  # the decode tiles and the panel GEMM (csrc/cpu/prefill_gemm.cpp)
+def test_threads_give_identical_results(M):
     w = make_weight("asym32", 1536, 576)
-    x = RNG.standard_normal((5, 576), dtype=np.float32)
+    x = RNG.standard_normal((M, 576), dtype=np.float32)
     default = cpu.get_num_threads()
     try:
         cpu.set_num_threads(1)
@@ -237,28 +238,13 @@ def test_q8_and_dequantize_reject_bad_arguments():
 # ---------------------------------------------------------------- paged decode attention
 
 from smolvlm_fast.ops import numpy_ops  # noqa: E402
+from tests.test_cpu_attention import paged_case as paged_attention_case  # noqa: E402
 
 
-def paged_case(lens, Hq, Hkv, Dh, block_size, max_blocks=None):
-    """q [S, Hq, Dh] and NaN-poisoned caches whose used slots (through shuffled block tables) hold random rows."""
-    S = len(lens)
-    need = [-(-n // block_size) for n in lens]
-    max_blocks = max_blocks or max(need) + 1
-    num_blocks = sum(need) + 3
-    ids = RNG.permutation(num_blocks).astype(np.int32)
-    tables = np.full((S, max_blocks), -1, np.int32)  # unused entries: not block ids
-    k_cache = np.full((num_blocks, block_size, Hkv, Dh), np.nan, np.float32)
-    v_cache = np.full_like(k_cache, np.nan)
-    used = 0
-    for s, n in enumerate(lens):
-        tables[s, :need[s]] = ids[used:used + need[s]]
-        used += need[s]
-        for t in range(n):
-            b, off = tables[s, t // block_size], t % block_size
-            k_cache[b, off] = RNG.standard_normal((Hkv, Dh), dtype=np.float32) * 2
-            v_cache[b, off] = RNG.standard_normal((Hkv, Dh), dtype=np.float32)
-    q = RNG.standard_normal((S, Hq, Dh), dtype=np.float32)
-    return q, k_cache, v_cache, tables, np.array(lens, np.int32)
+def paged_case(lens, Hq, Hkv, Dh, block_size):
+    """q [S, Hq, Dh] (one query per sequence) and NaN-poisoned caches whose used slots (through shuffled block
+    tables) hold random rows: test_cpu_attention's case for decode."""
+    return paged_attention_case(lens, [1] * len(lens), Hq, Hkv, Dh, block_size)[:5]
 
 
 def paged_reference(q, k_cache, v_cache, tables, lens, scale):
@@ -338,44 +324,3 @@ def test_paged_decode_threads_give_identical_results():
     finally:
         cpu.set_num_threads(before)
     np.testing.assert_array_equal(one, three)
-
-
-def bad_paged_cases():
-    q, k_cache, v_cache, tables, seq_lens = paged_case([20, 5], 9, 3, 64, 16)
-    a = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=tables, seq_lens=seq_lens, scale=0.125,
-             out=np.empty((2, 9, 64), np.float32))
-    yield "q must be float32", dict(a, q=q.astype(np.float64))
-    yield r"q must be \[S, Hq, Dh\]", dict(a, q=q[0])
-    yield "q must be C-contiguous", dict(a, q=np.asfortranarray(q))
-    yield r"k_cache must be \[num_blocks", dict(a, k_cache=k_cache[0])
-    yield r"k_cache must have shape", dict(a, k_cache=k_cache[..., :32].copy())
-    yield r"v_cache must have shape", dict(a, v_cache=v_cache[:-1].copy())
-    yield "v_cache must be float32", dict(a, v_cache=v_cache.astype(np.float16))
-    yield "k_cache must be C-contiguous", dict(a, k_cache=k_cache.transpose(1, 0, 2, 3))
-    yield "block_tables must be int32", dict(a, block_tables=tables.astype(np.int64))
-    yield r"block_tables must have shape \[2, ", dict(a, block_tables=tables[:1].copy())
-    yield r"block_tables must be \[S, max_blocks\]", dict(a, block_tables=tables.reshape(-1))
-    yield r"seq_lens must have shape \[2\]", dict(a, seq_lens=seq_lens[:1].copy())
-    yield "seq_lens must be int32", dict(a, seq_lens=seq_lens.astype(np.int64))
-    yield r"seq_lens\[1\] = 0 is not in", dict(a, seq_lens=np.array([20, 0], np.int32))
-    yield r"seq_lens\[0\] = 49 is not in \[1, max_blocks \* block_size = 48\]", dict(
-        a, seq_lens=np.array([49, 5], np.int32))
-    bad = tables.copy()
-    bad[0, 1] = k_cache.shape[0]
-    yield r"block_tables\[0, 1\] = 6 is not a block id in \[0, 6\)", dict(a, block_tables=bad)
-    bad = tables.copy()
-    bad[1, 0] = -1
-    yield r"block_tables\[1, 0\] = -1 is not a block id", dict(a, block_tables=bad)
-    yield "Hq a multiple of Hkv", dict(a, q=q[:, :8].copy(), out=np.empty((2, 8, 64), np.float32))
-    yield r"out must have shape \[2, 9, 64\]", dict(a, out=np.empty((2, 9, 63), np.float32))
-    read_only = np.empty((2, 9, 64), np.float32)
-    read_only.flags.writeable = False
-    yield "out must be writeable", dict(a, out=read_only)
-    yield "out overlaps q", dict(a, out=q)
-    yield "scale must be finite", dict(a, scale=float("nan"))
-
-
-@pytest.mark.parametrize("message,args", list(bad_paged_cases()), ids=lambda v: v if isinstance(v, str) else "")
-def test_paged_decode_attention_rejects_bad_arguments(message, args):
-    with pytest.raises(ValueError, match=message):
-        cpu.paged_decode_attention(**args)

@@ -8,7 +8,6 @@ tests/test_cuda_kernels.py's (marked gpu).
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -20,32 +19,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CUDA_DIR = REPO / "csrc" / "cuda"
 ENTRY_POINTS = ("int4_gemm", "paged_attention", "cross_attention", "write_kv_cache", "patch_embed",
                 "dwsep_patch_embed")
 
 
-def source_hash() -> str:
-    """setup.py's cuda_source_hash(): sha256 of csrc/cuda/'s code (names and contents)."""
-    digest = hashlib.sha256()
-    for path in sorted(CUDA_DIR.iterdir()):
-        if path.suffix in (".cu", ".cuh", ".cpp", ".h"):
-            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
-
-
-def find_nvcc() -> str | None:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    candidates = [os.path.join(home, "bin", "nvcc")] if home else []
-    candidates += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
-    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
-
-
-def load(path: Path):
-    spec = importlib.util.spec_from_file_location("smolvlm_fast._C", path)
+def load(path: Path, name: str = "smolvlm_fast._C"):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+SETUP = load(REPO / "setup.py", "smolvlm_fast_setup")  # its helpers (setup() runs only as __main__)
+source_hash, find_nvcc = SETUP.cuda_source_hash, SETUP.find_nvcc
 
 
 def build(out: Path) -> Path:

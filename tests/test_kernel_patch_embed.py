@@ -17,21 +17,9 @@ from smolvlm_fast.kernels.patch_embed import dwsep_patch_embed, patch_embed
 from smolvlm_fast.model_torch import bucketed_position_ids
 from smolvlm_fast.ops import reference
 
-from .kernel_checks import assert_matches_fp32, run_into_nan
+from .kernel_checks import assert_matches_fp32, poison_allocations, run_into_nan  # noqa: F401  (autouse)
 
 GPU = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def poison_allocations(monkeypatch):
-    """Every tensor allocated with torch.empty starts as NaN, so an output element never written fails."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 def randn(*shape, gen, scale=1.0, dtype=torch.float32, device="cpu"):

@@ -17,6 +17,8 @@ import torch
 
 from smolvlm_fast.ops import reference
 
+from .kernel_checks import poison_allocations  # noqa: F401  (autouse)
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -68,18 +70,6 @@ def check(out, ref_fn, *inputs):
     else:
         ref64 = ref_fn(*(t.double() if t.is_floating_point() else t for t in inputs))
         assert_error_within(out, ref64, ref_fn(*inputs))
-
-
-@pytest.fixture(autouse=True)
-def poison_allocations(monkeypatch):
-    """Every tensor the kernels allocate with torch.empty starts as NaN, so an element never written fails."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 def randn(*shape, dtype, device, scale=1.0):

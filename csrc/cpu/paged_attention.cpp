@@ -44,17 +44,16 @@
 #pragma GCC diagnostic pop
 #endif
 
+#include "simd_math.h"  // exp16 and the exp constants (after the intrinsics' include above)
+
 namespace smolvlm_cpu {
 namespace {
 
 // ---------------------------------------------------------------- 16 float lanes
 
-// exp(x) = 2^n e^r, |r| <= ln2 / 2, Cephes expf's degree-6 polynomial (a few ulp). Below kExpMin (e^-87.3, the
-// smallest normal float) it returns exactly 0: masked scores (-inf) weigh nothing, and no denormals are made.
+// vexp: simd_math.h's exp (its constants), but below kExpMin (e^-87.3, the smallest normal float) exactly 0: masked
+// scores (-inf) weigh nothing, and no denormals are made.
 constexpr float kExpMin = -87.33f;
-constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
 #if SMOLVLM_AVX512
 struct V16 {
@@ -79,16 +78,8 @@ inline V16 select_ge(V16 a, V16 b, V16 x, V16 y) {
 }
 
 inline V16 vexp(V16 a) {
-    const __m512 x = a.v;
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-    __m512 p = _mm512_set1_ps(kExpPoly[0]);
-    for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpMin), _CMP_NLT_UQ);  // NaN stays NaN
-    return {_mm512_maskz_scalef_ps(keep, p, n)};
+    const __mmask16 keep = _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(kExpMin), _CMP_NLT_UQ);  // NaN stays NaN
+    return {_mm512_maskz_mov_ps(keep, exp16(a.v))};
 }
 
 // Horizontal sums of 16 vectors by a transposing tree (15 shuffle-and-add steps, not 16 full reductions), in two

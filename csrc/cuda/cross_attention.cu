@@ -40,35 +40,22 @@ void cross_attention(std::uintptr_t out, std::uintptr_t q, std::uintptr_t k, std
                      int64_t stride_vt, int64_t stride_vh, bool kv_lens_int64, double scale, int64_t split_size,
                      int64_t num_splits, int dtype, int device, std::uintptr_t stream) {
   using namespace decode_attention;
-  check_dtype(dtype, "cross_attention", "q");
+  const char* op = "cross_attention";
+  check_dtype(dtype, op, "q");
   check_arg(out && q && k && v, "cross_attention: a required pointer is 0");
   check_arg(batch >= 1 && queries_per_batch >= 1 && batch * queries_per_batch < (int64_t{1} << 31),
             "cross_attention: B * S must be in [1, 2^31)");
   check_arg(kv_tokens >= 0 && kv_tokens < (int64_t{1} << 31), "cross_attention: bad number of image tokens");
-  check_arg(num_kv_heads >= 1 && num_q_heads >= num_kv_heads && num_q_heads % num_kv_heads == 0,
-            "cross_attention: the query heads must be a multiple of the KV heads");
-  check_arg(head_dim_supported(head_dim), "cross_attention: head_dim must be 64, 80, 96 or 128, got " +
-                                              std::to_string(head_dim));
-  const int64_t vec = dtype == kFloat32 ? 4 : 8;  // elements per 16-byte load
-  check_arg(aligned16(k) && aligned16(v) && stride_kb % vec == 0 && stride_kt % vec == 0 && stride_kh % vec == 0 &&
-                stride_vb % vec == 0 && stride_vt % vec == 0 && stride_vh % vec == 0,
-            "cross_attention: k and v rows must be 16-byte aligned (pointer and strides)");
+  check_heads(op, num_q_heads, num_kv_heads, head_dim);
+  check_kv_aligned(op, "k and v rows", dtype, k, v,
+                   {stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh});
   check_arg(split_size >= 1 && split_size <= kMaxSplit, "cross_attention: split_size must be in [1, 512]");
   check_arg(num_splits >= 1 && num_splits <= 65535 && (num_splits - 1) * split_size < std::max<int64_t>(kv_tokens, 1),
             "cross_attention: num_splits must cover the image tokens without an empty split");
-  check_arg(num_splits == 1 || (partial_acc && partial_max && partial_sum),
-            "cross_attention: several splits need the fp32 workspaces");
-  const int64_t group = num_q_heads / num_kv_heads;
-  const int64_t slices = cdiv(group, kMaxGroup);
-  check_arg(num_kv_heads * slices <= 65535, "cross_attention: too many heads for one grid");
-
-  Query qa{reinterpret_cast<const void*>(q), stride_qt, stride_qh, nullptr, kFloat32, 0, nullptr, false, 0,
-           static_cast<float>(scale) * kLog2e};
-  Output oa{reinterpret_cast<void*>(out), stride_ot, stride_oh, reinterpret_cast<float*>(partial_acc),
-            reinterpret_cast<float*>(partial_max), reinterpret_cast<float*>(partial_sum),
-            static_cast<int>(num_splits)};
-  Shape shape{static_cast<int>(num_q_heads), static_cast<int>(num_kv_heads), static_cast<int>(group),
-              static_cast<int>(slices), static_cast<int>(split_size)};
+  const Output oa = make_output(op, out, stride_ot, stride_oh, partial_acc, partial_max, partial_sum, num_splits);
+  const Shape shape = make_shape(op, num_q_heads, num_kv_heads, split_size);
+  const Query qa{reinterpret_cast<const void*>(q), stride_qt, stride_qh, nullptr, kFloat32, 0, nullptr, false, 0,
+                 static_cast<float>(scale) * kLog2e};
   auto make = [&](auto tag) {
     using T = decltype(tag);
     DenseKv<T> kv{};

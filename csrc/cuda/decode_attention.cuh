@@ -19,6 +19,8 @@
 // Scores, softmax and accumulators are fp32; the softmax runs in base 2 with the scale folded into q.
 #pragma once
 
+#include <initializer_list>
+
 #include "common.cuh"
 
 namespace smolvlm_cuda {
@@ -285,6 +287,40 @@ void launch(const KvAccess& kv, const Query& qa, const Output& oa, const Shape& 
 // The head dims compiled (others go to the next implementation; ops/cuda.py asks head_dim_supported first).
 inline bool head_dim_supported(int64_t head_dim) {
   return head_dim == 64 || head_dim == 80 || head_dim == 96 || head_dim == 128;
+}
+
+// The host checks and arguments paged_attention and cross_attention share (op: the entry point, for the messages).
+inline void check_heads(const std::string& op, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim) {
+  check_arg(num_kv_heads >= 1 && num_q_heads >= num_kv_heads && num_q_heads % num_kv_heads == 0,
+            op + ": the query heads must be a multiple of the KV heads");
+  check_arg(head_dim_supported(head_dim), op + ": head_dim must be 64, 80, 96 or 128, got " + std::to_string(head_dim));
+}
+
+// K and V rows are read 16 bytes at a time: both pointers and every stride (in elements) must keep them aligned.
+inline void check_kv_aligned(const std::string& op, const char* rows, int dtype, std::uintptr_t k, std::uintptr_t v,
+                             std::initializer_list<int64_t> strides) {
+  const int64_t vec = dtype == kFloat32 ? 4 : 8;  // elements per 16-byte load
+  bool ok = aligned16(k) && aligned16(v);
+  for (int64_t stride : strides) ok = ok && stride % vec == 0;
+  check_arg(ok, op + ": " + rows + " must be 16-byte aligned (pointer and strides)");
+}
+
+inline Output make_output(const std::string& op, std::uintptr_t out, int64_t stride_t, int64_t stride_h,
+                          std::uintptr_t partial_acc, std::uintptr_t partial_max, std::uintptr_t partial_sum,
+                          int64_t num_splits) {
+  check_arg(num_splits == 1 || (partial_acc && partial_max && partial_sum),
+            op + ": several splits need the fp32 workspaces");
+  return Output{reinterpret_cast<void*>(out), stride_t, stride_h, reinterpret_cast<float*>(partial_acc),
+                reinterpret_cast<float*>(partial_max), reinterpret_cast<float*>(partial_sum),
+                static_cast<int>(num_splits)};
+}
+
+inline Shape make_shape(const std::string& op, int64_t num_q_heads, int64_t num_kv_heads, int64_t split_size) {
+  const int64_t group = num_q_heads / num_kv_heads;
+  const int64_t slices = cdiv(group, kMaxGroup);
+  check_arg(num_kv_heads * slices <= 65535, op + ": too many heads for one grid");
+  return Shape{static_cast<int>(num_q_heads), static_cast<int>(num_kv_heads), static_cast<int>(group),
+               static_cast<int>(slices), static_cast<int>(split_size)};
 }
 
 template <typename T, typename KvAccess>

@@ -71,37 +71,23 @@ void paged_attention(std::uintptr_t out, std::uintptr_t q, std::uintptr_t k_cach
   check_arg(num_seqs >= 1 && num_seqs < (int64_t{1} << 31), "paged_attention: num_seqs must be positive");
   check_arg(query_start_loc != 0 || num_tokens == num_seqs,
             "paged_attention: without query_start_loc there is one query per sequence");
-  check_arg(num_kv_heads >= 1 && num_q_heads >= num_kv_heads && num_q_heads % num_kv_heads == 0,
-            "paged_attention: the query heads must be a multiple of the KV heads");
-  check_arg(head_dim_supported(head_dim), "paged_attention: head_dim must be 64, 80, 96 or 128, got " +
-                                              std::to_string(head_dim));
+  check_heads(op, num_q_heads, num_kv_heads, head_dim);
   check_arg(block_size >= 1, "paged_attention: block_size must be positive");
-  const int64_t vec = dtype == kFloat32 ? 4 : 8;  // elements per 16-byte load
-  check_arg(aligned16(k_cache) && aligned16(v_cache) && stride_kb % vec == 0 && stride_ks % vec == 0 &&
-                stride_kh % vec == 0 && stride_vb % vec == 0 && stride_vs % vec == 0 && stride_vh % vec == 0,
-            "paged_attention: cache rows must be 16-byte aligned (pointer and strides)");
+  check_kv_aligned(op, "cache rows", dtype, k_cache, v_cache,
+                   {stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh});
   check_arg(split_size >= 1 && split_size <= kMaxSplit, "paged_attention: split_size must be in [1, 512]");
   check_arg(num_splits >= 1 && num_splits <= 65535, "paged_attention: num_splits must be in [1, 65535]");
-  check_arg(num_splits == 1 || (partial_acc && partial_max && partial_sum),
-            "paged_attention: several splits need the fp32 workspaces");
+  const Output oa = make_output(op, out, stride_ot, stride_oh, partial_acc, partial_max, partial_sum, num_splits);
   if (cos_sin != 0) {
     check_dtype(cos_sin_dtype, op, "cos_sin");
     check_arg(positions != 0, "paged_attention: cos_sin needs positions");
     check_arg(rotary_dim >= 2 && rotary_dim % 2 == 0 && rotary_dim <= head_dim,
               "paged_attention: rotary_dim must be even and in [2, head_dim]");
   }
-  const int64_t group = num_q_heads / num_kv_heads;
-  const int64_t slices = cdiv(group, kMaxGroup);
-  check_arg(num_kv_heads * slices <= 65535, "paged_attention: too many heads for one grid");
-
-  Query qa{reinterpret_cast<const void*>(q), stride_qt, stride_qh, reinterpret_cast<const void*>(cos_sin),
-           cos_sin_dtype, stride_cs, reinterpret_cast<const void*>(positions), positions_int64,
-           static_cast<int>(rotary_dim), static_cast<float>(scale) * kLog2e};
-  Output oa{reinterpret_cast<void*>(out), stride_ot, stride_oh, reinterpret_cast<float*>(partial_acc),
-            reinterpret_cast<float*>(partial_max), reinterpret_cast<float*>(partial_sum),
-            static_cast<int>(num_splits)};
-  Shape shape{static_cast<int>(num_q_heads), static_cast<int>(num_kv_heads), static_cast<int>(group),
-              static_cast<int>(slices), static_cast<int>(split_size)};
+  const Shape shape = make_shape(op, num_q_heads, num_kv_heads, split_size);
+  const Query qa{reinterpret_cast<const void*>(q), stride_qt, stride_qh, reinterpret_cast<const void*>(cos_sin),
+                 cos_sin_dtype, stride_cs, reinterpret_cast<const void*>(positions), positions_int64,
+                 static_cast<int>(rotary_dim), static_cast<float>(scale) * kLog2e};
   auto make = [&](auto tag) {
     using T = decltype(tag);
     PagedKv<T> kv{};

@@ -198,9 +198,12 @@ __global__ void __launch_bounds__(kThreads) dwsep_patch_embed_kernel(const Patch
   }
 }
 
-void check_common(const char* op, std::uintptr_t out, std::uintptr_t pixels, int64_t batch, int64_t channels,
-                  int64_t patches_h, int64_t patches_w, int64_t patch, int64_t dim, int dtype, int bias_dtype,
-                  int pos_dtype, int out_dtype) {
+// The checks both entry points make, then the kernel arguments they share (the caller sets the weights).
+PatchArgs checked_args(const char* op, std::uintptr_t out, std::uintptr_t pixels, std::uintptr_t bias,
+                       std::uintptr_t pos_embed, std::uintptr_t position_ids, int64_t batch, int64_t channels,
+                       int64_t patches_h, int64_t patches_w, int64_t patch, int64_t dim, int64_t stride_pb,
+                       int64_t stride_pc, int64_t stride_ph, int64_t stride_pw, int64_t stride_pos, int64_t stride_ib,
+                       int64_t stride_in, bool ids_int64, int dtype, int bias_dtype, int pos_dtype, int out_dtype) {
   const std::string name(op);
   check_arg(out && pixels, name + ": out and pixels are required");
   check_dtype(dtype, op, "pixels");
@@ -212,6 +215,25 @@ void check_common(const char* op, std::uintptr_t out, std::uintptr_t pixels, int
   check_arg(batch * patches_h * patches_w < (int64_t{1} << 31) && dim < (int64_t{1} << 31) &&
                 channels * patch * patch < (int64_t{1} << 31),
             name + ": sizes too large for 32-bit indices");
+
+  PatchArgs a{};
+  a.pixels = reinterpret_cast<const void*>(pixels);
+  a.bias = reinterpret_cast<const void*>(bias);
+  a.pos = reinterpret_cast<const void*>(pos_embed);
+  a.ids = reinterpret_cast<const void*>(position_ids);
+  a.out = reinterpret_cast<void*>(out);
+  a.M = static_cast<int>(batch * patches_h * patches_w);
+  a.D = static_cast<int>(dim);
+  a.K = static_cast<int>(channels * patch * patch);
+  a.C = static_cast<int>(channels);
+  a.n_patches = static_cast<int>(patches_h * patches_w);
+  a.patches_w = static_cast<int>(patches_w);
+  a.P = static_cast<int>(patch);
+  a.stride_pb = stride_pb, a.stride_pc = stride_pc, a.stride_ph = stride_ph, a.stride_pw = stride_pw;
+  a.stride_pos = stride_pos, a.stride_ib = stride_ib, a.stride_in = stride_in;
+  a.bias_dtype = bias_dtype, a.pos_dtype = pos_dtype, a.out_dtype = out_dtype;
+  a.ids_int64 = ids_int64;
+  return a;
 }
 
 }  // namespace
@@ -222,34 +244,16 @@ void patch_embed(std::uintptr_t out, std::uintptr_t pixels, std::uintptr_t weigh
                  int64_t stride_pc, int64_t stride_ph, int64_t stride_pw, int64_t stride_pos, int64_t stride_ib,
                  int64_t stride_in, bool ids_int64, int dtype, int bias_dtype, int pos_dtype, int out_dtype,
                  int device, std::uintptr_t stream) {
-  check_common("patch_embed", out, pixels, batch, channels, patches_h, patches_w, patch, dim, dtype, bias_dtype,
-               pos_dtype, out_dtype);
+  PatchArgs a = checked_args("patch_embed", out, pixels, bias, pos_embed, position_ids, batch, channels, patches_h,
+                             patches_w, patch, dim, stride_pb, stride_pc, stride_ph, stride_pw, stride_pos, stride_ib,
+                             stride_in, ids_int64, dtype, bias_dtype, pos_dtype, out_dtype);
   check_arg(dtype == kFloat16 || dtype == kBFloat16, "patch_embed: the CUDA kernel takes fp16 or bf16 pixels");
   check_arg(weight != 0, "patch_embed: weight is required");
-  const int64_t M = batch * patches_h * patches_w;
+  const int64_t M = a.M;
   check_arg(cdiv(M, kBM) <= 65535, "patch_embed: too many patches for one grid");
-  const int64_t K = channels * patch * patch;
   const bool vectorized = patch % 8 == 0 && stride_pw == 1 && stride_pb % 8 == 0 && stride_pc % 8 == 0 &&
                           stride_ph % 8 == 0 && aligned16(pixels) && aligned16(weight);
-
-  PatchArgs a{};
-  a.pixels = reinterpret_cast<const void*>(pixels);
   a.weight = reinterpret_cast<const void*>(weight);
-  a.bias = reinterpret_cast<const void*>(bias);
-  a.pos = reinterpret_cast<const void*>(pos_embed);
-  a.ids = reinterpret_cast<const void*>(position_ids);
-  a.out = reinterpret_cast<void*>(out);
-  a.M = static_cast<int>(M);
-  a.D = static_cast<int>(dim);
-  a.K = static_cast<int>(K);
-  a.C = static_cast<int>(channels);
-  a.n_patches = static_cast<int>(patches_h * patches_w);
-  a.patches_w = static_cast<int>(patches_w);
-  a.P = static_cast<int>(patch);
-  a.stride_pb = stride_pb, a.stride_pc = stride_pc, a.stride_ph = stride_ph, a.stride_pw = stride_pw;
-  a.stride_pos = stride_pos, a.stride_ib = stride_ib, a.stride_in = stride_in;
-  a.bias_dtype = bias_dtype, a.pos_dtype = pos_dtype, a.out_dtype = out_dtype;
-  a.ids_int64 = ids_int64;
 
   DeviceGuard guard(device);
   const dim3 grid(static_cast<unsigned>(cdiv(dim, kBN)), static_cast<unsigned>(cdiv(M, kBM)));
@@ -271,32 +275,15 @@ void dwsep_patch_embed(std::uintptr_t out, std::uintptr_t pixels, std::uintptr_t
                        int64_t stride_ph, int64_t stride_pw, int64_t stride_pos, int64_t stride_ib, int64_t stride_in,
                        bool ids_int64, int dtype, int bias_dtype, int pos_dtype, int out_dtype, int device,
                        std::uintptr_t stream) {
-  check_common("dwsep_patch_embed", out, pixels, batch, channels, patches_h, patches_w, patch, dim, dtype, bias_dtype,
-               pos_dtype, out_dtype);
+  PatchArgs a = checked_args("dwsep_patch_embed", out, pixels, pw_bias, pos_embed, position_ids, batch, channels,
+                             patches_h, patches_w, patch, dim, stride_pb, stride_pc, stride_ph, stride_pw, stride_pos,
+                             stride_ib, stride_in, ids_int64, dtype, bias_dtype, pos_dtype, out_dtype);
   check_arg(dw_weight != 0 && pw_weight != 0, "dwsep_patch_embed: dw_weight and pw_weight are required");
   check_arg(channels <= kDwsepMaxChannels, "dwsep_patch_embed: the CUDA kernel takes at most 512 channels");
-  const int64_t M = batch * patches_h * patches_w;
-
-  PatchArgs a{};
-  a.pixels = reinterpret_cast<const void*>(pixels);
+  const int64_t M = a.M;
   a.weight = reinterpret_cast<const void*>(dw_weight);
   a.pw_weight = reinterpret_cast<const void*>(pw_weight);
   a.dw_bias = reinterpret_cast<const void*>(dw_bias);
-  a.bias = reinterpret_cast<const void*>(pw_bias);
-  a.pos = reinterpret_cast<const void*>(pos_embed);
-  a.ids = reinterpret_cast<const void*>(position_ids);
-  a.out = reinterpret_cast<void*>(out);
-  a.M = static_cast<int>(M);
-  a.D = static_cast<int>(dim);
-  a.K = static_cast<int>(channels * patch * patch);
-  a.C = static_cast<int>(channels);
-  a.n_patches = static_cast<int>(patches_h * patches_w);
-  a.patches_w = static_cast<int>(patches_w);
-  a.P = static_cast<int>(patch);
-  a.stride_pb = stride_pb, a.stride_pc = stride_pc, a.stride_ph = stride_ph, a.stride_pw = stride_pw;
-  a.stride_pos = stride_pos, a.stride_ib = stride_ib, a.stride_in = stride_in;
-  a.bias_dtype = bias_dtype, a.pos_dtype = pos_dtype, a.out_dtype = out_dtype;
-  a.ids_int64 = ids_int64;
 
   DeviceGuard guard(device);
   const dim3 grid(static_cast<unsigned>(cdiv(M, kDwsepPatches)));
