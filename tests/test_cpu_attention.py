@@ -193,6 +193,25 @@ def test_paged_attention_prefill_with_rope_and_strided_queries():
     close(ours, reference(rotated, k_cache, v_cache, tables, lens, qsl, 64**-0.5))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("S,Hq,Hkv,Dh", [(13, 9, 3, 64), (70, 4, 4, 72), (257, 12, 12, 80), (2, 9, 3, 128)])
+def test_rope_attention_runs_dense_attention_in_cpp(monkeypatch, causal, S, Hq, Hkv, Dh):
+    """The vision encoder's attention (no padding): each batch row's K/V as one cache block, causal or not, against
+    the NumPy code it replaces."""
+    B = 3
+    q = RNG.standard_normal((B, S, Hq, Dh), dtype=np.float32)
+    k, v = (RNG.standard_normal((B, S, Hkv, Dh), dtype=np.float32) for _ in range(2))
+    calls = []
+    real = cpu.paged_prefill_attention
+    spy = type("Spy", (), {"paged_prefill_attention": staticmethod(
+        lambda *a, **kw: calls.append(kw) or real(*a, **kw))})
+    monkeypatch.setattr(numpy_ops, "_cpu", spy)
+    ours = numpy_ops.rope_attention(q, k, v, causal=causal)
+    assert calls == [{"causal": causal}]
+    monkeypatch.setattr(numpy_ops, "_cpu", None)
+    close(ours, numpy_ops.rope_attention(q, k, v, causal=causal))
+
+
 # ---------------------------------------------------------------- bad arguments
 
 

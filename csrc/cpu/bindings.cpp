@@ -270,7 +270,7 @@ void paged_decode_attention(const py::array& q, const py::array& k_cache, const 
 // query_start_loc [S + 1] int32: 0, then non-decreasing up to T, with 0 <= q_len_s <= seq_lens[s].
 void paged_prefill_attention(const py::array& q, const py::array& k_cache, const py::array& v_cache,
                              const py::array& block_tables, const py::array& seq_lens,
-                             const py::array& query_start_loc, float scale, const py::array& out) {
+                             const py::array& query_start_loc, float scale, const py::array& out, bool causal) {
     const char* fn = "paged_prefill_attention";
     const std::string where = std::string(fn) + ": ";
     smolvlm_cpu::PagedPrefill a{};
@@ -278,6 +278,7 @@ void paged_prefill_attention(const py::array& q, const py::array& k_cache, const
     static_cast<smolvlm_cpu::PagedDecode&>(a) =
         paged_args(fn, false, q, k_cache, v_cache, block_tables, seq_lens, scale, out, &op);
     a.T = q.shape(0);
+    a.causal = causal;
     a.query_start_loc = checked<const int32_t>(fn, "query_start_loc", query_start_loc, DType::i32, {a.S + 1});
     check_no_overlap(fn, out, query_start_loc, "query_start_loc");
     if (a.query_start_loc[0] != 0 || a.query_start_loc[a.S] != a.T)
@@ -516,10 +517,10 @@ PYBIND11_MODULE(_cpu, m) {
           "seq_lens[s] keys of KV head h // (Hq // Hkv) in the paged cache [num_blocks, block_size, Hkv, Dh]");
     m.def("paged_prefill_attention", &paged_prefill_attention, py::arg("q"), py::arg("k_cache"),
           py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("query_start_loc"),
-          py::arg("scale"), py::arg("out"),
-          "causal attention for packed queries q [T, Hq, Dh]: query j of sequence s (q_len_s = query_start_loc[s + 1] "
+          py::arg("scale"), py::arg("out"), py::arg("causal") = true,
+          "attention for packed queries q [T, Hq, Dh]: query j of sequence s (q_len_s = query_start_loc[s + 1] "
           "- query_start_loc[s]) sits at position seq_lens[s] - q_len_s + j and sees the cache keys at positions <= "
-          "its own");
+          "its own; causal=False: every query sees all seq_lens[s] keys");
     py::class_<Decoder>(m, "Decoder",
                         "the Llama decoder's weights for fused steps (csrc/cpu/decoder_step.cpp); layers: "
                         "dicts of input_norm, post_norm (float32 [D]) and qkv, o, gate_up, down "

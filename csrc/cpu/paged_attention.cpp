@@ -561,6 +561,7 @@ struct Job {
     std::vector<Split> splits;
     std::unique_ptr<std::atomic<int32_t>[]> remaining;  // per split: pieces not finished yet
     std::unique_ptr<float[]> partial;                    // per piece: m [Hq], l [Hq], acc [Hq, Dh]
+    bool causal = true;                                  // prefill tiles: false, every query sees all the keys
 
     int64_t G() const { return a.Hq / a.Hkv; }
     int64_t piece_floats() const { return a.Hq * (a.Dh + 2); }
@@ -601,7 +602,7 @@ void Job::add_decode(int32_t s, int64_t row) {
 void Job::add_prefill(int32_t s, int64_t row, int64_t q_len) {
     const int64_t first = a.seq_lens[s] - q_len, per_tile = std::max<int64_t>(1, kTileRows / G());
     for (int64_t q0 = 0; q0 < q_len; q0 += per_tile) {
-        const int64_t nq = std::min(per_tile, q_len - q0), seen = first + q0 + nq;
+        const int64_t nq = std::min(per_tile, q_len - q0), seen = causal ? first + q0 + nq : a.seq_lens[s];
         for (int32_t h = 0; h < a.Hkv; ++h)
             items.push_back({row + q0, 2 * G() * nq * seen * a.Dh, s, h, static_cast<int32_t>(first + q0),
                              static_cast<int32_t>(seen), static_cast<int32_t>(nq), -1, 0});
@@ -708,7 +709,7 @@ void Job::run_tile(const Item& it) const {
         const int64_t nk = std::min(kKeyBlock, it.t1 - k0);
         key_offsets(a, table, it.h, k0, nk, t.off);
         block_scores(t, a.k_cache, nk, Dh);
-        if (k0 + nk - 1 > it.t0) causal_mask(t, nk, k0 - it.t0);
+        if (causal && k0 + nk - 1 > it.t0) causal_mask(t, nk, k0 - it.t0);
         block_softmax(t, nk);
         block_values(t, a.v_cache, nk, Dh);
     }
@@ -731,7 +732,7 @@ void paged_decode_attention(const PagedDecode& a, float* out) {
 
 void paged_prefill_attention(const PagedPrefill& a, float* out) {
     if (a.S == 0 || a.Hkv == 0) return;
-    Job job{a, out, {}, {}, {}, {}};
+    Job job{a, out, {}, {}, {}, {}, a.causal};
     for (int32_t s = 0; s < a.S; ++s) {
         const int64_t row = a.query_start_loc[s], q_len = a.query_start_loc[s + 1] - row;
         if (q_len == 1) job.add_decode(s, row);

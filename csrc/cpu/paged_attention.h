@@ -26,6 +26,7 @@ void paged_decode_attention(const PagedDecode& a, float* out);
 struct PagedPrefill : PagedDecode {
     const int32_t* query_start_loc = nullptr;  // [S + 1]: 0 = query_start_loc[0] <= ... <= query_start_loc[S] = T
     int64_t T = 0;
+    bool causal = true;  // false: every query of sequence s sees all seq_lens[s] keys (the vision encoder)
 };
 
 // out [T, Hq, Dh]. A sequence with one query is computed exactly as paged_decode_attention computes it.

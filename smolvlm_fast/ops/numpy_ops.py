@@ -179,6 +179,9 @@ def rope_attention(q, k, v, *, cos_sin=None, positions=None, rotary_dim=None, ca
         pos = np.asarray(positions).reshape(-1)
         q = apply_rope(q.reshape(B * S, Hq, Dh), cos_sin, pos, rotary_dim).reshape(q.shape)
         k = apply_rope(k.reshape(B * S, -1, Dh), cos_sin, pos, rotary_dim).reshape(k.shape)
+    kernel = _cpp_kernel("paged_prefill_attention", q, k, v)
+    if kernel is not None and seq_lens is None and key_mask is None and S > 1:
+        return _dense_attention_in_cpp(kernel, q, k, v, causal, scale)
     idx = np.arange(S)
     out = np.empty(q.shape, dtype=np.float32)
     for b in range(B):
@@ -195,6 +198,17 @@ def rope_attention(q, k, v, *, cos_sin=None, positions=None, rotary_dim=None, ca
         if seq_lens is not None:
             out[b, int(seq_lens[b]):] = 0
     return out
+
+
+def _dense_attention_in_cpp(kernel, q, k, v, causal: bool, scale: float):
+    """rope_attention without padding through the C++ paged prefill attention: each batch row's K/V [S, Hkv, Dh] is
+    one cache block of S slots, its S queries one sequence (causal: query j sees keys <= j)."""
+    B, S, Hq, Dh = q.shape
+    out = np.empty((B * S, Hq, Dh), dtype=np.float32)
+    kernel(np.ascontiguousarray(q).reshape(B * S, Hq, Dh), np.ascontiguousarray(k), np.ascontiguousarray(v),
+           np.arange(B, dtype=np.int32).reshape(B, 1), np.full(B, S, dtype=np.int32),
+           np.arange(B + 1, dtype=np.int32) * S, float(scale), out, causal=causal)
+    return out.reshape(B, S, Hq, Dh)
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, cos_sin=None, positions=None, rotary_dim=None):
