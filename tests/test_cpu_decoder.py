@@ -6,7 +6,7 @@ import pytest
 
 from smolvlm_fast import cpu_decoder
 from smolvlm_fast.cache import PagedCache, schedule_step
-from smolvlm_fast.model_numpy import NumpyModel
+from smolvlm_fast.model_numpy import NumpyModel, row_slice
 
 pytestmark = pytest.mark.skipif(not cpu_decoder.available(), reason="smolvlm_fast._cpu has no fused decode step")
 
@@ -143,6 +143,12 @@ def test_bad_weights_raise(tiny_llama):
     weights["model.layers.0.mlp.down_proj.weight"] = weights["model.layers.0.mlp.down_proj.weight"][:, :-1]
     with pytest.raises(ValueError, match="layer 0 down"):
         cpu_decoder.build_decoder(weights, model.config, "model.")
+    quantized = NumpyModel.from_checkpoint(tiny_llama, quantize="int4")
+    weights = dict(quantized.weights)
+    down = weights["model.layers.1.mlp.down_proj.weight"]
+    weights["model.layers.1.mlp.down_proj.weight"] = row_slice(down, 0, down.N - 1)  # one row short, still int4
+    with pytest.raises(ValueError, match=r"layer 1 down: has shape \[63, 128\]"):
+        cpu_decoder.build_decoder(weights, quantized.config, "model.")
     with pytest.raises(ValueError, match="bad shape"):
         _cpu.Decoder([], np.ones(t.hidden_size, np.float32), t.intermediate_size, 9, 4, t.head_dim, t.head_dim,
                      1e-5, 0.1)

@@ -144,12 +144,7 @@ bool int4_gemm(const py::array& x, const py::array& qweight, const py::array& sc
     auto [xp, op] = checked_x_out(fn, x, out, w.N, K, &M);
     check_no_overlap(fn, out, qweight, "qweight");
     py::gil_scoped_release release;
-    smolvlm_cpu::Linear l;
-    l.kind = smolvlm_cpu::Linear::Kind::int4;
-    l.int4 = w;
-    l.N = w.N;
-    l.K = w.K;
-    return smolvlm_cpu::linear(xp, M, l, op, int8_x);
+    return smolvlm_cpu::linear(xp, M, smolvlm_cpu::Linear::of(w), op, int8_x);
 }
 
 void q8_gemm(const py::array& x, const py::array& q, const py::array& scales, const py::array& out) {
@@ -158,12 +153,7 @@ void q8_gemm(const py::array& x, const py::array& q, const py::array& scales, co
     auto [xp, op] = checked_x_out("q8_gemm", x, out, w.N, w.K, &M);
     check_no_overlap("q8_gemm", out, q, "q");
     py::gil_scoped_release release;
-    smolvlm_cpu::Linear l;
-    l.kind = smolvlm_cpu::Linear::Kind::q8;
-    l.q8 = w;
-    l.N = w.N;
-    l.K = w.K;
-    smolvlm_cpu::linear(xp, M, l, op);
+    smolvlm_cpu::linear(xp, M, smolvlm_cpu::Linear::of(w), op);
 }
 
 // out[M, N] = x[M, K] @ w[N, K]^T for float32 w (the fused decode step's kernel for few rows, prefill_gemm for many).
@@ -176,11 +166,7 @@ void f32_gemm(const py::array& x, const py::array& w, const py::array& out) {
     auto [xp, op] = checked_x_out(fn, x, out, N, K, &M);
     check_no_overlap(fn, out, w, "w");
     py::gil_scoped_release release;
-    smolvlm_cpu::Linear l;
-    l.f32 = m;
-    l.N = N;
-    l.K = K;
-    smolvlm_cpu::linear(xp, M, l, op);
+    smolvlm_cpu::linear(xp, M, smolvlm_cpu::Linear::of(m), op);
 }
 
 void int4_dequantize(const py::array& qweight, const py::array& scales, const py::object& mins, int group_size,
@@ -339,28 +325,22 @@ smolvlm_cpu::Linear linear_spec(const std::string& name, const py::tuple& spec, 
     const std::string kind = spec[0].cast<std::string>();
     Linear w;
     if (kind == "f32" && spec.size() == 3) {
-        w.kind = Linear::Kind::f32;
-        w.f32 = {checked<const float>(fn.c_str(), "weight", spec[1].cast<py::array>(), DType::f32, {N, K}), N, K};
+        w = Linear::of(smolvlm_cpu::F32Matrix{
+            checked<const float>(fn.c_str(), "weight", spec[1].cast<py::array>(), DType::f32, {N, K}), N, K});
     } else if (kind == "int4" && spec.size() == 6) {
-        w.kind = Linear::Kind::int4;
-        w.int4 = int4_matrix(fn.c_str(), spec[1].cast<py::array>(), spec[2].cast<py::array>(), spec[3],
-                             spec[4].cast<int>(), K);
-        if (w.int4.N != N) throw py::value_error(fn + ": has " + std::to_string(w.int4.N) + " rows, expected " +
-                                                 std::to_string(N));
+        w = Linear::of(int4_matrix(fn.c_str(), spec[1].cast<py::array>(), spec[2].cast<py::array>(), spec[3],
+                                   spec[4].cast<int>(), K));
     } else if (kind == "q8" && spec.size() == 4) {
-        w.kind = Linear::Kind::q8;
-        w.q8 = q8_matrix(fn.c_str(), spec[1].cast<py::array>(), spec[2].cast<py::array>());
-        if (w.q8.N != N || w.q8.K != K)
-            throw py::value_error(fn + ": has shape [" + std::to_string(w.q8.N) + ", " + std::to_string(w.q8.K) +
-                                  "], expected [" + std::to_string(N) + ", " + std::to_string(K) + "]");
+        w = Linear::of(q8_matrix(fn.c_str(), spec[1].cast<py::array>(), spec[2].cast<py::array>()));
     } else {
         throw py::value_error(fn + ": unknown weight spec (" + kind + " with " + std::to_string(spec.size()) +
                               " fields)");
     }
+    if (w.N != N || w.K != K)
+        throw py::value_error(fn + ": has shape [" + std::to_string(w.N) + ", " + std::to_string(w.K) +
+                              "], expected [" + std::to_string(N) + ", " + std::to_string(K) + "]");
     const py::object bias = spec[spec.size() - 1];
     if (!bias.is_none()) w.bias = checked<const float>(fn.c_str(), "bias", bias.cast<py::array>(), DType::f32, {N});
-    w.N = N;
-    w.K = K;
     return w;
 }
 

@@ -20,6 +20,21 @@ struct Linear {
     Q8Matrix q8{};
     const float* bias = nullptr;
     int64_t N = 0, K = 0;
+
+    static Linear of(const F32Matrix& m) { return make(Kind::f32, m.N, m.K, [&](Linear& l) { l.f32 = m; }); }
+    static Linear of(const Int4Matrix& m) { return make(Kind::int4, m.N, m.K, [&](Linear& l) { l.int4 = m; }); }
+    static Linear of(const Q8Matrix& m) { return make(Kind::q8, m.N, m.K, [&](Linear& l) { l.q8 = m; }); }
+
+private:
+    template <class Set>
+    static Linear make(Kind kind, int64_t N, int64_t K, Set set) {
+        Linear l;
+        l.kind = kind;
+        l.N = N;
+        l.K = K;
+        set(l);
+        return l;
+    }
 };
 
 // out [M, N] = x [M, K] @ W^T (+ bias), by the kernel that suits M and the weight's kind. int8_x: int4 weights

@@ -320,6 +320,17 @@ inline void store_sums(const __m512 (&v)[NR], float* out) {
     }
 }
 
+// out[i * ldo + r] = the lanes of acc[i][r][0] + acc[i][r][1] summed: the end of a tile that keeps two
+// accumulators per output (low / high half of each block, or alternate blocks) to shorten FMA dependency chains.
+template <int MT, int NR>
+inline void store_pair_sums(const __m512 (&acc)[MT][NR][2], float* out, int64_t ldo) {
+    for (int i = 0; i < MT; ++i) {
+        __m512 sums[NR];
+        for (int r = 0; r < NR; ++r) sums[r] = _mm512_add_ps(acc[i][r][0], acc[i][r][1]);
+        store_sums<NR>(sums, out + i * ldo);
+    }
+}
+
 template <bool ASYM, int BPG>
 template <int MT, int NR>
 void Int4Kernel<ASYM, BPG>::tile(const float* x, const Int4Matrix& w, int64_t n, float* out, int64_t ldo) {
@@ -368,11 +379,7 @@ void Int4Kernel<ASYM, BPG>::tile(const float* x, const Int4Matrix& w, int64_t n,
             }
         }
     }
-    for (int i = 0; i < MT; ++i) {
-        __m512 sums[NR];
-        for (int r = 0; r < NR; ++r) sums[r] = _mm512_add_ps(acc[i][r][0], acc[i][r][1]);
-        store_sums<NR>(sums, out + i * ldo);
-    }
+    store_pair_sums<MT, NR>(acc, out, ldo);
 }
 
 template <int MT, int NR>
@@ -425,11 +432,7 @@ void Q8Kernel::tile(const float* x, const Q8Matrix& w, int64_t n, float* out, in
         }
         if (g < gn) block(g, 0);
     }
-    for (int i = 0; i < MT; ++i) {
-        __m512 sums[NR];
-        for (int r = 0; r < NR; ++r) sums[r] = _mm512_add_ps(acc[i][r][0], acc[i][r][1]);
-        store_sums<NR>(sums, out + i * ldo);
-    }
+    store_pair_sums<MT, NR>(acc, out, ldo);
 }
 
 template <int MT, int NR>
