@@ -112,6 +112,18 @@ DWSEP = dict(out=256, pixels=256, dw_weight=256, dw_bias=0, pw_weight=256, pw_bi
              stride_ph=32, stride_pw=1, stride_pos=0, stride_ib=0, stride_in=0, ids_int64=False, dtype=0,
              bias_dtype=0, pos_dtype=0, out_dtype=0, device=0, stream=0)
 
+ARGS = {"paged_attention": "PagedAttentionArgs", "cross_attention": "CrossAttentionArgs",
+        "write_kv_cache": "WriteKvCacheArgs", "patch_embed": "PatchEmbedArgs",
+        "dwsep_patch_embed": "DwsepPatchEmbedArgs"}  # the argument struct each entry point takes
+
+
+def call(module, name: str, fields: dict):
+    """_C.<name> with these arguments: by keyword, or as its argument struct _C.<ARGS[name]>(**fields)."""
+    if name in ARGS:
+        return getattr(module, name)(getattr(module, ARGS[name])(**fields))
+    return getattr(module, name)(**fields)
+
+
 BAD_CALLS = [
     ("int4_gemm", INT4, dict(M=17), "1 to 16 rows"),
     ("int4_gemm", INT4, dict(dtype=0), "fp16 or bf16"),
@@ -148,7 +160,19 @@ BAD_CALLS = [
 def test_entry_points_reject_bad_arguments(cuda_ext, name, base, change, message):
     """ValueError with a message naming the problem, before any CUDA call (the pointers are never dereferenced)."""
     with pytest.raises(ValueError, match=message):
-        getattr(cuda_ext, name)(**{**base, **change})
+        call(cuda_ext, name, {**base, **change})
+
+
+@pytest.mark.parametrize("name, base", [("paged_attention", PAGED), ("cross_attention", CROSS),
+                                        ("write_kv_cache", KV), ("patch_embed", PATCH), ("dwsep_patch_embed", DWSEP)])
+def test_argument_structs_take_every_field_by_keyword(cuda_ext, name, base):
+    struct = getattr(cuda_ext, ARGS[name])
+    args = struct(**base)
+    assert {field: getattr(args, field) for field in base} == base
+    with pytest.raises(TypeError, match="fields by keyword"):
+        struct(**{k: v for k, v in base.items() if k != "stream"})
+    with pytest.raises(AttributeError):
+        struct(**base, not_a_field=0)
 
 
 @pytest.mark.parametrize("name, base", [("int4_gemm", INT4), ("paged_attention", PAGED), ("cross_attention", CROSS),
@@ -158,4 +182,4 @@ def test_valid_call_without_a_gpu_is_a_runtime_error(cuda_ext, name, base):
     if cuda_ext.device_count() > 0:
         pytest.skip("a GPU is present (tests/test_cuda_kernels.py runs the kernels)")
     with pytest.raises(RuntimeError):
-        getattr(cuda_ext, name)(**base)
+        call(cuda_ext, name, base)

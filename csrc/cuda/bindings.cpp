@@ -1,8 +1,9 @@
 // smolvlm_fast._C: the CUDA kernels of csrc/cuda/, one entry point per op. Tensors are passed as device addresses
 // (Python ints, 0 for None), sizes and strides in elements, dtypes as codes (0 fp32, 1 fp16, 2 bf16), and the
-// caller's CUDA stream as an integer; smolvlm_fast/ops/cuda.py builds these calls from torch tensors. Each entry point
-// checks its arguments: ValueError for a bad one, RuntimeError when CUDA fails. Built by setup.py with nvcc; no
-// PyTorch headers.
+// caller's CUDA stream as an integer; smolvlm_fast/ops/cuda.py builds these calls from torch tensors. Ops with many
+// arguments take one argument struct (declared in the op's .cuh), built in Python by keyword, every field named:
+// _C.paged_attention(_C.PagedAttentionArgs(out=..., q=..., ...)). Each entry point checks its arguments: ValueError
+// for a bad one, RuntimeError when CUDA fails. Built by setup.py with nvcc; no PyTorch headers.
 #include <pybind11/pybind11.h>
 
 #include "cross_attention.cuh"
@@ -25,6 +26,34 @@
 namespace py = pybind11;
 namespace sc = smolvlm_cuda;
 
+namespace {
+
+// The Python class of an argument struct S: S(**fields) sets every field by keyword (TypeError when one is missing,
+// AttributeError for an unknown name), each field then a read/write attribute. The fields follow as F(name) (with
+// `using S = ...` in scope); Base: the struct S derives from, already bound.
+template <typename S, typename... Base>
+py::class_<S, Base...> arg_struct(py::module_& m, const char* name) {
+  return py::class_<S, Base...>(m, name).def(py::init([name](const py::kwargs& fields) {
+    static const size_t count = [] {  // the class's fields (def_readwrite properties), its bases' included
+      size_t n = 0;
+      const py::module_ builtins = py::module_::import("builtins");
+      const py::object cls = py::type::of<S>(), property = builtins.attr("property");
+      for (const auto& attr : builtins.attr("dir")(cls)) n += py::isinstance(py::getattr(cls, attr), property);
+      return n;
+    }();
+    S args{};
+    const py::object view = py::cast(&args, py::return_value_policy::reference);
+    for (const auto& field : fields) py::setattr(view, field.first, field.second);
+    if (fields.size() != count)
+      throw py::type_error(std::string(name) + " takes all " + std::to_string(count) + " fields by keyword, got " +
+                           std::to_string(fields.size()));
+    return args;
+  }));
+}
+#define F(field) .def_readwrite(#field, &S::field)
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "smolvlm_fast's CUDA kernels (csrc/cuda/); called through smolvlm_fast.ops.cuda";
 
@@ -34,50 +63,60 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("bias_dtype"), py::arg("splits"), py::arg("device"), py::arg("stream"),
         "y[M, N] = x[M, K] @ dequantize(int4 weight).T (+ bias), M <= 16, fp16 / bf16 (csrc/cuda/int4_gemm.cuh)");
 
-  m.def("paged_attention", &sc::paged_attention, py::arg("out"), py::arg("q"), py::arg("k_cache"),
-        py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("query_start_loc"),
-        py::arg("cos_sin"), py::arg("positions"), py::arg("partial_acc"), py::arg("partial_max"),
-        py::arg("partial_sum"), py::arg("num_tokens"), py::arg("num_seqs"), py::arg("num_q_heads"),
-        py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("block_size"), py::arg("stride_qt"),
-        py::arg("stride_qh"), py::arg("stride_ot"), py::arg("stride_oh"), py::arg("stride_kb"), py::arg("stride_ks"),
-        py::arg("stride_kh"), py::arg("stride_vb"), py::arg("stride_vs"), py::arg("stride_vh"), py::arg("stride_bt"),
-        py::arg("stride_cs"), py::arg("rotary_dim"), py::arg("cos_sin_dtype"), py::arg("positions_int64"),
-        py::arg("scale"), py::arg("split_size"), py::arg("num_splits"), py::arg("dtype"), py::arg("device"),
-        py::arg("stream"), "decode attention over the paged KV cache (csrc/cuda/paged_attention.cuh)");
+  {
+    using S = sc::PagedAttentionArgs;
+    arg_struct<S>(m, "PagedAttentionArgs")
+      F(out) F(q) F(k_cache) F(v_cache) F(block_tables) F(seq_lens) F(query_start_loc) F(cos_sin) F(positions)
+      F(partial_acc) F(partial_max) F(partial_sum) F(num_tokens) F(num_seqs) F(num_q_heads) F(num_kv_heads)
+      F(head_dim) F(block_size) F(stride_qt) F(stride_qh) F(stride_ot) F(stride_oh) F(stride_kb) F(stride_ks)
+      F(stride_kh) F(stride_vb) F(stride_vs) F(stride_vh) F(stride_bt) F(stride_cs) F(rotary_dim) F(cos_sin_dtype)
+      F(positions_int64) F(scale) F(split_size) F(num_splits) F(dtype) F(device) F(stream);
+  }
+  m.def("paged_attention", &sc::paged_attention, py::arg("args"),
+        "decode attention over the paged KV cache (csrc/cuda/paged_attention.cuh)");
 
-  m.def("cross_attention", &sc::cross_attention, py::arg("out"), py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("kv_lens"), py::arg("partial_acc"), py::arg("partial_max"), py::arg("partial_sum"),
-        py::arg("batch"), py::arg("queries_per_batch"), py::arg("kv_tokens"), py::arg("num_q_heads"),
-        py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("stride_qt"), py::arg("stride_qh"),
-        py::arg("stride_ot"), py::arg("stride_oh"), py::arg("stride_kb"), py::arg("stride_kt"), py::arg("stride_kh"),
-        py::arg("stride_vb"), py::arg("stride_vt"), py::arg("stride_vh"), py::arg("kv_lens_int64"),
-        py::arg("scale"), py::arg("split_size"), py::arg("num_splits"), py::arg("dtype"), py::arg("device"),
-        py::arg("stream"), "text queries over cached image K/V (csrc/cuda/cross_attention.cuh)");
+  {
+    using S = sc::CrossAttentionArgs;
+    arg_struct<S>(m, "CrossAttentionArgs")
+      F(out) F(q) F(k) F(v) F(kv_lens) F(partial_acc) F(partial_max) F(partial_sum) F(batch) F(queries_per_batch)
+      F(kv_tokens) F(num_q_heads) F(num_kv_heads) F(head_dim) F(stride_qt) F(stride_qh) F(stride_ot) F(stride_oh)
+      F(stride_kb) F(stride_kt) F(stride_kh) F(stride_vb) F(stride_vt) F(stride_vh) F(kv_lens_int64) F(scale)
+      F(split_size) F(num_splits) F(dtype) F(device) F(stream);
+  }
+  m.def("cross_attention", &sc::cross_attention, py::arg("args"),
+        "text queries over cached image K/V (csrc/cuda/cross_attention.cuh)");
 
-  m.def("write_kv_cache", &sc::write_kv_cache, py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
-        py::arg("slot_mapping"), py::arg("cos_sin"), py::arg("positions"), py::arg("num_tokens"),
-        py::arg("num_heads"), py::arg("head_dim"), py::arg("block_size"), py::arg("num_blocks"), py::arg("stride_kt"),
-        py::arg("stride_kh"), py::arg("stride_vt"), py::arg("stride_vh"), py::arg("stride_kcb"),
-        py::arg("stride_kcs"), py::arg("stride_kch"), py::arg("stride_vcb"), py::arg("stride_vcs"),
-        py::arg("stride_vch"), py::arg("stride_cs"), py::arg("rotary_dim"), py::arg("slots_int64"),
-        py::arg("positions_int64"), py::arg("cos_sin_dtype"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+  {
+    using S = sc::WriteKvCacheArgs;
+    arg_struct<S>(m, "WriteKvCacheArgs")
+      F(k) F(v) F(k_cache) F(v_cache) F(slot_mapping) F(cos_sin) F(positions) F(num_tokens) F(num_heads) F(head_dim)
+      F(block_size) F(num_blocks) F(stride_kt) F(stride_kh) F(stride_vt) F(stride_vh) F(stride_kcb) F(stride_kcs)
+      F(stride_kch) F(stride_vcb) F(stride_vcs) F(stride_vch) F(stride_cs) F(rotary_dim) F(slots_int64)
+      F(positions_int64) F(cos_sin_dtype) F(dtype) F(device) F(stream);
+  }
+  m.def("write_kv_cache", &sc::write_kv_cache, py::arg("args"),
         "k/v into the paged cache, k rotated on the way (csrc/cuda/write_kv_cache.cuh)");
 
-  m.def("patch_embed", &sc::patch_embed, py::arg("out"), py::arg("pixels"), py::arg("weight"), py::arg("bias"),
-        py::arg("pos_embed"), py::arg("position_ids"), py::arg("batch"), py::arg("channels"), py::arg("patches_h"),
-        py::arg("patches_w"), py::arg("patch"), py::arg("dim"), py::arg("stride_pb"), py::arg("stride_pc"),
-        py::arg("stride_ph"), py::arg("stride_pw"), py::arg("stride_pos"), py::arg("stride_ib"),
-        py::arg("stride_in"), py::arg("ids_int64"), py::arg("dtype"), py::arg("bias_dtype"), py::arg("pos_dtype"),
-        py::arg("out_dtype"), py::arg("device"), py::arg("stream"),
+  {
+    using S = sc::PatchImageArgs;
+    py::class_<S>(m, "PatchImageArgs")  // the fields PatchEmbedArgs and DwsepPatchEmbedArgs share
+      F(out) F(pixels) F(pos_embed) F(position_ids) F(batch) F(channels) F(patches_h) F(patches_w) F(patch) F(dim)
+      F(stride_pb) F(stride_pc) F(stride_ph) F(stride_pw) F(stride_pos) F(stride_ib) F(stride_in) F(ids_int64)
+      F(dtype) F(bias_dtype) F(pos_dtype) F(out_dtype) F(device) F(stream);
+  }
+  {
+    using S = sc::PatchEmbedArgs;
+    arg_struct<S, sc::PatchImageArgs>(m, "PatchEmbedArgs") F(weight) F(bias);
+  }
+  m.def("patch_embed", &sc::patch_embed, py::arg("args"),
         "conv patch embedding (groups = 1) as a GEMM + bias + position embedding (csrc/cuda/patch_embed.cuh)");
-
-  m.def("dwsep_patch_embed", &sc::dwsep_patch_embed, py::arg("out"), py::arg("pixels"), py::arg("dw_weight"),
-        py::arg("dw_bias"), py::arg("pw_weight"), py::arg("pw_bias"), py::arg("pos_embed"), py::arg("position_ids"),
-        py::arg("batch"), py::arg("channels"), py::arg("patches_h"), py::arg("patches_w"), py::arg("patch"),
-        py::arg("dim"), py::arg("stride_pb"), py::arg("stride_pc"), py::arg("stride_ph"), py::arg("stride_pw"),
-        py::arg("stride_pos"), py::arg("stride_ib"), py::arg("stride_in"), py::arg("ids_int64"), py::arg("dtype"),
-        py::arg("bias_dtype"), py::arg("pos_dtype"), py::arg("out_dtype"), py::arg("device"), py::arg("stream"),
+  {
+    using S = sc::DwsepPatchEmbedArgs;
+    arg_struct<S, sc::PatchImageArgs>(m, "DwsepPatchEmbedArgs") F(dw_weight) F(dw_bias) F(pw_weight) F(pw_bias);
+  }
+  m.def("dwsep_patch_embed", &sc::dwsep_patch_embed, py::arg("args"),
         "depthwise P x P conv + pointwise projection + bias + position embedding (csrc/cuda/patch_embed.cuh)");
+#undef F
 
   m.def("decode_attention_head_dim_supported", &sc::decode_attention_head_dim_supported, py::arg("head_dim"));
   m.def("cuda_runtime_version", &sc::cuda_runtime_version);

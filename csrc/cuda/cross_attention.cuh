@@ -13,12 +13,23 @@
 
 namespace smolvlm_cuda {
 
-void cross_attention(std::uintptr_t out, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t kv_lens,
-                     std::uintptr_t partial_acc, std::uintptr_t partial_max, std::uintptr_t partial_sum,
-                     int64_t batch, int64_t queries_per_batch, int64_t kv_tokens, int64_t num_q_heads,
-                     int64_t num_kv_heads, int64_t head_dim, int64_t stride_qt, int64_t stride_qh, int64_t stride_ot,
-                     int64_t stride_oh, int64_t stride_kb, int64_t stride_kt, int64_t stride_kh, int64_t stride_vb,
-                     int64_t stride_vt, int64_t stride_vh, bool kv_lens_int64, double scale, int64_t split_size,
-                     int64_t num_splits, int dtype, int device, std::uintptr_t stream);
+// The arguments of cross_attention (Python: _C.CrossAttentionArgs(field=..., ...)); addresses 0 when absent, strides
+// in elements, dtypes as codes; the splits as paged_attention.cuh's.
+struct CrossAttentionArgs {
+  std::uintptr_t out, q;   // [B * S, Hq, Dh]
+  std::uintptr_t k, v;     // [B, T, Hkv, Dh]
+  std::uintptr_t kv_lens;  // [B] int32 / int64, or 0
+  std::uintptr_t partial_acc, partial_max, partial_sum;  // fp32 workspaces when num_splits > 1
+  int64_t batch, queries_per_batch, kv_tokens, num_q_heads, num_kv_heads, head_dim;  // B, S, T, Hq, Hkv, Dh
+  int64_t stride_qt, stride_qh, stride_ot, stride_oh;                       // q, out: token, head
+  int64_t stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh;  // k, v: batch, token, head
+  bool kv_lens_int64;
+  double scale;  // softmax scale
+  int64_t split_size, num_splits;
+  int dtype, device;     // q's dtype (k's, v's and out's too), CUDA device
+  std::uintptr_t stream;  // cudaStream_t
+};
+
+void cross_attention(const CrossAttentionArgs& args);
 
 }  // namespace smolvlm_cuda

@@ -289,11 +289,15 @@ inline bool head_dim_supported(int64_t head_dim) {
   return head_dim == 64 || head_dim == 80 || head_dim == 96 || head_dim == 128;
 }
 
-// The host checks and arguments paged_attention and cross_attention share (op: the entry point, for the messages).
-inline void check_heads(const std::string& op, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim) {
-  check_arg(num_kv_heads >= 1 && num_q_heads >= num_kv_heads && num_q_heads % num_kv_heads == 0,
+// The host checks and arguments paged_attention and cross_attention share (op: the entry point, for the messages;
+// args: its PagedAttentionArgs / CrossAttentionArgs, which name these fields alike).
+template <typename Args>
+void check_heads(const std::string& op, const Args& args) {
+  check_arg(args.num_kv_heads >= 1 && args.num_q_heads >= args.num_kv_heads &&
+                args.num_q_heads % args.num_kv_heads == 0,
             op + ": the query heads must be a multiple of the KV heads");
-  check_arg(head_dim_supported(head_dim), op + ": head_dim must be 64, 80, 96 or 128, got " + std::to_string(head_dim));
+  check_arg(head_dim_supported(args.head_dim),
+            op + ": head_dim must be 64, 80, 96 or 128, got " + std::to_string(args.head_dim));
 }
 
 // K and V rows are read 16 bytes at a time: both pointers and every stride (in elements) must keep them aligned.
@@ -305,22 +309,22 @@ inline void check_kv_aligned(const std::string& op, const char* rows, int dtype,
   check_arg(ok, op + ": " + rows + " must be 16-byte aligned (pointer and strides)");
 }
 
-inline Output make_output(const std::string& op, std::uintptr_t out, int64_t stride_t, int64_t stride_h,
-                          std::uintptr_t partial_acc, std::uintptr_t partial_max, std::uintptr_t partial_sum,
-                          int64_t num_splits) {
-  check_arg(num_splits == 1 || (partial_acc && partial_max && partial_sum),
+template <typename Args>
+Output make_output(const std::string& op, const Args& args) {
+  check_arg(args.num_splits == 1 || (args.partial_acc && args.partial_max && args.partial_sum),
             op + ": several splits need the fp32 workspaces");
-  return Output{reinterpret_cast<void*>(out), stride_t, stride_h, reinterpret_cast<float*>(partial_acc),
-                reinterpret_cast<float*>(partial_max), reinterpret_cast<float*>(partial_sum),
-                static_cast<int>(num_splits)};
+  return Output{reinterpret_cast<void*>(args.out), args.stride_ot, args.stride_oh,
+                reinterpret_cast<float*>(args.partial_acc), reinterpret_cast<float*>(args.partial_max),
+                reinterpret_cast<float*>(args.partial_sum), static_cast<int>(args.num_splits)};
 }
 
-inline Shape make_shape(const std::string& op, int64_t num_q_heads, int64_t num_kv_heads, int64_t split_size) {
-  const int64_t group = num_q_heads / num_kv_heads;
+template <typename Args>
+Shape make_shape(const std::string& op, const Args& args) {
+  const int64_t group = args.num_q_heads / args.num_kv_heads;
   const int64_t slices = cdiv(group, kMaxGroup);
-  check_arg(num_kv_heads * slices <= 65535, op + ": too many heads for one grid");
-  return Shape{static_cast<int>(num_q_heads), static_cast<int>(num_kv_heads), static_cast<int>(group),
-               static_cast<int>(slices), static_cast<int>(split_size)};
+  check_arg(args.num_kv_heads * slices <= 65535, op + ": too many heads for one grid");
+  return Shape{static_cast<int>(args.num_q_heads), static_cast<int>(args.num_kv_heads), static_cast<int>(group),
+               static_cast<int>(slices), static_cast<int>(args.split_size)};
 }
 
 template <typename T, typename KvAccess>
@@ -335,16 +339,20 @@ void dispatch_head_dim(int64_t head_dim, const KvAccess& kv, const Query& qa, co
   }
 }
 
-template <typename KvAccessOf>
-void dispatch_dtype(int dtype, int64_t head_dim, const Query& qa, const Output& oa, const Shape& shape, int64_t tokens,
-                    cudaStream_t stream, const KvAccessOf& make) {
-  switch (dtype) {
-    case kFloat32: dispatch_head_dim<float>(head_dim, make(float{}), qa, oa, shape, tokens, stream); break;
-    case kFloat16: dispatch_head_dim<__half>(head_dim, make(__half{}), qa, oa, shape, tokens, stream); break;
+// Runs the attention of `tokens` query tokens on args' device and stream, for its dtype and head_dim: the keys are
+// addressed by KvAccess<T>(args), the op's key access (PagedKv, DenseKv) built from its entry point's arguments.
+template <template <typename> class KvAccess, typename Args>
+void dispatch(const Args& args, const Query& qa, const Output& oa, const Shape& shape, int64_t tokens) {
+  DeviceGuard guard(args.device);
+  const cudaStream_t stream = as_stream(args.stream);
+  switch (args.dtype) {
+    case kFloat32: return dispatch_head_dim<float>(args.head_dim, KvAccess<float>(args), qa, oa, shape, tokens, stream);
+    case kFloat16:
+      return dispatch_head_dim<__half>(args.head_dim, KvAccess<__half>(args), qa, oa, shape, tokens, stream);
     case kBFloat16:
-      dispatch_head_dim<__nv_bfloat16>(head_dim, make(__nv_bfloat16{}), qa, oa, shape, tokens, stream);
-      break;
-    default: throw std::invalid_argument("decode attention: unknown dtype code " + std::to_string(dtype));
+      return dispatch_head_dim<__nv_bfloat16>(args.head_dim, KvAccess<__nv_bfloat16>(args), qa, oa, shape, tokens,
+                                              stream);
+    default: throw std::invalid_argument("decode attention: unknown dtype code " + std::to_string(args.dtype));
   }
 }
 

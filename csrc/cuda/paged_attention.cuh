@@ -19,18 +19,31 @@ namespace smolvlm_cuda {
 // Keys per split at most (the split's scores stay in shared memory).
 constexpr int kPagedAttentionMaxSplit = 512;
 
-// num_splits > 1 needs the fp32 workspaces partial_acc [T, Hq, num_splits, Dh], partial_max and partial_sum
-// [T, Hq, num_splits] (contiguous); split s covers keys [s * split_size, (s + 1) * split_size).
-void paged_attention(std::uintptr_t out, std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache,
-                     std::uintptr_t block_tables, std::uintptr_t seq_lens, std::uintptr_t query_start_loc,
-                     std::uintptr_t cos_sin, std::uintptr_t positions, std::uintptr_t partial_acc,
-                     std::uintptr_t partial_max, std::uintptr_t partial_sum, int64_t num_tokens, int64_t num_seqs,
-                     int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                     int64_t stride_qt, int64_t stride_qh, int64_t stride_ot, int64_t stride_oh, int64_t stride_kb,
-                     int64_t stride_ks, int64_t stride_kh, int64_t stride_vb, int64_t stride_vs, int64_t stride_vh,
-                     int64_t stride_bt, int64_t stride_cs, int64_t rotary_dim, int cos_sin_dtype,
-                     bool positions_int64, double scale, int64_t split_size, int64_t num_splits, int dtype,
-                     int device, std::uintptr_t stream);
+// The arguments of paged_attention (Python: _C.PagedAttentionArgs(field=..., ...)); addresses 0 when absent, strides
+// in elements, dtypes as codes (0 fp32, 1 fp16, 2 bf16).
+struct PagedAttentionArgs {
+  std::uintptr_t out, q;                    // [T, Hq, Dh]
+  std::uintptr_t k_cache, v_cache;          // [num_blocks, block_size, Hkv, Dh]
+  std::uintptr_t block_tables, seq_lens;    // int32 [num_seqs, max_blocks], [num_seqs]
+  std::uintptr_t query_start_loc;           // int32 [num_seqs + 1], or 0: one query per sequence
+  std::uintptr_t cos_sin, positions;        // RoPE on q, or 0
+  // num_splits > 1 needs the fp32 workspaces partial_acc [T, Hq, num_splits, Dh], partial_max and partial_sum
+  // [T, Hq, num_splits] (contiguous); split s covers keys [s * split_size, (s + 1) * split_size).
+  std::uintptr_t partial_acc, partial_max, partial_sum;
+  int64_t num_tokens, num_seqs, num_q_heads, num_kv_heads, head_dim, block_size;
+  int64_t stride_qt, stride_qh, stride_ot, stride_oh;                       // q, out: token, head
+  int64_t stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh;  // caches: block, slot, head
+  int64_t stride_bt, stride_cs;                                             // block_tables, cos_sin rows
+  int64_t rotary_dim;
+  int cos_sin_dtype;
+  bool positions_int64;
+  double scale;  // softmax scale
+  int64_t split_size, num_splits;
+  int dtype, device;     // q's dtype (the caches' and out's too), CUDA device
+  std::uintptr_t stream;  // cudaStream_t
+};
+
+void paged_attention(const PagedAttentionArgs& args);
 
 // Whether the kernel is compiled for this head_dim (64, 80, 96, 128).
 bool decode_attention_head_dim_supported(int64_t head_dim);

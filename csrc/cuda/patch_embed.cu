@@ -199,66 +199,59 @@ __global__ void __launch_bounds__(kThreads) dwsep_patch_embed_kernel(const Patch
 }
 
 // The checks both entry points make, then the kernel arguments they share (the caller sets the weights).
-PatchArgs checked_args(const char* op, std::uintptr_t out, std::uintptr_t pixels, std::uintptr_t bias,
-                       std::uintptr_t pos_embed, std::uintptr_t position_ids, int64_t batch, int64_t channels,
-                       int64_t patches_h, int64_t patches_w, int64_t patch, int64_t dim, int64_t stride_pb,
-                       int64_t stride_pc, int64_t stride_ph, int64_t stride_pw, int64_t stride_pos, int64_t stride_ib,
-                       int64_t stride_in, bool ids_int64, int dtype, int bias_dtype, int pos_dtype, int out_dtype) {
+PatchArgs checked_args(const char* op, const PatchImageArgs& args, std::uintptr_t bias) {
   const std::string name(op);
-  check_arg(out && pixels, name + ": out and pixels are required");
-  check_dtype(dtype, op, "pixels");
-  check_dtype(bias_dtype, op, "bias");
-  check_dtype(pos_dtype, op, "pos_embed");
-  check_dtype(out_dtype, op, "out");
-  check_arg(batch >= 1 && channels >= 1 && patches_h >= 1 && patches_w >= 1 && patch >= 1 && dim >= 1,
+  check_arg(args.out && args.pixels, name + ": out and pixels are required");
+  check_dtype(args.dtype, op, "pixels");
+  check_dtype(args.bias_dtype, op, "bias");
+  check_dtype(args.pos_dtype, op, "pos_embed");
+  check_dtype(args.out_dtype, op, "out");
+  check_arg(args.batch >= 1 && args.channels >= 1 && args.patches_h >= 1 && args.patches_w >= 1 && args.patch >= 1 &&
+                args.dim >= 1,
             name + ": sizes must be positive");
-  check_arg(batch * patches_h * patches_w < (int64_t{1} << 31) && dim < (int64_t{1} << 31) &&
-                channels * patch * patch < (int64_t{1} << 31),
+  check_arg(args.batch * args.patches_h * args.patches_w < (int64_t{1} << 31) && args.dim < (int64_t{1} << 31) &&
+                args.channels * args.patch * args.patch < (int64_t{1} << 31),
             name + ": sizes too large for 32-bit indices");
 
   PatchArgs a{};
-  a.pixels = reinterpret_cast<const void*>(pixels);
+  a.pixels = reinterpret_cast<const void*>(args.pixels);
   a.bias = reinterpret_cast<const void*>(bias);
-  a.pos = reinterpret_cast<const void*>(pos_embed);
-  a.ids = reinterpret_cast<const void*>(position_ids);
-  a.out = reinterpret_cast<void*>(out);
-  a.M = static_cast<int>(batch * patches_h * patches_w);
-  a.D = static_cast<int>(dim);
-  a.K = static_cast<int>(channels * patch * patch);
-  a.C = static_cast<int>(channels);
-  a.n_patches = static_cast<int>(patches_h * patches_w);
-  a.patches_w = static_cast<int>(patches_w);
-  a.P = static_cast<int>(patch);
-  a.stride_pb = stride_pb, a.stride_pc = stride_pc, a.stride_ph = stride_ph, a.stride_pw = stride_pw;
-  a.stride_pos = stride_pos, a.stride_ib = stride_ib, a.stride_in = stride_in;
-  a.bias_dtype = bias_dtype, a.pos_dtype = pos_dtype, a.out_dtype = out_dtype;
-  a.ids_int64 = ids_int64;
+  a.pos = reinterpret_cast<const void*>(args.pos_embed);
+  a.ids = reinterpret_cast<const void*>(args.position_ids);
+  a.out = reinterpret_cast<void*>(args.out);
+  a.M = static_cast<int>(args.batch * args.patches_h * args.patches_w);
+  a.D = static_cast<int>(args.dim);
+  a.K = static_cast<int>(args.channels * args.patch * args.patch);
+  a.C = static_cast<int>(args.channels);
+  a.n_patches = static_cast<int>(args.patches_h * args.patches_w);
+  a.patches_w = static_cast<int>(args.patches_w);
+  a.P = static_cast<int>(args.patch);
+  a.stride_pb = args.stride_pb, a.stride_pc = args.stride_pc;
+  a.stride_ph = args.stride_ph, a.stride_pw = args.stride_pw;
+  a.stride_pos = args.stride_pos, a.stride_ib = args.stride_ib, a.stride_in = args.stride_in;
+  a.bias_dtype = args.bias_dtype, a.pos_dtype = args.pos_dtype, a.out_dtype = args.out_dtype;
+  a.ids_int64 = args.ids_int64;
   return a;
 }
 
 }  // namespace
 
-void patch_embed(std::uintptr_t out, std::uintptr_t pixels, std::uintptr_t weight, std::uintptr_t bias,
-                 std::uintptr_t pos_embed, std::uintptr_t position_ids, int64_t batch, int64_t channels,
-                 int64_t patches_h, int64_t patches_w, int64_t patch, int64_t dim, int64_t stride_pb,
-                 int64_t stride_pc, int64_t stride_ph, int64_t stride_pw, int64_t stride_pos, int64_t stride_ib,
-                 int64_t stride_in, bool ids_int64, int dtype, int bias_dtype, int pos_dtype, int out_dtype,
-                 int device, std::uintptr_t stream) {
-  PatchArgs a = checked_args("patch_embed", out, pixels, bias, pos_embed, position_ids, batch, channels, patches_h,
-                             patches_w, patch, dim, stride_pb, stride_pc, stride_ph, stride_pw, stride_pos, stride_ib,
-                             stride_in, ids_int64, dtype, bias_dtype, pos_dtype, out_dtype);
-  check_arg(dtype == kFloat16 || dtype == kBFloat16, "patch_embed: the CUDA kernel takes fp16 or bf16 pixels");
-  check_arg(weight != 0, "patch_embed: weight is required");
+void patch_embed(const PatchEmbedArgs& args) {
+  PatchArgs a = checked_args("patch_embed", args, args.bias);
+  check_arg(args.dtype == kFloat16 || args.dtype == kBFloat16,
+            "patch_embed: the CUDA kernel takes fp16 or bf16 pixels");
+  check_arg(args.weight != 0, "patch_embed: weight is required");
   const int64_t M = a.M;
   check_arg(cdiv(M, kBM) <= 65535, "patch_embed: too many patches for one grid");
-  const bool vectorized = patch % 8 == 0 && stride_pw == 1 && stride_pb % 8 == 0 && stride_pc % 8 == 0 &&
-                          stride_ph % 8 == 0 && aligned16(pixels) && aligned16(weight);
-  a.weight = reinterpret_cast<const void*>(weight);
+  const bool vectorized = args.patch % 8 == 0 && args.stride_pw == 1 && args.stride_pb % 8 == 0 &&
+                          args.stride_pc % 8 == 0 && args.stride_ph % 8 == 0 && aligned16(args.pixels) &&
+                          aligned16(args.weight);
+  a.weight = reinterpret_cast<const void*>(args.weight);
 
-  DeviceGuard guard(device);
-  const dim3 grid(static_cast<unsigned>(cdiv(dim, kBN)), static_cast<unsigned>(cdiv(M, kBM)));
-  cudaStream_t s = as_stream(stream);
-  if (dtype == kFloat16) {
+  DeviceGuard guard(args.device);
+  const dim3 grid(static_cast<unsigned>(cdiv(args.dim, kBN)), static_cast<unsigned>(cdiv(M, kBM)));
+  cudaStream_t s = as_stream(args.stream);
+  if (args.dtype == kFloat16) {
     if (vectorized) patch_embed_kernel<__half, 8><<<grid, kThreads, 0, s>>>(a);
     else patch_embed_kernel<__half, 1><<<grid, kThreads, 0, s>>>(a);
   } else {
@@ -268,28 +261,20 @@ void patch_embed(std::uintptr_t out, std::uintptr_t pixels, std::uintptr_t weigh
   check_launch("patch_embed_kernel");
 }
 
-void dwsep_patch_embed(std::uintptr_t out, std::uintptr_t pixels, std::uintptr_t dw_weight, std::uintptr_t dw_bias,
-                       std::uintptr_t pw_weight, std::uintptr_t pw_bias, std::uintptr_t pos_embed,
-                       std::uintptr_t position_ids, int64_t batch, int64_t channels, int64_t patches_h,
-                       int64_t patches_w, int64_t patch, int64_t dim, int64_t stride_pb, int64_t stride_pc,
-                       int64_t stride_ph, int64_t stride_pw, int64_t stride_pos, int64_t stride_ib, int64_t stride_in,
-                       bool ids_int64, int dtype, int bias_dtype, int pos_dtype, int out_dtype, int device,
-                       std::uintptr_t stream) {
-  PatchArgs a = checked_args("dwsep_patch_embed", out, pixels, pw_bias, pos_embed, position_ids, batch, channels,
-                             patches_h, patches_w, patch, dim, stride_pb, stride_pc, stride_ph, stride_pw, stride_pos,
-                             stride_ib, stride_in, ids_int64, dtype, bias_dtype, pos_dtype, out_dtype);
-  check_arg(dw_weight != 0 && pw_weight != 0, "dwsep_patch_embed: dw_weight and pw_weight are required");
-  check_arg(channels <= kDwsepMaxChannels, "dwsep_patch_embed: the CUDA kernel takes at most 512 channels");
+void dwsep_patch_embed(const DwsepPatchEmbedArgs& args) {
+  PatchArgs a = checked_args("dwsep_patch_embed", args, args.pw_bias);
+  check_arg(args.dw_weight != 0 && args.pw_weight != 0, "dwsep_patch_embed: dw_weight and pw_weight are required");
+  check_arg(args.channels <= kDwsepMaxChannels, "dwsep_patch_embed: the CUDA kernel takes at most 512 channels");
   const int64_t M = a.M;
-  a.weight = reinterpret_cast<const void*>(dw_weight);
-  a.pw_weight = reinterpret_cast<const void*>(pw_weight);
-  a.dw_bias = reinterpret_cast<const void*>(dw_bias);
+  a.weight = reinterpret_cast<const void*>(args.dw_weight);
+  a.pw_weight = reinterpret_cast<const void*>(args.pw_weight);
+  a.dw_bias = reinterpret_cast<const void*>(args.dw_bias);
 
-  DeviceGuard guard(device);
+  DeviceGuard guard(args.device);
   const dim3 grid(static_cast<unsigned>(cdiv(M, kDwsepPatches)));
-  const size_t shared = sizeof(float) * kDwsepPatches * channels;  // <= 32 KB: under the default 48 KB limit
-  cudaStream_t s = as_stream(stream);
-  switch (dtype) {
+  const size_t shared = sizeof(float) * kDwsepPatches * args.channels;  // <= 32 KB: under the default 48 KB limit
+  cudaStream_t s = as_stream(args.stream);
+  switch (args.dtype) {
     case kFloat32: dwsep_patch_embed_kernel<float><<<grid, kThreads, shared, s>>>(a); break;
     case kFloat16: dwsep_patch_embed_kernel<__half><<<grid, kThreads, shared, s>>>(a); break;
     default: dwsep_patch_embed_kernel<__nv_bfloat16><<<grid, kThreads, shared, s>>>(a); break;

@@ -15,22 +15,35 @@
 
 namespace smolvlm_cuda {
 
-void patch_embed(std::uintptr_t out, std::uintptr_t pixels, std::uintptr_t weight, std::uintptr_t bias,
-                 std::uintptr_t pos_embed, std::uintptr_t position_ids, int64_t batch, int64_t channels,
-                 int64_t patches_h, int64_t patches_w, int64_t patch, int64_t dim, int64_t stride_pb,
-                 int64_t stride_pc, int64_t stride_ph, int64_t stride_pw, int64_t stride_pos, int64_t stride_ib,
-                 int64_t stride_in, bool ids_int64, int dtype, int bias_dtype, int pos_dtype, int out_dtype,
-                 int device, std::uintptr_t stream);
+// The arguments both entry points take; strides in elements, dtypes as codes.
+struct PatchImageArgs {
+  std::uintptr_t out, pixels;              // [B, N, D], [B, C, H, W]
+  std::uintptr_t pos_embed, position_ids;  // or 0
+  int64_t batch, channels, patches_h, patches_w, patch, dim;  // B, C, H / P, W / P, P, D
+  int64_t stride_pb, stride_pc, stride_ph, stride_pw;         // pixels
+  int64_t stride_pos, stride_ib, stride_in;                   // pos_embed rows, position_ids [B, N]
+  bool ids_int64;
+  int dtype, bias_dtype, pos_dtype, out_dtype;  // pixels' (the weights' too), the biases', pos_embed's, out's
+  int device;
+  std::uintptr_t stream;  // cudaStream_t
+};
+
+// Python: _C.PatchEmbedArgs(field=..., ...), the PatchImageArgs fields too.
+struct PatchEmbedArgs : PatchImageArgs {
+  std::uintptr_t weight, bias;  // [D, C, P, P], [D] or 0
+};
+
+void patch_embed(const PatchEmbedArgs& args);
 
 // Channels dwsep_patch_embed keeps per patch in shared memory at most.
 constexpr int kDwsepMaxChannels = 512;
 
-void dwsep_patch_embed(std::uintptr_t out, std::uintptr_t pixels, std::uintptr_t dw_weight, std::uintptr_t dw_bias,
-                       std::uintptr_t pw_weight, std::uintptr_t pw_bias, std::uintptr_t pos_embed,
-                       std::uintptr_t position_ids, int64_t batch, int64_t channels, int64_t patches_h,
-                       int64_t patches_w, int64_t patch, int64_t dim, int64_t stride_pb, int64_t stride_pc,
-                       int64_t stride_ph, int64_t stride_pw, int64_t stride_pos, int64_t stride_ib, int64_t stride_in,
-                       bool ids_int64, int dtype, int bias_dtype, int pos_dtype, int out_dtype, int device,
-                       std::uintptr_t stream);
+// Python: _C.DwsepPatchEmbedArgs(field=..., ...), the PatchImageArgs fields too.
+struct DwsepPatchEmbedArgs : PatchImageArgs {
+  std::uintptr_t dw_weight, dw_bias;  // [C, 1, P, P], [C] or 0
+  std::uintptr_t pw_weight, pw_bias;  // [D, C], [D] or 0
+};
+
+void dwsep_patch_embed(const DwsepPatchEmbedArgs& args);
 
 }  // namespace smolvlm_cuda

@@ -93,62 +93,58 @@ void launch(const KvArgs& a, bool vectorized, int64_t num_tokens, cudaStream_t s
 
 }  // namespace
 
-void write_kv_cache(std::uintptr_t k, std::uintptr_t v, std::uintptr_t k_cache, std::uintptr_t v_cache,
-                    std::uintptr_t slot_mapping, std::uintptr_t cos_sin, std::uintptr_t positions,
-                    int64_t num_tokens, int64_t num_heads, int64_t head_dim, int64_t block_size, int64_t num_blocks,
-                    int64_t stride_kt, int64_t stride_kh, int64_t stride_vt, int64_t stride_vh,
-                    int64_t stride_kcb, int64_t stride_kcs, int64_t stride_kch, int64_t stride_vcb,
-                    int64_t stride_vcs, int64_t stride_vch, int64_t stride_cs, int64_t rotary_dim,
-                    bool slots_int64, bool positions_int64, int cos_sin_dtype, int dtype, int device,
-                    std::uintptr_t stream) {
+void write_kv_cache(const WriteKvCacheArgs& args) {
   const char* op = "write_kv_cache";
-  check_dtype(dtype, op, "k");
-  check_arg(k && v && k_cache && v_cache && slot_mapping, "write_kv_cache: a required pointer is 0");
-  check_arg(num_tokens >= 1 && num_tokens < (int64_t{1} << 31), "write_kv_cache: T must be in [1, 2^31)");
-  check_arg(num_heads >= 1 && head_dim >= 1 && num_heads * head_dim < (int64_t{1} << 31),
+  check_dtype(args.dtype, op, "k");
+  check_arg(args.k && args.v && args.k_cache && args.v_cache && args.slot_mapping,
+            "write_kv_cache: a required pointer is 0");
+  check_arg(args.num_tokens >= 1 && args.num_tokens < (int64_t{1} << 31), "write_kv_cache: T must be in [1, 2^31)");
+  check_arg(args.num_heads >= 1 && args.head_dim >= 1 && args.num_heads * args.head_dim < (int64_t{1} << 31),
             "write_kv_cache: bad head count or head_dim");
-  check_arg(block_size >= 1 && num_blocks >= 1, "write_kv_cache: bad cache shape");
-  if (cos_sin != 0) {
-    check_dtype(cos_sin_dtype, op, "cos_sin");
-    check_arg(positions != 0, "write_kv_cache: cos_sin needs positions");
-    check_arg(rotary_dim >= 2 && rotary_dim % 2 == 0 && rotary_dim <= head_dim,
+  check_arg(args.block_size >= 1 && args.num_blocks >= 1, "write_kv_cache: bad cache shape");
+  if (args.cos_sin != 0) {
+    check_dtype(args.cos_sin_dtype, op, "cos_sin");
+    check_arg(args.positions != 0, "write_kv_cache: cos_sin needs positions");
+    check_arg(args.rotary_dim >= 2 && args.rotary_dim % 2 == 0 && args.rotary_dim <= args.head_dim,
               "write_kv_cache: rotary_dim must be even and in [2, head_dim]");
-  } else {
-    rotary_dim = 0;
   }
-  const int64_t vec = dtype == kFloat32 ? 4 : 8;  // elements per 16 bytes
-  const bool vectorized = aligned16(k) && aligned16(v) && aligned16(k_cache) && aligned16(v_cache) &&
-                          head_dim % vec == 0 && (rotary_dim / 2) % vec == 0 && stride_kt % vec == 0 &&
-                          stride_kh % vec == 0 && stride_vt % vec == 0 && stride_vh % vec == 0 &&
-                          stride_kcb % vec == 0 && stride_kcs % vec == 0 && stride_kch % vec == 0 &&
-                          stride_vcb % vec == 0 && stride_vcs % vec == 0 && stride_vch % vec == 0;
+  const int64_t rotary_dim = args.cos_sin != 0 ? args.rotary_dim : 0;
+  const int64_t vec = args.dtype == kFloat32 ? 4 : 8;  // elements per 16 bytes
+  const bool vectorized = aligned16(args.k) && aligned16(args.v) && aligned16(args.k_cache) &&
+                          aligned16(args.v_cache) && args.head_dim % vec == 0 && (rotary_dim / 2) % vec == 0 &&
+                          args.stride_kt % vec == 0 &&
+                          args.stride_kh % vec == 0 && args.stride_vt % vec == 0 && args.stride_vh % vec == 0 &&
+                          args.stride_kcb % vec == 0 && args.stride_kcs % vec == 0 && args.stride_kch % vec == 0 &&
+                          args.stride_vcb % vec == 0 && args.stride_vcs % vec == 0 && args.stride_vch % vec == 0;
 
   KvArgs a;
-  a.k = reinterpret_cast<const void*>(k);
-  a.v = reinterpret_cast<const void*>(v);
-  a.k_cache = reinterpret_cast<void*>(k_cache);
-  a.v_cache = reinterpret_cast<void*>(v_cache);
-  a.slot_mapping = reinterpret_cast<const void*>(slot_mapping);
-  a.cos_sin = reinterpret_cast<const void*>(cos_sin);
-  a.positions = reinterpret_cast<const void*>(positions);
-  a.num_heads = static_cast<int>(num_heads);
-  a.head_dim = static_cast<int>(head_dim);
-  a.block_size = static_cast<int>(block_size);
-  a.num_slots = num_blocks * block_size;
+  a.k = reinterpret_cast<const void*>(args.k);
+  a.v = reinterpret_cast<const void*>(args.v);
+  a.k_cache = reinterpret_cast<void*>(args.k_cache);
+  a.v_cache = reinterpret_cast<void*>(args.v_cache);
+  a.slot_mapping = reinterpret_cast<const void*>(args.slot_mapping);
+  a.cos_sin = reinterpret_cast<const void*>(args.cos_sin);
+  a.positions = reinterpret_cast<const void*>(args.positions);
+  a.num_heads = static_cast<int>(args.num_heads);
+  a.head_dim = static_cast<int>(args.head_dim);
+  a.block_size = static_cast<int>(args.block_size);
+  a.num_slots = args.num_blocks * args.block_size;
   a.rotary_dim = static_cast<int>(rotary_dim);
-  a.cos_sin_dtype = cos_sin_dtype;
-  a.stride_kt = stride_kt, a.stride_kh = stride_kh, a.stride_vt = stride_vt, a.stride_vh = stride_vh;
-  a.stride_kcb = stride_kcb, a.stride_kcs = stride_kcs, a.stride_kch = stride_kch;
-  a.stride_vcb = stride_vcb, a.stride_vcs = stride_vcs, a.stride_vch = stride_vch;
-  a.stride_cs = stride_cs;
-  a.slots_int64 = slots_int64;
-  a.positions_int64 = positions_int64;
+  a.cos_sin_dtype = args.cos_sin_dtype;
+  a.stride_kt = args.stride_kt, a.stride_kh = args.stride_kh;
+  a.stride_vt = args.stride_vt, a.stride_vh = args.stride_vh;
+  a.stride_kcb = args.stride_kcb, a.stride_kcs = args.stride_kcs, a.stride_kch = args.stride_kch;
+  a.stride_vcb = args.stride_vcb, a.stride_vcs = args.stride_vcs, a.stride_vch = args.stride_vch;
+  a.stride_cs = args.stride_cs;
+  a.slots_int64 = args.slots_int64;
+  a.positions_int64 = args.positions_int64;
 
-  DeviceGuard guard(device);
-  switch (dtype) {
-    case kFloat32: launch<float>(a, vectorized, num_tokens, as_stream(stream)); break;
-    case kFloat16: launch<__half>(a, vectorized, num_tokens, as_stream(stream)); break;
-    default: launch<__nv_bfloat16>(a, vectorized, num_tokens, as_stream(stream)); break;
+  DeviceGuard guard(args.device);
+  const cudaStream_t stream = as_stream(args.stream);
+  switch (args.dtype) {
+    case kFloat32: launch<float>(a, vectorized, args.num_tokens, stream); break;
+    case kFloat16: launch<__half>(a, vectorized, args.num_tokens, stream); break;
+    default: launch<__nv_bfloat16>(a, vectorized, args.num_tokens, stream); break;
   }
 }
 

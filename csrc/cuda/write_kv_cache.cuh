@@ -14,13 +14,22 @@
 
 namespace smolvlm_cuda {
 
-void write_kv_cache(std::uintptr_t k, std::uintptr_t v, std::uintptr_t k_cache, std::uintptr_t v_cache,
-                    std::uintptr_t slot_mapping, std::uintptr_t cos_sin, std::uintptr_t positions,
-                    int64_t num_tokens, int64_t num_heads, int64_t head_dim, int64_t block_size, int64_t num_blocks,
-                    int64_t stride_kt, int64_t stride_kh, int64_t stride_vt, int64_t stride_vh,
-                    int64_t stride_kcb, int64_t stride_kcs, int64_t stride_kch, int64_t stride_vcb,
-                    int64_t stride_vcs, int64_t stride_vch, int64_t stride_cs, int64_t rotary_dim,
-                    bool slots_int64, bool positions_int64, int cos_sin_dtype, int dtype, int device,
-                    std::uintptr_t stream);
+// The arguments of write_kv_cache (Python: _C.WriteKvCacheArgs(field=..., ...)); strides in elements, dtypes as codes.
+struct WriteKvCacheArgs {
+  std::uintptr_t k, v;                // [T, Hkv, Dh]
+  std::uintptr_t k_cache, v_cache;    // [num_blocks, block_size, Hkv, Dh]
+  std::uintptr_t slot_mapping;        // [T]
+  std::uintptr_t cos_sin, positions;  // RoPE on k, or 0
+  int64_t num_tokens, num_heads, head_dim, block_size, num_blocks;
+  int64_t stride_kt, stride_kh, stride_vt, stride_vh;                              // k, v: token, head
+  int64_t stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch;  // caches: block, slot, head
+  int64_t stride_cs;                                                               // cos_sin rows
+  int64_t rotary_dim;
+  bool slots_int64, positions_int64;
+  int cos_sin_dtype, dtype, device;  // dtype: k's (v's and the caches' too)
+  std::uintptr_t stream;             // cudaStream_t
+};
+
+void write_kv_cache(const WriteKvCacheArgs& args);
 
 }  // namespace smolvlm_cuda

@@ -217,14 +217,18 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start_
     split = split_size or choose_split_size(max_len, T * Hkv * slices, device)
     splits = max(1, -(-max_len // split))
     acc, mx, sm, keep = _partials(T, Hq, splits, Dh, q.device)
-    _C.paged_attention(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-                       seq_lens.data_ptr(), _ptr(query_start_loc), _ptr(cos_sin), _ptr(positions), acc, mx, sm,
-                       T, num_seqs, Hq, Hkv, Dh, block_size, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-                       *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-                       cos_sin.stride(0) if cos_sin is not None else 0, rotary_dim or 0,
-                       DTYPES[cos_sin.dtype] if cos_sin is not None else 0,
-                       _is64(positions),
-                       Dh**-0.5 if scale is None else float(scale), split, splits, DTYPES[q.dtype], device, _stream(q))
+    (kb, ks, kh), (vb, vs, vh) = k_cache.stride()[:3], v_cache.stride()[:3]
+    _C.paged_attention(_C.PagedAttentionArgs(
+        out=out.data_ptr(), q=q.data_ptr(), k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
+        block_tables=block_tables.data_ptr(), seq_lens=seq_lens.data_ptr(), query_start_loc=_ptr(query_start_loc),
+        cos_sin=_ptr(cos_sin), positions=_ptr(positions), partial_acc=acc, partial_max=mx, partial_sum=sm,
+        num_tokens=T, num_seqs=num_seqs, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=Dh, block_size=block_size,
+        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
+        stride_kb=kb, stride_ks=ks, stride_kh=kh, stride_vb=vb, stride_vs=vs, stride_vh=vh,
+        stride_bt=block_tables.stride(0), stride_cs=cos_sin.stride(0) if cos_sin is not None else 0,
+        rotary_dim=rotary_dim or 0, cos_sin_dtype=DTYPES[cos_sin.dtype] if cos_sin is not None else 0,
+        positions_int64=_is64(positions), scale=Dh**-0.5 if scale is None else float(scale), split_size=split,
+        num_splits=splits, dtype=DTYPES[q.dtype], device=device, stream=_stream(q)))
     return out
 
 
@@ -260,10 +264,14 @@ def cross_attention(q, k, v, *, kv_lens=None, scale=None, out=None, split_size=N
     split = split_size or choose_split_size(max(T, 1), B * S * Hkv * _head_slices(Hq // Hkv), device)
     splits = max(1, -(-T // split))
     acc, mx, sm, keep = _partials(B * S, Hq, splits, Dh, q.device)
-    _C.cross_attention(out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(kv_lens), acc, mx, sm, B, S, T,
-                       Hq, Hkv, Dh, Hq * Dh, Dh, Hq * Dh, Dh, *k.stride()[:3], *v.stride()[:3],
-                       _is64(kv_lens),
-                       Dh**-0.5 if scale is None else float(scale), split, splits, DTYPES[q.dtype], device, _stream(q))
+    (kb, kt, kh), (vb, vt, vh) = k.stride()[:3], v.stride()[:3]
+    _C.cross_attention(_C.CrossAttentionArgs(
+        out=out.data_ptr(), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), kv_lens=_ptr(kv_lens), partial_acc=acc,
+        partial_max=mx, partial_sum=sm, batch=B, queries_per_batch=S, kv_tokens=T, num_q_heads=Hq, num_kv_heads=Hkv,
+        head_dim=Dh, stride_qt=Hq * Dh, stride_qh=Dh, stride_ot=Hq * Dh, stride_oh=Dh,
+        stride_kb=kb, stride_kt=kt, stride_kh=kh, stride_vb=vb, stride_vt=vt, stride_vh=vh,
+        kv_lens_int64=_is64(kv_lens), scale=Dh**-0.5 if scale is None else float(scale), split_size=split,
+        num_splits=splits, dtype=DTYPES[q.dtype], device=device, stream=_stream(q)))
     return out
 
 
@@ -296,12 +304,17 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, cos_sin=None, positi
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     slot_mapping = _index(slot_mapping)
-    _C.write_kv_cache(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
-                      _ptr(cos_sin), _ptr(positions), T, H, Dh, k_cache.shape[1], k_cache.shape[0], k.stride(0),
-                      k.stride(1), v.stride(0), v.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-                      cos_sin.stride(0) if cos_sin is not None else 0, rotary_dim or 0,
-                      _is64(slot_mapping), _is64(positions),
-                      DTYPES[cos_sin.dtype] if cos_sin is not None else 0, DTYPES[k.dtype], _device(k), _stream(k))
+    (kcb, kcs, kch), (vcb, vcs, vch) = k_cache.stride()[:3], v_cache.stride()[:3]
+    _C.write_kv_cache(_C.WriteKvCacheArgs(
+        k=k.data_ptr(), v=v.data_ptr(), k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
+        slot_mapping=slot_mapping.data_ptr(), cos_sin=_ptr(cos_sin), positions=_ptr(positions), num_tokens=T,
+        num_heads=H, head_dim=Dh, block_size=k_cache.shape[1], num_blocks=k_cache.shape[0],
+        stride_kt=k.stride(0), stride_kh=k.stride(1), stride_vt=v.stride(0), stride_vh=v.stride(1),
+        stride_kcb=kcb, stride_kcs=kcs, stride_kch=kch, stride_vcb=vcb, stride_vcs=vcs, stride_vch=vch,
+        stride_cs=cos_sin.stride(0) if cos_sin is not None else 0, rotary_dim=rotary_dim or 0,
+        slots_int64=_is64(slot_mapping), positions_int64=_is64(positions),
+        cos_sin_dtype=DTYPES[cos_sin.dtype] if cos_sin is not None else 0, dtype=DTYPES[k.dtype], device=_device(k),
+        stream=_stream(k)))
     return None
 
 
@@ -338,6 +351,17 @@ def _output(op, out, pixels, pos_embed, B, N, D):
     return out
 
 
+def _image_args(out, pixels, pos_embed, position_ids, B, C, rows, cols, P, D, stride_pos, stride_ib, stride_in):
+    """The _C.PatchImageArgs fields patch_embed and dwsep_patch_embed share (all but the biases' dtype), as a dict."""
+    pb, pc, ph, pw = pixels.stride()
+    return dict(out=out.data_ptr(), pixels=pixels.data_ptr(), pos_embed=_ptr(pos_embed),
+                position_ids=_ptr(position_ids), batch=B, channels=C, patches_h=rows, patches_w=cols, patch=P, dim=D,
+                stride_pb=pb, stride_pc=pc, stride_ph=ph, stride_pw=pw, stride_pos=stride_pos, stride_ib=stride_ib,
+                stride_in=stride_in, ids_int64=_is64(position_ids), dtype=DTYPES[pixels.dtype],
+                pos_dtype=DTYPES[pos_embed.dtype] if pos_embed is not None else 0, out_dtype=DTYPES[out.dtype],
+                device=_device(pixels), stream=_stream(pixels))
+
+
 def _bias_dtype(*biases) -> int:
     given = [b for b in biases if b is not None]
     return DTYPES[given[0].dtype] if given else 0
@@ -365,11 +389,9 @@ def patch_embed(pixels, weight, bias, pos_embed, position_ids, *, groups=1, out=
         return out
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    _C.patch_embed(out.data_ptr(), pixels.data_ptr(), weight.data_ptr(), _ptr(bias), _ptr(pos_embed),
-                   _ptr(position_ids), B, C, rows, cols, P, D, *pixels.stride(), stride_pos, stride_ib, stride_in,
-                   _is64(position_ids), DTYPES[pixels.dtype],
-                   _bias_dtype(bias), DTYPES[pos_embed.dtype] if pos_embed is not None else 0, DTYPES[out.dtype],
-                   _device(pixels), _stream(pixels))
+    _C.patch_embed(_C.PatchEmbedArgs(weight=weight.data_ptr(), bias=_ptr(bias), bias_dtype=_bias_dtype(bias),
+                                     **_image_args(out, pixels, pos_embed, position_ids, B, C, rows, cols, P, D,
+                                                   stride_pos, stride_ib, stride_in)))
     return out
 
 
@@ -403,10 +425,8 @@ def dwsep_patch_embed(pixels, dw_weight, dw_bias, pw_weight, pw_bias, pos_embed,
     dw_weight, pw_weight = dw_weight.contiguous(), pw_weight.contiguous()
     dw_bias = None if dw_bias is None else dw_bias.contiguous()
     pw_bias = None if pw_bias is None else pw_bias.contiguous()
-    _C.dwsep_patch_embed(out.data_ptr(), pixels.data_ptr(), dw_weight.data_ptr(), _ptr(dw_bias), pw_weight.data_ptr(),
-                         _ptr(pw_bias), _ptr(pos_embed), _ptr(position_ids), B, C, rows, cols, P, D, *pixels.stride(),
-                         stride_pos, stride_ib, stride_in, _is64(position_ids), DTYPES[pixels.dtype],
-                         _bias_dtype(dw_bias, pw_bias),
-                         DTYPES[pos_embed.dtype] if pos_embed is not None else 0, DTYPES[out.dtype], _device(pixels),
-                         _stream(pixels))
+    _C.dwsep_patch_embed(_C.DwsepPatchEmbedArgs(
+        dw_weight=dw_weight.data_ptr(), dw_bias=_ptr(dw_bias), pw_weight=pw_weight.data_ptr(), pw_bias=_ptr(pw_bias),
+        bias_dtype=_bias_dtype(dw_bias, pw_bias),
+        **_image_args(out, pixels, pos_embed, position_ids, B, C, rows, cols, P, D, stride_pos, stride_ib, stride_in)))
     return out
