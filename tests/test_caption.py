@@ -2,6 +2,7 @@
 file reported and skipped, a rerun (after lost and truncated lines, or an interrupt) doing only what is missing,
 tags as lists, and captions equal to LLM.generate on the same image and prompt."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -62,13 +63,29 @@ def test_every_image_captioned_once_and_the_corrupt_one_skipped(llm, folder, tmp
     forward, batch_sizes = llm.model.forward, []
 
     def spy(ids, meta, *args):
+        if not batch_sizes:  # hold the first step so the other images' requests have surely joined by the next
+            time.sleep(1.0)
         batch_sizes.append(len(meta.seq_lens))
         return forward(ids, meta, *args)
 
+    open_now, most_open, real_stream = [0], [0], llm.stream
+
+    async def counting_stream(*args, **kwargs):  # requests in flight, as the captioner sees them
+        open_now[0] += 1
+        most_open[0] = max(most_open[0], open_now[0])
+        try:
+            async for out in real_stream(*args, **kwargs):
+                yield out
+        finally:
+            open_now[0] -= 1
+
     monkeypatch.setattr(llm.model, "forward", spy)
+    monkeypatch.setattr(llm, "stream", counting_stream)
     summary = caption_folder(llm, folder, out, max_new_tokens=MAX_NEW_TOKENS, batch_size=3, model_name="tiny",
                              progress=False)
-    assert max(batch_sizes) == 3  # three images in flight at once, never more
+    # three images in flight at once (the held first step leaves time for all three to join), never more; how many
+    # of them share an engine step depends on the token budget and when each finishes, so that is only bounded
+    assert most_open[0] == 3 and 1 <= max(batch_sizes) <= 3
     rows = records(out)
     assert sorted(r["path"] for r in rows) == sorted(GOOD)
     assert (summary.total, summary.already_done, summary.captioned) == (len(GOOD) + 1, 0, len(GOOD))
