@@ -184,6 +184,15 @@ class StepMetadata:
     last_token_indices: list[int]  # [num_seqs] index in the packed tokens of each sequence's last token
 
 
+def cross_spans(meta: StepMetadata, cross_kv: list | None) -> list | None:
+    """For cross-attention models: (first packed row, rows, its image K/V) of each sequence of the step that has
+    images (cross_kv holds one entry per sequence, None for a text-only one), or None when no sequence has."""
+    if not cross_kv or all(kv is None for kv in cross_kv):
+        return None
+    starts = meta.query_start_loc
+    return [(starts[s], starts[s + 1] - starts[s], kv) for s, kv in enumerate(cross_kv) if kv is not None]
+
+
 def schedule_step(cache: PagedCache, new_tokens: dict[int, int]) -> StepMetadata:
     """Reserve cache room for each sequence's new tokens (in dict order) and describe the packed step."""
     return step_metadata(cache, {seq_id: cache.append(seq_id, n) for seq_id, n in new_tokens.items()})

@@ -9,6 +9,9 @@ from .errors import CheckpointError
 
 VLM_MODEL_TYPES = ("idefics3", "smolvlm")
 TEXT_MODEL_TYPES = ("llama",)
+XATTN_MODEL_TYPE = "smolvlm_fast_xattn"  # the factorized variant (docs/xattn.md)
+PATCH_STEMS = ("conv", "grouped", "dwsep")
+TEXT_ARCHITECTURES = ("llama", "phi")
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,8 @@ class VisionConfig:
     num_channels: int = 3
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu_pytorch_tanh"
+    patch_stem: str = "conv"  # "conv", "grouped" (groups) or "dwsep" (depthwise P x P, then pointwise C -> D)
+    groups: int = 1
 
     @property
     def head_dim(self) -> int:
@@ -48,6 +53,14 @@ class TextConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
+    architecture: str = "llama"  # or "phi": parallel attention + MLP under one LayerNorm, biased projections
+    partial_rotary_factor: float = 1.0
+    layer_norm_eps: float = 1e-5  # the Phi blocks' LayerNorms
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading features of each q/k head that RoPE turns (all of them for Llama)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
 
 @dataclass(frozen=True)
@@ -58,10 +71,24 @@ class ModelConfig:
     scale_factor: int = 1
     image_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    cross_attention_layers: tuple[int, ...] = ()  # decoder layers followed by a gated cross-attention layer
 
     @property
     def is_vlm(self) -> bool:
         return self.vision is not None
+
+    @property
+    def is_xattn(self) -> bool:
+        """Images reach the text through cross-attention layers instead of spliced <image> tokens."""
+        return self.model_type == XATTN_MODEL_TYPE
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """The factorized variant's encoder takes image_size square images only (its processor resizes to that)."""
+        size = self.vision.image_size
+        if self.is_xattn and (height, width) != (size, size):
+            from .errors import InputError
+            raise InputError(f"this model's vision encoder takes {size}x{size} images, got {height}x{width} "
+                             "(its processor resizes images to that size)")
 
     @property
     def image_seq_len(self) -> int:
@@ -103,10 +130,12 @@ class ModelConfig:
                 image_token_id=int(raw.get("image_token_id", 128257)),
                 eos_token_ids=_eos_ids(text_raw.get("eos_token_id", raw.get("eos_token_id"))),
             )
+        if model_type == XATTN_MODEL_TYPE:
+            return _xattn_config(raw, source)
         if model_type in TEXT_MODEL_TYPES:
             return cls(model_type=model_type, text=_text_config(raw, source, False, 1e-6),
                        eos_token_ids=_eos_ids(raw.get("eos_token_id")))
-        supported = ", ".join(VLM_MODEL_TYPES + TEXT_MODEL_TYPES)
+        supported = ", ".join(VLM_MODEL_TYPES + TEXT_MODEL_TYPES + (XATTN_MODEL_TYPE,))
         raise CheckpointError(f"{source}: unsupported model_type {model_type!r} (supported: {supported})")
 
 
@@ -134,12 +163,14 @@ def _rope_theta(raw: dict) -> float:
     return float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
 
 
-def _text_config(raw: dict, src: str, tie_default: bool, eps_default: float) -> TextConfig:
+def _text_config(raw: dict, src: str, tie_default: bool, eps_default: float, **extra) -> TextConfig:
     hidden = int(_require(raw, "hidden_size", src, 4096))
     heads = int(_require(raw, "num_attention_heads", src, 32))
-    act = raw.get("hidden_act", "silu")
-    if act != "silu":
-        raise CheckpointError(f"{src}: hidden_act {act!r} is not supported (only silu)")
+    phi = extra.get("architecture") == "phi"
+    act = raw.get("hidden_act", "gelu_new" if phi else "silu")
+    allowed = ("gelu_new", "gelu_pytorch_tanh") if phi else ("silu",)  # Phi's gelu_new is the tanh approximation
+    if act not in allowed:
+        raise CheckpointError(f"{src}: hidden_act {act!r} is not supported (only {' or '.join(allowed)})")
     return TextConfig(
         vocab_size=int(_require(raw, "vocab_size", src, 32000)),
         hidden_size=hidden,
@@ -154,7 +185,48 @@ def _text_config(raw: dict, src: str, tie_default: bool, eps_default: float) -> 
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", tie_default)),
         attention_bias=bool(raw.get("attention_bias", False)),
         mlp_bias=bool(raw.get("mlp_bias", False)),
+        hidden_act=act,
+        **extra,
     )
+
+
+def _xattn_config(raw: dict, source: str) -> ModelConfig:
+    """The factorized variant's config.json (docs/xattn.md), every field checked."""
+    text_raw, vision_raw = raw.get("text_config"), raw.get("vision_config")
+    if not isinstance(text_raw, dict) or not isinstance(vision_raw, dict):
+        raise CheckpointError(f"{source}: {XATTN_MODEL_TYPE} needs text_config and vision_config objects")
+    arch = text_raw.get("architecture", "llama")
+    if arch not in TEXT_ARCHITECTURES:
+        raise CheckpointError(f"{source}: text_config.architecture {arch!r} is not one of {TEXT_ARCHITECTURES}")
+    text = _text_config(text_raw, f"{source} (text_config)", raw.get("tie_word_embeddings", False), 1e-5,
+                        architecture=arch, partial_rotary_factor=float(text_raw.get("partial_rotary_factor", 1.0)),
+                        layer_norm_eps=float(text_raw.get("layer_norm_eps", 1e-5)))
+    if not 0 < text.rotary_dim <= text.head_dim or text.rotary_dim % 2:
+        raise CheckpointError(f"{source}: partial_rotary_factor {text.partial_rotary_factor} gives rotary_dim "
+                              f"{text.rotary_dim}; it must be even and in (0, head_dim={text.head_dim}]")
+    vision = _vision_config(vision_raw, source)
+    _check_stem(vision, source)
+    layers = raw.get("cross_attention_layers", [])
+    if (not isinstance(layers, list) or not all(type(i) is int for i in layers) or layers != sorted(set(layers))
+            or any(not 0 <= i < text.num_hidden_layers for i in layers)):
+        raise CheckpointError(f"{source}: cross_attention_layers must be ascending distinct decoder layer indices "
+                              f"in [0, {text.num_hidden_layers}), got {layers!r}")
+    return ModelConfig(model_type=XATTN_MODEL_TYPE, text=text, vision=vision,
+                       scale_factor=int(raw.get("scale_factor", 1)), image_token_id=int(_require(raw, "image_token_id", source)),
+                       eos_token_ids=_eos_ids(raw.get("eos_token_id", text_raw.get("eos_token_id"))),
+                       cross_attention_layers=tuple(layers))
+
+
+def _check_stem(v: VisionConfig, source: str) -> None:
+    if v.patch_stem not in PATCH_STEMS:
+        raise CheckpointError(f"{source}: vision_config.patch_stem {v.patch_stem!r} is not one of {PATCH_STEMS}")
+    groups = v.groups if v.patch_stem == "grouped" else 1
+    if groups < 1 or v.num_channels % groups or v.hidden_size % groups:
+        raise CheckpointError(f"{source}: vision_config.groups {v.groups} must divide num_channels "
+                              f"{v.num_channels} and hidden_size {v.hidden_size}")
+    if v.image_size % v.patch_size:
+        raise CheckpointError(f"{source}: vision_config.image_size {v.image_size} is not a multiple of "
+                              f"patch_size {v.patch_size}")
 
 
 def _vision_config(raw: dict, source: str) -> VisionConfig:
@@ -172,12 +244,14 @@ def _vision_config(raw: dict, source: str) -> VisionConfig:
         num_channels=as_int("num_channels", 3),
         layer_norm_eps=float(raw.get("layer_norm_eps", 1e-6)),
         hidden_act=raw.get("hidden_act", "gelu_pytorch_tanh"),
+        patch_stem=raw.get("patch_stem", "conv"),
+        groups=as_int("groups", 1),
     )
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request is decoded. temperature 0 (or do_sample False) means greedy."""
+    """How one request is decoded. temperature 0 (below 1e-5, or do_sample False) means greedy."""
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_k: int = 0              # 0: no top-k filter
@@ -189,13 +263,27 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        import math
+        from numbers import Integral, Real
+
         from .errors import InputError
+
+        def integer(x) -> bool:  # a bool is an int to Python, never a count here
+            return isinstance(x, Integral) and not isinstance(x, bool)
+
+        def number(x) -> bool:  # inf and NaN would turn the logits into NaN
+            return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
+
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "max_new_tokens must be an integer >= 0"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (integer(self.max_new_tokens) and self.max_new_tokens >= 0, "max_new_tokens must be an integer >= 0"),
+            (number(self.temperature) and self.temperature >= 0, "temperature must be a finite number >= 0"),
+            (integer(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0"),
+            (number(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (number(self.repetition_penalty) and self.repetition_penalty > 0,
+             "repetition_penalty must be a finite number > 0"),
+            (self.seed is None or integer(self.seed) and self.seed >= 0, "seed must be None or an integer >= 0"),
+            (all(integer(t) for t in self.stop_token_ids), "stop_token_ids must be integers"),
+            (all(isinstance(s, str) and s for s in self.stop_strings), "stop_strings must be non-empty strings"),
         ]
         for ok, message in checks:
             if not ok:
@@ -203,4 +291,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
+        # Below 1e-5 (vLLM's cut-off) logits / temperature overflows float32 and sampling would draw from NaNs.
+        return not self.do_sample or self.temperature < 1e-5

@@ -73,6 +73,8 @@ class Sequence:
     image_token_id: int | None = None
     features: dict[int, object] = field(default_factory=dict)  # image index -> features, held while prefilling
     error: str | None = None
+    attends_images: bool = False  # a cross-attention model: every token depends on all the request's images
+    cross_kv: object | None = None  # its image K/V per cross-attention layer, computed at the first step, kept to the end
 
     @property
     def finished(self) -> bool:
@@ -103,7 +105,10 @@ class Sequence:
         return bisect_left(self.image_positions, start), bisect_left(self.image_positions, end)
 
     def images_in(self, start: int, end: int) -> tuple[tuple[bytes, int], ...]:
-        """(content hash, offset into the image) of each image with tokens at positions start..end-1."""
+        """(content hash, offset into the image) of each image with tokens at positions start..end-1. With
+        cross-attention every token depends on every image: the first block names them all (later blocks chain)."""
+        if self.attends_images:
+            return tuple((s.digest, 0) for s in self.images) if start == 0 else ()
         f0, f1 = self.image_range(start, end)
         return tuple((s.digest, max(f0, s.start) - s.start) for s in self.images if s.start < f1 and s.end > f0)
 
@@ -166,7 +171,8 @@ def check_request(model, r: Request, capacity: int | None = None) -> None:
         raise InputError("this is a text-only model; it cannot take images (use a SmolVLM checkpoint)")
     if config.is_vlm:
         n_features = sum(image_token_count(config, im) for im in request_images(r))
-        check_image_tokens(r.prompt_ids.count(config.image_token_id), n_features)
+        per_marker = config.image_seq_len if config.is_xattn else 1  # cross-attention: one <image> per image
+        check_image_tokens(r.prompt_ids.count(config.image_token_id) * per_marker, n_features)
 
 
 def request_images(r: Request) -> list[ImageInput]:
@@ -221,6 +227,9 @@ def prefill(model, cache: PagedCache, kv_caches, requests: list[Request], seq_id
     (One forward over whole prompts, for logits at every position; generation goes through Engine.)"""
     meta = schedule_step(cache, {s: len(r.prompt_ids) for s, r in zip(seq_ids, requests)})
     ids = np.array([t for r in requests for t in r.prompt_ids], dtype=np.int64)
+    if model.config.is_xattn:
+        cross = [None if r.image_features is None else model.cross_kv(r.image_features) for r in requests]
+        return model.forward(ids, meta, kv_caches, cross_kv=cross), meta
     return model.forward(ids, meta, kv_caches, concat_features([r.image_features for r in requests])), meta
 
 
@@ -288,8 +297,11 @@ class Engine:
         config = self.model.config
         seq = Sequence(request, rng=_rng(request.params.seed), seq_id=next(self._ids),
                        token_ids=list(request.prompt_ids), image_token_id=config.image_token_id)
-        if config.is_vlm:
+        if config.is_xattn:  # images reach the text through cross-attention; <image> ids stay ordinary tokens
+            seq.image_token_id, seq.attends_images = None, True
+        elif config.is_vlm:
             seq.image_positions = [p for p, t in enumerate(request.prompt_ids) if t == config.image_token_id]
+        if config.is_vlm:
             start = 0
             for image in request_images(request):
                 n = image_token_count(config, image)
@@ -307,7 +319,11 @@ class Engine:
             return []
         self._counts.steps += 1
         ids, features = self._inputs(batch.seqs, batch.num_tokens)
-        hidden = self.model.forward(ids, batch.meta, self.kv_caches, features)
+        if self.model.config.is_xattn:
+            cross = [self._cross_kv(seq) for seq in batch.seqs]
+            hidden = self.model.forward(ids, batch.meta, self.kv_caches, cross_kv=cross)
+        else:
+            hidden = self.model.forward(ids, batch.meta, self.kv_caches, features)
         done = [self._computed(seq, n) for seq, n in zip(batch.seqs, batch.num_tokens)]
         rows = [batch.meta.last_token_indices[i] for i, d in enumerate(done) if d]
         sampling = [seq for seq, d in zip(batch.seqs, done) if d]
@@ -317,6 +333,15 @@ class Engine:
             if seq.finished:
                 self._release(seq)
         return sampling
+
+    def _cross_kv(self, seq: Sequence):
+        """A cross-attention request's image K/V: computed from its images' features at its first step, then kept
+        (through preemptions too) until it ends; None for a request without images."""
+        if seq.cross_kv is None and seq.images:
+            features = concat_features([self._image_features(seq, i) for i in range(len(seq.images))])
+            seq.cross_kv = self.model.cross_kv(features)
+            seq.features.clear()
+        return seq.cross_kv
 
     def _inputs(self, seqs: list[Sequence], counts: list[int]):
         """The step's packed token ids [T] and the features of its <image> tokens, in order (or None)."""
@@ -378,6 +403,7 @@ class Engine:
         self.scheduler.remove(seq)
         self.cache.free(seq.seq_id)
         seq.features.clear()
+        seq.cross_kv = None
 
 
 def generate(model, requests: list[Request], *, decode: Callable[[list[int]], str] | None = None,

@@ -242,7 +242,7 @@ class LLM:
         pixels = pixel_values[0]
         digest = hashlib.blake2b(pixels.tobytes() + str(pixels.shape).encode(), digest_size=32).digest()
         rows, cols = grids[0][0]
-        expansion = self.processor.tokens.prompt(rows, cols, self.processor.image_seq_len)
+        expansion = self.processor.image_text(rows, cols)
         return ImageInput(pixels, pixel_mask[0], content_hash=digest), expansion
 
     # -- outputs

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .cache import StepMetadata
+from .cache import StepMetadata, cross_spans
 from .config import ModelConfig, TextConfig, VisionConfig
 from .errors import InputError, check_image_tokens
 from .weights.layout import check_complete, check_tensor, tensor_shapes
@@ -61,23 +61,39 @@ class VisionLayer(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    def __init__(self, v: VisionConfig):
+    def __init__(self, v: VisionConfig, fixed_size: bool = False):
+        """fixed_size: every image is image_size square (the factorized variant): positions are arange, no masks."""
         super().__init__()
-        self.config = v
-        self.patch_weight = nn.Parameter(torch.empty(v.hidden_size, v.num_channels, v.patch_size, v.patch_size))
-        self.patch_bias = nn.Parameter(torch.empty(v.hidden_size))
+        self.config, self.fixed_size = v, fixed_size
+        D, C, P = v.hidden_size, v.num_channels, v.patch_size
+        if v.patch_stem == "dwsep":
+            self.dw_weight, self.dw_bias = nn.Parameter(torch.empty(C, 1, P, P)), nn.Parameter(torch.empty(C))
+            self.pw_weight, self.pw_bias = nn.Parameter(torch.empty(D, C)), nn.Parameter(torch.empty(D))
+        else:
+            self.groups = v.groups if v.patch_stem == "grouped" else 1
+            self.patch_weight = nn.Parameter(torch.empty(D, C // self.groups, P, P))
+            self.patch_bias = nn.Parameter(torch.empty(D))
         self.position_embedding = nn.Parameter(torch.empty(v.patches_per_side**2, v.hidden_size))
         self.layers = nn.ModuleList(VisionLayer(v) for _ in range(v.num_hidden_layers))
         self.post_layernorm = nn.LayerNorm(v.hidden_size)
 
     def forward(self, pixels, patch_mask):
         """pixels [N, C, H, W], patch_mask [N, H/P, W/P] bool -> [N, (H/P)*(W/P), D]."""
-        position_ids = bucketed_position_ids(patch_mask, self.config.patches_per_side)  # [N, h*w]
-        x = ops.patch_embed(pixels, self.patch_weight, self.patch_bias, self.position_embedding, position_ids)
+        x = self.embed_patches(pixels, patch_mask)  # [N, h*w, D]
         key_mask = None if bool(patch_mask.all()) else patch_mask.flatten(1)  # [N, h*w]
         for layer in self.layers:
             x = layer(x, key_mask)
         return ops.layer_norm(x, self.post_layernorm.weight, self.post_layernorm.bias, self.config.layer_norm_eps)
+
+
+    def embed_patches(self, pixels, patch_mask):
+        """The patch stem plus position embeddings: [N, C, H, W] -> [N, (H/P)*(W/P), D]."""
+        position_ids = None if self.fixed_size else bucketed_position_ids(patch_mask, self.config.patches_per_side)
+        if self.config.patch_stem == "dwsep":
+            return ops.dwsep_patch_embed(pixels, self.dw_weight, self.dw_bias, self.pw_weight, self.pw_bias,
+                                         self.position_embedding, position_ids)
+        return ops.patch_embed(pixels, self.patch_weight, self.patch_bias, self.position_embedding, position_ids,
+                               groups=self.groups)
 
 
 def bucketed_position_ids(patch_mask, patches_per_side):
@@ -143,29 +159,116 @@ class TextLayer(nn.Module):
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x))), residual
 
 
-class TextModel(nn.Module):
+class PhiLayer(TextLayer):
+    """Phi-2's parallel block: x + dense(attn(LN(x))) + fc2(gelu(fc1(LN(x)))), biased projections."""
+
     def __init__(self, t: TextConfig):
+        nn.Module.__init__(self)
+        D, Dh = t.hidden_size, t.head_dim
+        self.t = t
+        self.q_size, self.kv_size = t.num_attention_heads * Dh, t.num_key_value_heads * Dh
+        self.input_layernorm = nn.LayerNorm(D)
+        self.qkv_proj = nn.Linear(D, self.q_size + 2 * self.kv_size)
+        self.o_proj = nn.Linear(self.q_size, D)  # Phi's "dense"
+        self.fc1, self.fc2 = nn.Linear(D, t.intermediate_size), nn.Linear(t.intermediate_size, D)
+
+    def forward(self, x, residual, batch, kv_cache, cos_sin):
+        """(x, residual) whose sum is the hidden state -> (attention + MLP, that hidden state)."""
+        h = x if residual is None else x + residual  # [T, D]
+        normed = ops.layer_norm(h, self.input_layernorm.weight, self.input_layernorm.bias, self.t.layer_norm_eps)
+        mlp = self.fc2(ops.gelu_tanh(self.fc1(normed)))
+        return self.attention(normed, batch, kv_cache, cos_sin) + mlp, h
+
+
+class CrossLayer(nn.Module):
+    """A gated cross-attention layer (MllamaCrossAttentionDecoderLayer's form, docs/xattn.md): text queries over
+    the request's image states, whose K/V (`image_kv`) are computed once per request."""
+
+    def __init__(self, t: TextConfig):
+        super().__init__()
+        D, Dh = t.hidden_size, t.head_dim
+        self.t = t
+        self.cross_attn = nn.Module()
+        self.cross_attn.q_proj = nn.Linear(D, t.num_attention_heads * Dh, bias=False)
+        self.cross_attn.k_proj = nn.Linear(D, t.num_key_value_heads * Dh, bias=False)
+        self.cross_attn.v_proj = nn.Linear(D, t.num_key_value_heads * Dh, bias=False)
+        self.cross_attn.o_proj = nn.Linear(t.num_attention_heads * Dh, D, bias=False)
+        self.cross_attn.q_norm, self.cross_attn.k_norm = nn.Module(), nn.Module()
+        self.cross_attn.q_norm.weight, self.cross_attn.k_norm.weight = nn.Parameter(torch.empty(Dh)), nn.Parameter(torch.empty(Dh))
+        self.input_layernorm = nn.Parameter(torch.empty(D))
+        self.post_attention_layernorm = nn.Parameter(torch.empty(D))
+        self.gate_up_proj = nn.Linear(D, 2 * t.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(t.intermediate_size, D, bias=False)
+        self.cross_attn_attn_gate, self.cross_attn_mlp_gate = nn.Parameter(torch.empty(1)), nn.Parameter(torch.empty(1))
+
+    def image_kv(self, states):
+        """Image states [T, D] -> (k [T, Hkv, Dh] after k_norm, v [T, Hkv, Dh])."""
+        T, a = states.shape[0], self.cross_attn
+        k = ops.rms_norm(a.k_proj(states).view(T, -1, self.t.head_dim), a.k_norm.weight, self.t.rms_norm_eps)
+        return k, a.v_proj(states).view(T, -1, self.t.head_dim)
+
+    def forward(self, h, spans):
+        """h [T, D] hidden states; spans: (first row, rows, (k, v)) per sequence with images -> h updated."""
+        eps, a, Dh = self.t.rms_norm_eps, self.cross_attn, self.t.head_dim
+        rows = torch.cat([torch.arange(r0, r0 + n, device=h.device) for r0, n, _ in spans])  # [R]
+        x = h[rows]  # [R, D]
+        q = ops.rms_norm(a.q_proj(ops.rms_norm(x, self.input_layernorm, eps)).view(len(rows), -1, Dh),
+                         a.q_norm.weight, eps)  # [R, Hq, Dh]
+        attn = torch.cat([ops.cross_attention(q[None, i:i + n], k[None], v[None])[0]
+                          for i, (_, n, (k, v)) in zip(_offsets(spans), spans)])  # [R, Hq, Dh]
+        x = x + torch.tanh(self.cross_attn_attn_gate) * a.o_proj(attn.flatten(1))
+        mlp = self.down_proj(ops.silu_and_mul(self.gate_up_proj(ops.rms_norm(x, self.post_attention_layernorm, eps))))
+        h = h.clone()
+        h[rows] = x + torch.tanh(self.cross_attn_mlp_gate) * mlp
+        return h
+
+
+def _offsets(spans):
+    """Start of each span's rows among the gathered rows."""
+    starts, total = [], 0
+    for _, n, _ in spans:
+        starts.append(total)
+        total += n
+    return starts
+
+
+class TextModel(nn.Module):
+    def __init__(self, t: TextConfig, cross_attention_layers: tuple[int, ...] = ()):
         super().__init__()
         self.t = t
         self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
-        self.layers = nn.ModuleList(TextLayer(t) for _ in range(t.num_hidden_layers))
-        self.norm = nn.Parameter(torch.empty(t.hidden_size))
+        layer = PhiLayer if t.architecture == "phi" else TextLayer
+        self.layers = nn.ModuleList(layer(t) for _ in range(t.num_hidden_layers))
+        if t.architecture == "phi":
+            self.final_layernorm = nn.LayerNorm(t.hidden_size)
+        else:
+            self.norm = nn.Parameter(torch.empty(t.hidden_size))
+        self.cross_after = {i: j for j, i in enumerate(cross_attention_layers)}  # decoder layer -> cross layer
+        self.cross_layers = nn.ModuleList(CrossLayer(t) for _ in cross_attention_layers)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
 
     def rope(self, max_position: int):
-        """The [positions, head_dim] cos/sin table, grown on demand."""
+        """The [positions, rotary_dim] cos/sin table, grown on demand."""
         if self.cos_sin.shape[0] < max_position:
             size = min(max(max_position, 2 * self.cos_sin.shape[0]), self.t.max_position_embeddings)
-            self.cos_sin = ops.rope_table(self.t.head_dim, max(size, max_position), self.t.rope_theta,
+            self.cos_sin = ops.rope_table(self.t.rotary_dim, max(size, max_position), self.t.rope_theta,
                                           device=self.embed_tokens.weight.device)
         return self.cos_sin
 
-    def forward(self, embeds, batch: ForwardBatch, kv_caches):
-        """embeds [T, D] -> final hidden states [T, D]."""
+    def forward(self, embeds, batch: ForwardBatch, kv_caches, cross_spans=None):
+        """embeds [T, D] -> final hidden states [T, D]. cross_spans: CrossLayer.forward's spans (None: no images)."""
         cos_sin = self.rope(int(batch.seq_lens.max()))
         x, residual = embeds, None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             x, residual = layer(x, residual, batch, kv_cache, cos_sin)
+            if cross_spans and i in self.cross_after:
+                j = self.cross_after[i]
+                x, residual = self.cross_layers[j](x + residual, [(r0, n, kv[j]) for r0, n, kv in cross_spans]), None
+        if self.t.architecture == "phi":
+            h = x if residual is None else x + residual
+            return ops.layer_norm(h, self.final_layernorm.weight, self.final_layernorm.bias, self.t.layer_norm_eps)
+        if residual is None:  # a cross layer came last
+            return ops.rms_norm(x, self.norm, self.t.rms_norm_eps)
         return ops.rms_norm(x, self.norm, self.t.rms_norm_eps, residual)[0]
 
 
@@ -179,11 +282,13 @@ class SmolVLM(nn.Module):
         super().__init__()
         self.config = config
         t = config.text
-        self.vision = VisionEncoder(config.vision) if config.is_vlm else None
+        self.vision = VisionEncoder(config.vision, fixed_size=config.is_xattn) if config.is_vlm else None
         if config.is_vlm:
             self.connector = nn.Linear(config.vision.hidden_size * config.scale_factor**2, t.hidden_size, bias=False)
-        self.text = TextModel(t)
-        self.lm_head = None if t.tie_word_embeddings else nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        self.text = TextModel(t, config.cross_attention_layers)
+        phi = t.architecture == "phi"  # Phi's lm_head has a bias, kept apart when the weight is tied
+        self.lm_head = None if t.tie_word_embeddings else nn.Linear(t.hidden_size, t.vocab_size, bias=phi)
+        self.lm_head_bias = nn.Parameter(torch.empty(t.vocab_size)) if phi and t.tie_word_embeddings else None
 
     @property
     def device(self):
@@ -207,19 +312,31 @@ class SmolVLM(nn.Module):
         embeds = self.text.embed_tokens(input_ids)
         if image_features is None:
             return embeds
+        if self.config.is_xattn:
+            raise InputError("this model attends to images through cross-attention: pass cross_kv, not image_features")
         is_image = input_ids == self.config.image_token_id
         check_image_tokens(int(is_image.sum()), image_features.shape[0])
         return embeds.masked_scatter(is_image[:, None], image_features.to(embeds.dtype))
 
-    def forward(self, input_ids, meta: StepMetadata, kv_caches, image_features=None):
-        """Packed input_ids [T] -> hidden states [T, D]; writes the new tokens' K/V into kv_caches."""
+    def forward(self, input_ids, meta: StepMetadata, kv_caches, image_features=None, cross_kv=None):
+        """Packed input_ids [T] -> hidden states [T, D]; writes the new tokens' K/V into kv_caches.
+        cross_kv (cross-attention models): per sequence of the step, None or its cross_kv(image features)."""
         ids = torch.as_tensor(input_ids, device=self.device)
-        return self.text(self.embed(ids, image_features), ForwardBatch.from_metadata(meta, self.device), kv_caches)
+        spans = cross_spans(meta, cross_kv)
+        return self.text(self.embed(ids, image_features), ForwardBatch.from_metadata(meta, self.device), kv_caches,
+                         spans)
+
+    def cross_kv(self, image_features):
+        """A request's image features [n, D] -> per cross-attention layer its (k, v) [n, Hkv, Dh], kept with the
+        request and reused at every step."""
+        states = torch.as_tensor(image_features, device=self.device).to(self.dtype)
+        return [layer.image_kv(states) for layer in self.text.cross_layers]
 
     def compute_logits(self, hidden):
         if self.lm_head is not None:
             return self.lm_head(hidden)  # [n, vocab]; an nn.Linear, or an Int4Linear swapped in by quantization
-        return hidden @ self.text.embed_tokens.weight.T  # [n, vocab]
+        logits = hidden @ self.text.embed_tokens.weight.T  # [n, vocab]
+        return logits if self.lm_head_bias is None else logits + self.lm_head_bias
 
     def image_features_per_row(self, pixel_values, pixel_attention_mask=None) -> list:
         """pixel_values [B, n, C, H, W] (all-zero padding images allowed) -> per batch row, its image features
@@ -229,6 +346,7 @@ class SmolVLM(nn.Module):
             raise InputError(f"pixel_values must be [batch, images, channels, height, width], got {tuple(pixel_values.shape)}")
         B, n, C, H, W = pixel_values.shape
         P = self.config.vision.patch_size
+        self.config.check_image_size(H, W)
         if H < P or W < P:
             raise InputError(f"pixel_values of {H}x{W} are smaller than one {P}x{P} patch")
         flat = pixel_values.flatten(0, 1).to(self.device)  # [B*n, C, H, W]
@@ -268,7 +386,14 @@ def _parameter_for(hf_name: str, config: ModelConfig):
                "model.vision_model.embeddings.position_embedding.weight": "vision.position_embedding",
                "model.connector.modality_projection.proj.weight": "connector.weight",
                f"{text_prefix}norm.weight": "text.norm", "lm_head.weight": "lm_head.weight",
-               f"{text_prefix}embed_tokens.weight": "text.embed_tokens.weight"}
+               f"{text_prefix}embed_tokens.weight": "text.embed_tokens.weight",
+               "lm_head.bias": "lm_head_bias" if config.text.tie_word_embeddings else "lm_head.bias"}
+    stem = "model.vision_model.embeddings.patch_embedding."
+    renames |= {f"{stem}depthwise.weight": "vision.dw_weight", f"{stem}depthwise.bias": "vision.dw_bias",
+                f"{stem}pointwise.weight": "vision.pw_weight", f"{stem}pointwise.bias": "vision.pw_bias"}
+    phi = config.text.architecture == "phi"
+    if phi:  # Phi-2's names for the same products
+        fused |= {"self_attn.dense": ("o_proj", None), "mlp.fc1": ("fc1", None), "mlp.fc2": ("fc2", None)}
     if hf_name in renames:
         return renames[hf_name], None
     if hf_name.startswith("model.vision_model."):
@@ -276,7 +401,7 @@ def _parameter_for(hf_name: str, config: ModelConfig):
         table, prefix = vision_fused, "vision."
     elif hf_name.startswith(text_prefix):
         name, table, prefix = hf_name.removeprefix(text_prefix), fused, "text."
-        if name.endswith("layernorm.weight"):
+        if name.endswith("layernorm.weight") and (not phi or name.startswith("cross_layers.")):  # RMSNorm weights
             return prefix + name.removesuffix(".weight"), None
     else:
         return None, None

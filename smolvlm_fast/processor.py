@@ -34,6 +34,8 @@ from .tokenizer import (BatchFeature, Tokenizer, as_template_dict, normalize_con
 
 MAX_IMAGE_SIZE = 4096  # transformers caps both edges here after the longest-edge resize
 MAX_GRID = 6  # <row_r_col_c> tokens exist for r, c in 1..6
+XATTN_PROCESSOR = "SmolVLMFastXAttnProcessor"  # the factorized variant's (docs/xattn.md): one <image> token per image
+MAX_IMAGES = 32  # images in one prompt: each is up to 6 x 6 + 1 frames through the vision encoder
 
 
 # --- configuration -----------------------------------------------------------------------------------------------
@@ -151,7 +153,8 @@ def tile_multiple_size(height: int, width: int, tile: int) -> tuple[int, int]:
     else:
         height = math.ceil(height / tile) * tile
         width = math.ceil(int(height * aspect) / tile) * tile
-    return height, width
+    # a 1-pixel-wide image can round to 0 (49 * (1 / 49) < 1), which PIL cannot resize to: one tile at least
+    return max(height, tile), max(width, tile)
 
 
 def split_tiles(image: np.ndarray, tile: int, resample: int) -> tuple[list[np.ndarray], int, int]:
@@ -251,8 +254,10 @@ def group_images(images, texts: list[str] | None, marker: str) -> list[list]:
     return groups + ([list(images[starts[-1] :])] if len(images) > starts[-1] else [])
 
 
-def check_image_counts(texts: list[str], groups: list[list] | None, marker: str) -> None:
-    """More markers than images, or the other way round: an InputError stating both counts."""
+def check_image_counts(texts: list[str], groups: list[list] | None, marker: str, max_images: int = MAX_IMAGES) -> None:
+    """More markers than images, or the other way round, or more than max_images images in a prompt: an InputError
+    stating the counts (before any image is decoded)."""
+    check_max_images(groups or [], max_images)
     in_text = [t.count(marker) for t in texts]
     if groups is None:
         if any(in_text):
@@ -265,6 +270,12 @@ def check_image_counts(texts: list[str], groups: list[list] | None, marker: str)
         raise InputError(f"{marker} markers per prompt {in_text} do not match images per prompt {passed}")
 
 
+def check_max_images(groups: list[list], max_images: int) -> None:
+    for i, group in enumerate(groups):
+        if len(group) > max_images:
+            raise InputError(f"prompt {i} has {len(group)} images, over the limit of {max_images} (max_images)")
+
+
 # --- the processor -----------------------------------------------------------------------------------------------
 
 
@@ -273,8 +284,10 @@ class Processor:
 
     def __init__(self, tokenizer: Tokenizer, image_config: ImageConfig, *, image_seq_len: int,
                  chat_template: str | dict[str, str] | None = None, upscale_small_images: bool = True,
-                 processor_class: str | None = None):
+                 processor_class: str | None = None, max_images: int = MAX_IMAGES, max_image_pixels: int | None = None):
         self.tokenizer = tokenizer
+        self.max_images = max_images  # per prompt
+        self.max_image_pixels = max_image_pixels  # per image file; None: images.MAX_IMAGE_PIXELS
         self.image_config = image_config
         self.image_seq_len = image_seq_len
         self.upscale_small_images = upscale_small_images
@@ -285,10 +298,12 @@ class Processor:
         self.chat_templates = as_template_dict(chat_template)
 
     @classmethod
-    def from_pretrained(cls, path, *, upscale_small_images: bool = True, do_image_splitting: bool | None = None):
+    def from_pretrained(cls, path, *, upscale_small_images: bool = True, do_image_splitting: bool | None = None,
+                        max_images: int = MAX_IMAGES, max_image_pixels: int | None = None):
         """Load from a checkpoint dir: tokenizer files, processor_config.json / preprocessor_config.json, chat template.
         upscale_small_images=False keeps images smaller than size.longest_edge at their size (fewer tiles, faster;
-        not what transformers does). do_image_splitting overrides the saved setting."""
+        not what transformers does). do_image_splitting overrides the saved setting. max_images (per prompt) and
+        max_image_pixels (per image file, default images.MAX_IMAGE_PIXELS) bound what one prompt may cost."""
         path = Path(path)
         tokenizer = Tokenizer.from_pretrained(path)
         proc = _read_json(path / "processor_config.json")
@@ -298,7 +313,8 @@ class Processor:
             image_config = replace(image_config, do_image_splitting=do_image_splitting)
         templates = _processor_chat_templates(path, proc) or tokenizer.chat_templates
         processor = cls(tokenizer, image_config, image_seq_len=_image_seq_len(path, proc), chat_template=templates,
-                        upscale_small_images=upscale_small_images, processor_class=proc.get("processor_class"))
+                        upscale_small_images=upscale_small_images, processor_class=proc.get("processor_class"),
+                        max_images=max_images, max_image_pixels=max_image_pixels)
         processor._check_grid_tokens(path)
         return processor
 
@@ -334,7 +350,7 @@ class Processor:
             raise InputError("text must be a string or a list of strings")
         groups = None if images is None else group_images(images, texts, self.tokens.image)
         if texts is not None:
-            check_image_counts(texts, groups, self.tokens.image)
+            check_image_counts(texts, groups, self.tokens.image, self.max_images)
         out = BatchFeature()
         if groups is not None:
             pixel_values, pixel_mask, grids = self.process_images(groups, do_image_splitting, upscale_small_images)
@@ -354,9 +370,11 @@ class Processor:
         cfg = self.image_config
         splitting = cfg.do_image_splitting if do_image_splitting is None else do_image_splitting
         upscale = self.upscale_small_images if upscale_small_images is None else upscale_small_images
+        check_max_images(groups, self.max_images)
         samples, grids = [], []
         for group in groups:
-            split = [image_to_frames(load_image(im), cfg, splitting=splitting, upscale=upscale) for im in group]
+            split = [image_to_frames(load_image(im, max_pixels=self.max_image_pixels), cfg, splitting=splitting,
+                                     upscale=upscale) for im in group]
             samples.append([p for frames, _, _ in split for p in frames_to_pixels(frames, cfg.lut)])
             grids.append([(rows, cols) for _, rows, cols in split])
         if not any(samples):
@@ -365,8 +383,14 @@ class Processor:
         return pixel_values, pixel_mask, grids
 
     def _expand_texts(self, texts: list[str], grids: list[list[tuple[int, int]]]) -> list[str]:
-        return [expand_image_tokens(t, self.tokens.image, [self.tokens.prompt(r, c, self.image_seq_len) for r, c in g])
+        return [expand_image_tokens(t, self.tokens.image, [self.image_text(r, c) for r, c in g])
                 for t, g in zip(texts, grids)]
+
+    def image_text(self, rows: int, cols: int) -> str:
+        """The text one `<image>` marker expands to, for an image cut into rows x cols tiles."""
+        if self.processor_class == XATTN_PROCESSOR:  # images reach the text by cross-attention: <image> stays one token
+            return self.tokens.image
+        return self.tokens.prompt(rows, cols, self.image_seq_len)
 
     # --- chat and decoding -------------------------------------------------------------------------------------
 
