@@ -8,7 +8,8 @@ Each result is appended to a JSON Lines file as soon as it is ready, one line pe
 
 The run resumes: images already in the output are skipped, and a last line cut short by a killed run is dropped.
 An image that cannot be read is reported on stderr and in `<out stem>.errors.jsonl`, never stopping the run (it is
-tried again on the next run).
+tried again on the next run): a corrupt or truncated file, another format under an image extension (images.py tries
+only JPEG, PNG, WebP, GIF, BMP and TIFF decoders), or more pixels than the processor's max_image_pixels.
 """
 from __future__ import annotations
 
@@ -137,7 +138,9 @@ class Captioner:
     async def caption(self, path: Path, name: str) -> dict:
         """The output record of one image; raises SmolVLMError when the image cannot be read or the request fails."""
         start = time.perf_counter()
-        image = await asyncio.to_thread(load_image, path)  # [H, W, 3] uint8; decoding overlaps the engine's steps
+        # [H, W, 3] uint8, within the processor's pixel limit; decoding overlaps the engine's steps
+        max_pixels = getattr(self.llm.processor, "max_image_pixels", None)
+        image = await asyncio.to_thread(load_image, path, max_pixels=max_pixels)
         asks = [self.ask(image, self.prompt)]
         if self.tags_prompt is not None:
             asks.append(self.ask(image, self.tags_prompt))

@@ -13,6 +13,14 @@ Where we differ from transformers, on purpose:
   transformers' `convert("RGB")` clips them at 255, which turns most 16-bit photos white.
 - float arrays in [0, 1] are scaled by 255 and rounded to uint8 here; transformers rescales them by 1/255 a second
   time unless the caller passes do_rescale=False.
+
+Hostile files (paths and data URIs come from anyone who can reach a server):
+- only ALLOWED_FORMATS are tried (Image.open(formats=...)): Pillow never runs another plugin on the bytes, so an EPS
+  never reaches Ghostscript and PSD, ICO, PDF or SVG files are refused as unreadable;
+- width x height from the header, before any pixel is decoded, must be at most max_pixels (MAX_IMAGE_PIXELS by
+  default; a PIL image passed in is checked too, arrays and tensors are already decoded and are not);
+- a truncated or corrupt file is an InputError, never a half-decoded image (LOAD_TRUNCATED_IMAGES stays off);
+- GIF, TIFF and WebP animations give their first frame.
 """
 
 from __future__ import annotations
@@ -23,19 +31,26 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow plugin names; JPEG includes MPO photos
+# 40 million pixels (an 8K frame is 33 M) decode to 120 MB of RGB: well under Pillow's own bomb warning (89.5 M) and
+# error (179 M). The server's --max-image-pixels default is the same. Raise it per call (max_pixels) or here.
+MAX_IMAGE_PIXELS = 40_000_000
 
 
-def load_image(image) -> np.ndarray:
-    """A PIL image, a path (str / Path), a `data:image/...;base64,` URI, or an array/tensor -> [H, W, 3] uint8."""
+def load_image(image, *, max_pixels: int | None = None) -> np.ndarray:
+    """A PIL image, a path (str / Path), a `data:image/...;base64,` URI, or an array/tensor -> [H, W, 3] uint8.
+    An image file or PIL image of more than max_pixels (default MAX_IMAGE_PIXELS) pixels is an InputError."""
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if isinstance(image, Image.Image):
+        check_pixels(image.size, "PIL image", max_pixels)  # a lazily opened image is not decoded yet
         return _pil_to_rgb(image, composite_alpha=True, where="PIL image")
     if isinstance(image, (str, Path)):
-        return _load_source(image)
+        return _load_source(image, max_pixels)
     if _is_tensor(image):
         image = image.detach().cpu()
         image = (image.float() if image.is_floating_point() else image).numpy()  # numpy has no bfloat16
@@ -51,35 +66,52 @@ def _is_tensor(x) -> bool:
 # --- paths and data URIs ---------------------------------------------------------------------------------------
 
 
-def _load_source(source) -> np.ndarray:
+def _load_source(source, max_pixels: int) -> np.ndarray:
     text = str(source)
     if isinstance(source, str) and text.startswith("data:image/"):
-        return _pil_to_rgb(_open_data_uri(text), composite_alpha=False, where="data URI")
+        where = f"image data URI ({text[:40]}...)"
+        return _pil_to_rgb(_open_data_uri(text, where, max_pixels), composite_alpha=False, where=where)
     if text.startswith(("http://", "https://")):
         raise InputError(f"image URL {text!r}: URLs are not fetched; download the file and pass its path")
     path = Path(source)
     if not path.is_file():
         raise InputError(f"image file not found: {path}")
-    return _pil_to_rgb(_open_file(path), composite_alpha=False, where=str(path))
+    where = f"image file {path}"
+    return _pil_to_rgb(open_image(path, where, "read", max_pixels), composite_alpha=False, where=where)
 
 
-def _open_file(path: Path) -> Image.Image:
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"cannot read image file {path}: {e}") from None
-    return ImageOps.exif_transpose(image)
-
-
-def _open_data_uri(uri: str) -> Image.Image:
+def _open_data_uri(uri: str, where: str, max_pixels: int) -> Image.Image:
     try:
         data = base64.b64decode(uri.split(",", 1)[1], validate=False)
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (IndexError, binascii.Error, OSError, ValueError) as e:
-        raise InputError(f"cannot decode image data URI ({uri[:40]}...): {e}") from None
-    return ImageOps.exif_transpose(image)
+    except (IndexError, binascii.Error, ValueError) as e:
+        raise InputError(f"cannot decode {where}: {e}") from None
+    return open_image(io.BytesIO(data), where, "decode", max_pixels)
+
+
+def open_image(fp, where: str, verb: str, max_pixels: int) -> Image.Image:
+    """Decode a path or file object as one of ALLOWED_FORMATS (first frame), upright by its EXIF orientation, once its
+    header says it has at most max_pixels pixels. Every failure is an InputError 'cannot {verb} {where}: why'."""
+    try:
+        with Image.open(fp, formats=ALLOWED_FORMATS) as image:
+            check_pixels(image.size, where, max_pixels)  # the header alone gives the size: nothing is decoded yet
+            image.load()
+            return ImageOps.exif_transpose(image)  # a new image: usable after the file is closed
+    except InputError:
+        raise
+    except Image.DecompressionBombError as e:  # Pillow's own limit, checked inside Image.open
+        raise InputError(f"{where} has more pixels than the limit of {max_pixels:,} pixels (max_image_pixels): "
+                         f"{e}") from None
+    except UnidentifiedImageError:
+        raise InputError(f"cannot {verb} {where}: not a {', '.join(ALLOWED_FORMATS)} image, or a corrupt one") from None
+    except Exception as e:  # noqa: BLE001  decoders raise OSError, SyntaxError, struct.error ... on hostile bytes
+        raise InputError(f"cannot {verb} {where}: {type(e).__name__}: {e}") from None
+
+
+def check_pixels(size: tuple[int, int], where: str, max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise InputError(f"{where} is {width}x{height} = {width * height:,} pixels, over the limit of "
+                         f"{max_pixels:,} pixels (max_image_pixels)")
 
 
 # --- PIL images --------------------------------------------------------------------------------------------------
