@@ -8,8 +8,9 @@ Cases (head_dim 64 unless said; SmolVLM shapes from shared/reference/smolvlm_con
                   vision encoder, no RoPE, not causal: 13 tiles of 32x32 patches x 12 heads (256M/500M) and of
                   27x27 patches x 16 heads of 72 (2.2B); "+mask" pads every other tile to a 5/8 x 3/4 region, the
                   baseline then gets the key mask as SDPA's attn_mask.
-  cross_attention decode (S = 1) and prefill (S = 512) text queries over 13 tiles of image tokens (1053 = 13 x 81),
-                  9 over 3 and 15 over 5 heads; baseline SDPA (enable_gqa), no mask.
+  cross_attention decode (S = 1) and prefill (S = 512) text queries over 13 tiles of image tokens (1053 = 13 x 81)
+                  and over one 256-token image (the factorized variant, docs/xattn.md), 9 over 3 and 15 over 5 heads;
+                  baseline SDPA (enable_gqa), no mask.
 TFLOP/s = 4·B·Hq·S·keys·Dh / median time, keys = S/2 when causal (FlashAttention's count; RoPE not counted).
 Decode GB/s = bytes of q, K, V and the output / median time. Times from triton.testing.do_bench (CUDA events, L2
 flushed before each run), ours and the baseline on the same inputs in the same run, after a correctness check.
@@ -20,6 +21,7 @@ Rows go to bench/results/bench_attention.jsonl (fields in shared/DESIGN.md, "Ben
 """
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +40,7 @@ TOKENS_PER_BATCH = 16384
 TEXT_SEQ_LENS = (2048, 8192)
 TEXT_HEADS = ((9, 3), (15, 5), (32, 32))
 VISION = ((13, 32, 12, 64), (13, 27, 16, 72))  # (tiles, patches per side, heads, head_dim)
-IMAGE_TOKENS = 13 * 81
+IMAGE_TOKENS = (13 * 81, 256)  # a SmolVLM-256M image of 13 tiles; one 256-token image (the factorized variant's)
 CROSS_HEADS = ((9, 3), (15, 5))
 CROSS_BATCHES = ((1, 1), (32, 1), (4, 512))  # (B, S)
 
@@ -117,18 +119,17 @@ def rope_attention_cases(dtype, device):
 def cross_attention_cases(dtype, device):
     from smolvlm_fast.kernels.cross_attention import cross_attention
 
-    Dh, T = 64, IMAGE_TOKENS
-    for Hq, Hkv in CROSS_HEADS:
-        for B, S in CROSS_BATCHES:
-            q = _randn(B, S, Hq, Dh, dtype=dtype, device=device)
-            k, v = (_randn(B, T, Hkv, Dh, dtype=dtype, device=device) for _ in range(2))
-            shape = f"B={B},S={S},T={T},heads={Hq}/{Hkv},head_dim={Dh}"
-            if S == 1:
-                op, metric, amount = "cross_attention/decode", "GB/s", 2 * q.nbytes + k.nbytes + v.nbytes
-            else:
-                op, metric, amount = "cross_attention/prefill", "TFLOP/s", _flops(B, Hq, S, T, Dh)
-            yield Case(op, shape, metric, amount, lambda q=q, k=k, v=v: cross_attention(q, k, v),
-                       lambda q=q, k=k, v=v: _sdpa(q, k, v))
+    Dh = 64
+    for (Hq, Hkv), (B, S), T in itertools.product(CROSS_HEADS, CROSS_BATCHES, IMAGE_TOKENS):
+        q = _randn(B, S, Hq, Dh, dtype=dtype, device=device)
+        k, v = (_randn(B, T, Hkv, Dh, dtype=dtype, device=device) for _ in range(2))
+        shape = f"B={B},S={S},T={T},heads={Hq}/{Hkv},head_dim={Dh}"
+        if S == 1:
+            op, metric, amount = "cross_attention/decode", "GB/s", 2 * q.nbytes + k.nbytes + v.nbytes
+        else:
+            op, metric, amount = "cross_attention/prefill", "TFLOP/s", _flops(B, Hq, S, T, Dh)
+        yield Case(op, shape, metric, amount, lambda q=q, k=k, v=v: cross_attention(q, k, v),
+                   lambda q=q, k=k, v=v: _sdpa(q, k, v))
 
 
 CASES = {"rope_attention": rope_attention_cases, "cross_attention": cross_attention_cases}

@@ -171,8 +171,12 @@ def check_request(model, r: Request, capacity: int | None = None) -> None:
         raise InputError("this is a text-only model; it cannot take images (use a SmolVLM checkpoint)")
     if config.is_vlm:
         n_features = sum(image_token_count(config, im) for im in request_images(r))
-        per_marker = config.image_seq_len if config.is_xattn else 1  # cross-attention: one <image> per image
-        check_image_tokens(r.prompt_ids.count(config.image_token_id) * per_marker, n_features)
+        markers = r.prompt_ids.count(config.image_token_id)
+        if not config.is_xattn:
+            check_image_tokens(markers, n_features)
+        elif markers * config.image_seq_len != n_features:  # cross-attention: one <image> token per image
+            raise InputError(f"the prompt has {markers} <image> token(s) but its images give "
+                             f"{n_features / config.image_seq_len:g} image(s): one <image> per image")
 
 
 def request_images(r: Request) -> list[ImageInput]:

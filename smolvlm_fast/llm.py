@@ -221,7 +221,8 @@ class LLM:
         self._check_can_take(images)
         inputs, expansions = [], []
         if isinstance(self.processor, Processor):
-            check_image_counts([text], [images] if images else None, self.processor.image_token)
+            check_image_counts([text], [images] if images else None, self.processor.image_token,
+                               self.processor.max_images)
             for image in images:
                 image_input, expansion = self._process_image(image)
                 inputs.append(image_input)

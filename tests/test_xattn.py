@@ -26,6 +26,7 @@ def xattn_config(arch="phi", stem="dwsep", groups=1, rotary=0.5, cross=(0, 1), t
             "text_config": {"architecture": arch, "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                             "head_dim": 16, "partial_rotary_factor": rotary, "max_position_embeddings": 512,
+                            "rms_norm_eps": 1e-5, "layer_norm_eps": 1e-5, "rope_theta": 10000.0,
                             "tie_word_embeddings": tie},
             "cross_attention_layers": list(cross), "scale_factor": 2}
 
@@ -115,6 +116,31 @@ def test_checkpoint_missing_a_cross_layer_tensor_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- the forward through the engine
+
+
+def test_matches_the_independent_reference(checkpoint):
+    """Logits of the whole prompt within 1e-4 and 16 greedy tokens identical to tests/xattn_reference.py (plain
+    PyTorch written from docs/xattn.md), with an image and without."""
+    from safetensors.torch import load_file
+
+    from tests.xattn_reference import XAttnReference
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    reference = XAttnReference(config, load_file(checkpoint / "model.safetensors"))
+    model, _, _ = load_torch_model(checkpoint, "cpu", "float32")
+    prompt, pixels, _ = image_request(checkpoint, seed=1)
+    text_only = [t for t in prompt if t != model.config.image_token_id]
+    for images in (torch.as_tensor(pixels), None):
+        features = None if images is None else model.image_features_per_row(images[None])[0]
+        prompt = prompt if images is not None else text_only
+        cache = PagedCache(4, 16)
+        hidden, _ = prefill(model, cache, model.allocate_kv_cache(4, 16), [Request(prompt, image_features=features)],
+                            [0])
+        want = reference.logits(prompt, images)
+        got = model.compute_logits(hidden)
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+        seq = generate(model, [Request(prompt, SamplingParams(max_new_tokens=16), image_features=features)])[0]
+        assert seq.output_ids == reference.greedy(prompt, images, max_new_tokens=16)
 
 
 def test_decode_with_cached_image_kv_equals_recomputing(checkpoint):
@@ -223,3 +249,34 @@ def test_server_answers_with_an_image(phi_checkpoint):
     want = llm.generate(chat, SamplingParams(max_new_tokens=6))[0]
     assert reply.json()["usage"]["completion_tokens"] == len(want.token_ids)
     assert reply.json()["choices"][0]["message"]["content"] == want.text
+
+
+def test_cross_layer_equals_transformers_mllama_layer(phi_checkpoint):
+    """Our CrossLayer (ops.cross_attention, packed rows of two sequences) against MllamaCrossAttentionDecoderLayer
+    loaded with the same tensors from the checkpoint."""
+    from safetensors.torch import load_file
+    from transformers import MllamaTextConfig
+    from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
+
+    model, _, _ = load_torch_model(phi_checkpoint, "cpu", "float32")
+    t = model.config.text
+    config = MllamaTextConfig(hidden_size=t.hidden_size, num_attention_heads=t.num_attention_heads,
+                              num_key_value_heads=t.num_key_value_heads, intermediate_size=t.intermediate_size,
+                              rms_norm_eps=t.rms_norm_eps, hidden_act="silu")
+    config._attn_implementation = "eager"
+    theirs = MllamaCrossAttentionDecoderLayer(config, layer_idx=0).eval()
+    prefix = "model.text_model.cross_layers.1."
+    tensors = {k.removeprefix(prefix): v for k, v in load_file(phi_checkpoint / "model.safetensors").items()
+               if k.startswith(prefix)}
+    theirs.load_state_dict(tensors, strict=True)
+    assert theirs.cross_attn.head_dim == t.head_dim
+    g = torch.Generator().manual_seed(7)
+    hidden = [torch.randn(n, t.hidden_size, generator=g) for n in (5, 1)]  # a prefill chunk and a decode token
+    images = [torch.randn(n, t.hidden_size, generator=g) for n in (16, 32)]  # one and two images' states
+    layer = model.text.cross_layers[1]
+    with torch.no_grad():
+        ours = layer(torch.cat(hidden), [(0, 5, layer.image_kv(images[0])), (5, 1, layer.image_kv(images[1]))])
+        for (start, n), h, c in zip(((0, 5), (5, 1)), hidden, images):
+            want = theirs(h[None], c[None], None, None, None)
+            want = want[0] if isinstance(want, tuple) else want
+            torch.testing.assert_close(ours[start:start + n], want[0], rtol=1e-5, atol=1e-5)
