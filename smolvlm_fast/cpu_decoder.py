@@ -36,7 +36,8 @@ def int8_activations_default() -> bool:
 
 def build_decoder(weights: dict, config: ModelConfig, prefix: str, int8_activations: bool = False):
     """The decoder's weights (HF names, q/k/v and gate/up already stacked by model_numpy.stack_projections)
-    handed to C++ once: a _cpu.Decoder."""
+    handed to C++ once: a _cpu.Decoder. Llama blocks only (partial rotary included: step() takes a
+    [positions, rotary_dim] table); Phi blocks and cross-attention layers stay in model_numpy."""
     from .model_numpy import GATE_UP, QKV, QKV_BIAS  # model_numpy imports this module
 
     t = config.text
@@ -52,7 +53,7 @@ def build_decoder(weights: dict, config: ModelConfig, prefix: str, int8_activati
             "down": cpu_linear_spec(weights[p + "mlp.down_proj.weight"]),
         })
     return _cpu.Decoder(layers, _f32(weights[prefix + "norm.weight"]), t.intermediate_size, t.num_attention_heads,
-                        t.num_key_value_heads, t.head_dim, t.head_dim, t.rms_norm_eps, t.head_dim**-0.5,
+                        t.num_key_value_heads, t.head_dim, t.rotary_dim, t.rms_norm_eps, t.head_dim**-0.5,
                         int8_activations)
 
 

@@ -1,4 +1,5 @@
-"""The PyTorch-free forward of SmolVLM (idefics3 / smolvlm) and of text-only Llama models, in NumPy.
+"""The PyTorch-free forward of SmolVLM (idefics3 / smolvlm), of its factorized variant (smolvlm_fast_xattn:
+docs/xattn.md) and of text-only Llama models, in NumPy.
 
 Free functions, one per layer, each taking the weights dict under the checkpoint's own (Hugging Face) names.
 Every linear layer goes through `linear`, which takes float32 or quantized (int4 / q8) weights. The KV cache is
@@ -13,11 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from . import cpu_decoder
-from .cache import StepMetadata
+from .cache import StepMetadata, cross_spans
 from .config import ModelConfig, TextConfig, VisionConfig
 from .errors import CheckpointError, InputError, check_image_tokens
-from .ops.numpy_ops import (gelu_tanh, kv_cache_zeros, layer_norm, paged_attention, paged_plan, patch_embed, rms_norm,
-                            rope_attention, rope_factors, rope_table, rotate, silu_and_mul, write_kv_cache)
+from .ops.numpy_ops import (cross_attention, dwsep_patch_embed, gelu_tanh, kv_cache_zeros, layer_norm,
+                            paged_attention, paged_plan, patch_embed, rms_norm, rope_attention, rope_factors,
+                            rope_table, rotate, silu_and_mul, write_kv_cache)
 from .quant import Int4Weight, Q8Weight, dequantize, embedding_rows, from_gguf, linear, quantize_int4
 from .weights.layout import check_complete, check_tensor, tensor_shapes
 
@@ -67,10 +69,29 @@ def vision_layer(w: dict, p: str, cfg: VisionConfig, x: np.ndarray, key_mask: np
     return x
 
 
-def vision_encoder(w: dict, cfg: VisionConfig, pixels: np.ndarray, patch_mask: np.ndarray) -> np.ndarray:
-    """pixels [N, C, H, W] (any multiple of the patch size), patch_mask [N, H/P, W/P] bool -> [N, S, D]."""
-    x = vision_embeddings(w, cfg, pixels, patch_mask)  # [N, S, D]
-    key_mask = None if patch_mask.all() else patch_mask.reshape(len(patch_mask), -1)  # [N, S]
+def stem_embeddings(w: dict, cfg: VisionConfig, pixels: np.ndarray) -> np.ndarray:
+    """The factorized variant's fixed-size embeddings: pixels [N, C, S, S] -> [N, (S/P)^2, D], by its patch stem
+    (conv, grouped conv or depthwise-separable), + the position embedding in row-major patch order."""
+    p = VISION + "embeddings."
+    pos = w[p + "position_embedding.weight"]  # [(S/P)^2, D]
+    if cfg.patch_stem == "dwsep":
+        q = p + "patch_embedding."
+        return dwsep_patch_embed(pixels, w[q + "depthwise.weight"], w[q + "depthwise.bias"],
+                                 w[q + "pointwise.weight"], w[q + "pointwise.bias"], pos, None)  # [N, (S/P)^2, D]
+    groups = cfg.groups if cfg.patch_stem == "grouped" else 1
+    return patch_embed(pixels, w[p + "patch_embedding.weight"], w[p + "patch_embedding.bias"], pos, None,
+                       groups=groups)  # [N, (S/P)^2, D]
+
+
+def vision_encoder(w: dict, cfg: VisionConfig, pixels: np.ndarray, patch_mask: np.ndarray,
+                   fixed_size: bool = False) -> np.ndarray:
+    """pixels [N, C, H, W] (any multiple of the patch size), patch_mask [N, H/P, W/P] bool -> [N, S, D].
+    fixed_size (the factorized variant): image_size square pixels through its stem, every patch real."""
+    if fixed_size:
+        x, key_mask = stem_embeddings(w, cfg, pixels), None  # [N, S, D]
+    else:
+        x = vision_embeddings(w, cfg, pixels, patch_mask)  # [N, S, D]
+        key_mask = None if patch_mask.all() else patch_mask.reshape(len(patch_mask), -1)  # [N, S]
     for i in range(cfg.num_hidden_layers):
         x = vision_layer(w, f"{VISION}encoder.layers.{i}.", cfg, x, key_mask)  # [N, S, D]
     return layer_norm(x, w[VISION + "post_layernorm.weight"], w[VISION + "post_layernorm.bias"], cfg.layer_norm_eps)
@@ -100,6 +121,9 @@ def image_features_per_row(w: dict, config: ModelConfig, pixel_values,
         raise InputError(f"pixel_values must be [batch, images, channels, height, width], got {pixel_values.shape}")
     B, n, C, H, W = pixel_values.shape
     P = config.vision.patch_size
+    if C != config.vision.num_channels:
+        raise InputError(f"pixel_values have {C} channels, the vision encoder takes {config.vision.num_channels}")
+    config.check_image_size(H, W)  # the factorized variant: image_size x image_size only
     if H < P or W < P:
         raise InputError(f"pixel_values of {H}x{W} are smaller than one {P}x{P} patch")
     flat = pixel_values.reshape(B * n, C, H, W)  # [B*n, C, H, W]
@@ -112,12 +136,13 @@ def image_features_per_row(w: dict, config: ModelConfig, pixel_values,
     patch_mask = mask[:, :h * P, :w_ * P].reshape(-1, h, P, w_, P).any(axis=(2, 4))  # [N, h, w]
     if not real.any():
         return [None] * B
-    features = connector(w, config, vision_encoder(w, config.vision, flat[real], patch_mask))  # [N*seq, D]
+    hidden = vision_encoder(w, config.vision, flat[real], patch_mask, fixed_size=config.is_xattn)  # [N, S, Dv]
+    features = connector(w, config, hidden)  # [N*seq, D]
     per_row = real.reshape(B, n).sum(1) * config.image_seq_len  # [B]
     return [f if len(f) else None for f in np.split(features, np.cumsum(per_row)[:-1])]
 
 
-# ---------------------------------------------------------------- Llama decoder
+# ---------------------------------------------------------------- decoder (Llama or Phi blocks, gated cross-attention)
 
 
 @dataclass
@@ -128,8 +153,8 @@ class Step:
     block_tables: np.ndarray     # [num_seqs, max_blocks]
     seq_lens: np.ndarray         # [num_seqs]
     query_start_loc: np.ndarray  # [num_seqs + 1]
-    cos: np.ndarray              # [T, 1, 2, Dh/2] RoPE factors (ops.numpy_ops.rope_factors)
-    sin: np.ndarray              # [T, 1, 2, Dh/2]
+    cos: np.ndarray              # [T, 1, 2, R/2] RoPE factors (ops.numpy_ops.rope_factors), R = rotary_dim
+    sin: np.ndarray              # [T, 1, 2, R/2]
     plan: list                   # ops.numpy_ops.paged_plan
 
     @classmethod
@@ -153,6 +178,8 @@ def embed(w: dict, config: ModelConfig, input_ids: np.ndarray, image_features: n
     x = embedding_rows(w[text_prefix(config) + "embed_tokens.weight"], input_ids)  # [T, D]
     if image_features is None:
         return x
+    if config.is_xattn:
+        raise InputError("this model attends to images through cross-attention: pass cross_kv, not image_features")
     is_image = input_ids == config.image_token_id  # [T]
     check_image_tokens(int(is_image.sum()), len(image_features))
     x[is_image] = image_features
@@ -186,42 +213,145 @@ def decoder_layer(w: dict, p: str, t: TextConfig, x: np.ndarray, residual: np.nd
 def mlp(w: dict, p: str, x: np.ndarray) -> np.ndarray:
     """SwiGLU x [T, D] -> [T, D], MLP_ROWS tokens at a time (a long prompt's [T, 2I] would be large)."""
     if len(x) > MLP_ROWS:
-        out = np.empty_like(x)  # [T, D]
-        for i in range(0, len(x), MLP_ROWS):
-            out[i:i + MLP_ROWS] = mlp(w, p, x[i:i + MLP_ROWS])
-        return out
+        return by_rows(lambda rows: mlp(w, p, rows), x)
     h = silu_and_mul(linear(x, w[p + GATE_UP]))  # gate_proj | up_proj rows: [T, 2I] -> [T, I]
     return linear(h, w[p + "mlp.down_proj.weight"])  # [T, D]
 
 
-def decoder(w: dict, config: ModelConfig, x: np.ndarray, step: Step, kv_caches: list) -> np.ndarray:
-    """Embeddings [T, D] -> final hidden states [T, D]."""
+def by_rows(f, x: np.ndarray) -> np.ndarray:
+    """f(x) [T, D] -> [T, D] computed MLP_ROWS rows at a time."""
+    out = np.empty_like(x)  # [T, D]
+    for i in range(0, len(x), MLP_ROWS):
+        out[i:i + MLP_ROWS] = f(x[i:i + MLP_ROWS])
+    return out
+
+
+def phi_layer(w: dict, p: str, t: TextConfig, x: np.ndarray, step: Step,
+              kv_cache: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """One Phi-2 parallel block over the packed tokens: x [T, D] -> x + dense(attn(LN(x))) + fc2(gelu(fc1(LN(x))));
+    writes K/V into kv_cache."""
+    T, Dh = x.shape[0], t.head_dim
+    Hq, Hkv = t.num_attention_heads, t.num_key_value_heads
+    h = layer_norm(x, w[p + "input_layernorm.weight"], w[p + "input_layernorm.bias"], t.layer_norm_eps)  # [T, D]
+    qkv = linear(h, w[p + QKV], w[p + QKV_BIAS]).reshape(T, Hq + 2 * Hkv, Dh)  # q_proj | k_proj | v_proj rows
+    qk = rotate(qkv[:, :Hq + Hkv], step.cos, step.sin)  # partial RoPE on q and k: [T, Hq + Hkv, Dh]
+    q, k, v = qk[:, :Hq], qk[:, Hq:], qkv[:, Hq + Hkv:]  # [T, Hq, Dh], [T, Hkv, Dh] x 2
+    write_kv_cache(k, v, *kv_cache, step.slot_mapping)
+    attn = paged_attention(q, *kv_cache, step.block_tables, step.seq_lens, query_start_loc=step.query_start_loc,
+                           plan=step.plan)  # [T, Hq, Dh]
+    out = linear(attn.reshape(T, Hq * Dh), w[p + "self_attn.dense.weight"], w[p + "self_attn.dense.bias"])  # [T, D]
+    out += x
+    out += by_rows(lambda rows: phi_mlp(w, p, rows), h) if T > MLP_ROWS else phi_mlp(w, p, h)  # [T, D]
+    return out
+
+
+def phi_mlp(w: dict, p: str, h: np.ndarray) -> np.ndarray:
+    """fc2(gelu_tanh(fc1(h))): [T, D] -> [T, I] -> [T, D]."""
+    h = gelu_tanh(linear(h, w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"]))  # [T, I]
+    return linear(h, w[p + "mlp.fc2.weight"], w[p + "mlp.fc2.bias"])  # [T, D]
+
+
+@dataclass
+class CrossSpan:
+    """The packed rows a..b-1 of one sequence with images, and its image K/V for one cross layer."""
+    a: int
+    b: int
+    k: np.ndarray  # [n_img, Hkv, Dh], k_norm applied
+    v: np.ndarray  # [n_img, Hkv, Dh]
+
+
+def layer_spans(meta: StepMetadata, cross_kv: list | None, n_layers: int) -> list[list[CrossSpan]]:
+    """Per cross layer, the spans of the step's sequences that have images (cache.cross_spans: cross_kv holds one
+    entry per sequence, None for a text-only one)."""
+    if cross_kv is not None and len(cross_kv) != len(meta.seq_lens):
+        raise InputError(f"cross_kv has {len(cross_kv)} entries for a step of {len(meta.seq_lens)} sequences")
+    spans = cross_spans(meta, cross_kv) or []
+    for _, _, kv in spans:
+        if len(kv) != n_layers:
+            raise InputError(f"a cross_kv entry has {len(kv)} layers, the model has {n_layers} cross layers")
+    return [[CrossSpan(a, a + n, *kv[j]) for a, n, kv in spans if n] for j in range(n_layers)]
+
+
+def cross_layer(w: dict, p: str, t: TextConfig, x: np.ndarray, spans: list[CrossSpan]) -> np.ndarray:
+    """One gated cross-attention layer (Mllama's), in place on the rows of x [T, D] whose sequence has images:
+    x += tanh(attn_gate) o_proj(attn(q_norm(q_proj(RMSNorm(x))), image K/V)); x += tanh(mlp_gate) mlp(RMSNorm(x))."""
+    if not spans:
+        return x  # no sequence of this step has images: the layer is the identity
+    Hq, Dh, eps = t.num_attention_heads, t.head_dim, t.rms_norm_eps
+    rows = np.concatenate([np.arange(s.a, s.b) for s in spans])  # [R]
+    h = x[rows]  # [R, D] (a copy)
+    q = linear(rms_norm(h, w[p + "input_layernorm.weight"], eps), w[p + "cross_attn.q_proj.weight"])  # [R, Hq*Dh]
+    q = rms_norm(q.reshape(len(rows), Hq, Dh), w[p + "cross_attn.q_norm.weight"], eps)  # [R, Hq, Dh]
+    attn = np.empty_like(q)  # [R, Hq, Dh]
+    r = 0
+    for s in spans:  # every token of a sequence sees all of its image tokens
+        n = s.b - s.a
+        attn[r:r + n] = cross_attention(q[None, r:r + n], s.k[None], s.v[None])[0]  # [n, Hq, Dh]
+        r += n
+    out = linear(attn.reshape(len(rows), Hq * Dh), w[p + "cross_attn.o_proj.weight"])  # [R, D]
+    h += np.tanh(w[p + "cross_attn_attn_gate"][0]) * out
+    hn = rms_norm(h, w[p + "post_attention_layernorm.weight"], eps)  # [R, D]
+    h += np.tanh(w[p + "cross_attn_mlp_gate"][0]) * mlp(w, p, hn)  # [R, D]
+    x[rows] = h
+    return x
+
+
+def image_kv(w: dict, p: str, t: TextConfig, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A request's image states [n, D] -> one cross layer's (k after k_norm, v), each [n, Hkv, Dh] float32."""
+    n, Hkv, Dh = len(features), t.num_key_value_heads, t.head_dim
+    k = linear(features, w[p + "cross_attn.k_proj.weight"]).reshape(n, Hkv, Dh)  # [n, Hkv, Dh]
+    v = linear(features, w[p + "cross_attn.v_proj.weight"]).reshape(n, Hkv, Dh)  # [n, Hkv, Dh]
+    return rms_norm(k, w[p + "cross_attn.k_norm.weight"], t.rms_norm_eps), v
+
+
+def decoder(w: dict, config: ModelConfig, x: np.ndarray, step: Step, kv_caches: list,
+            spans: list[list[CrossSpan]] | None = None) -> np.ndarray:
+    """Embeddings [T, D] -> final hidden states [T, D]. spans (layer_spans): per cross layer, its sequences'
+    rows and image K/V; the cross layer after decoder layer i runs on the whole hidden state x + residual."""
     t, prefix = config.text, text_prefix(config)
-    residual = None
+    cross_after = {i: j for j, i in enumerate(config.cross_attention_layers)}
+    residual = None  # Llama: the stream is x + residual; Phi keeps it in x alone
     for i, kv_cache in enumerate(kv_caches):
-        x, residual = decoder_layer(w, f"{prefix}layers.{i}.", t, x, residual, step, kv_cache)  # [T, D] x 2
+        p = f"{prefix}layers.{i}."
+        if t.architecture == "phi":
+            x = phi_layer(w, p, t, x, step, kv_cache)  # [T, D]
+        else:
+            x, residual = decoder_layer(w, p, t, x, residual, step, kv_cache)  # [T, D] x 2
+        j = cross_after.get(i)
+        if j is not None and spans and spans[j]:
+            if residual is not None:
+                x, residual = x + residual, None  # [T, D]
+            x = cross_layer(w, f"{prefix}cross_layers.{j}.", t, x, spans[j])  # [T, D]
+    if t.architecture == "phi":
+        return layer_norm(x, w[prefix + "final_layernorm.weight"], w[prefix + "final_layernorm.bias"],
+                          t.layer_norm_eps)  # [T, D]
+    if residual is None:
+        return rms_norm(x, w[prefix + "norm.weight"], t.rms_norm_eps)  # [T, D]
     return rms_norm(x, w[prefix + "norm.weight"], t.rms_norm_eps, residual)[0]  # [T, D]
 
 
 def logits(w: dict, config: ModelConfig, hidden: np.ndarray) -> np.ndarray:
-    """hidden [n, D] -> [n, V] float32: lm_head, or the tied input embedding."""
+    """hidden [n, D] -> [n, V] float32: lm_head, or the tied input embedding (+ Phi's lm_head bias)."""
     head = w[text_prefix(config) + "embed_tokens.weight"] if config.text.tie_word_embeddings else w["lm_head.weight"]
-    return linear(hidden, head)  # [n, V]
+    return linear(hidden, head, w.get("lm_head.bias"))  # [n, V]
 
 
 # ---------------------------------------------------------------- the model the engine drives
 
 
 class NumpyModel:
-    """SmolVLM or a text-only Llama over NumPy: weights by Hugging Face name, the forward in free functions."""
+    """SmolVLM, its factorized variant or a text-only Llama over NumPy: weights by Hugging Face name, the forward
+    in free functions."""
 
     def __init__(self, config: ModelConfig, weights: dict, fused: bool | None = None,
                  int8_activations: bool | None = None):
         """fused: run each step's decoder in one C++ call (cpu_decoder); None means where the extension has it.
+        The C++ step knows Llama blocks only: Phi blocks or cross-attention layers always take the free functions.
         int8_activations: in those steps, int4 products round x to int8 (cpu_decoder.int8_activations_default)."""
         self.config, self.weights = config, stack_projections(weights, config)
-        self.cos_sin = np.empty((0, config.text.head_dim), dtype=np.float32)
-        self.fused = cpu_decoder.available() if fused is None else fused
+        self.cos_sin = np.empty((0, config.text.rotary_dim), dtype=np.float32)
+        fusable = config.text.architecture == "llama" and not config.cross_attention_layers
+        self.fused = (cpu_decoder.available() if fused is None else fused) and fusable
         self.int8_activations = (cpu_decoder.int8_activations_default() if int8_activations is None
                                  else int8_activations)
         self._decoder = None  # the _cpu.Decoder, built on the first decode step
@@ -251,28 +381,44 @@ class NumpyModel:
             raise InputError("this is a text-only model; it cannot take images (use a SmolVLM checkpoint)")
         return image_features_per_row(self.weights, self.config, pixel_values, pixel_attention_mask)
 
+    def cross_kv(self, image_features: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """A request's image features [n, D] -> per cross-attention layer its (k after k_norm, v), each
+        [n, Hkv, Dh] float32: computed once per request and handed to every forward step."""
+        if not self.config.is_xattn:
+            raise InputError("this model has no cross-attention layers (its images splice into the prompt)")
+        features = np.asarray(image_features, dtype=np.float32)
+        if features.ndim != 2 or features.shape[1] != self.config.text.hidden_size:
+            raise InputError(f"image features must be [n, {self.config.text.hidden_size}], got {features.shape}")
+        prefix = text_prefix(self.config) + "cross_layers."
+        return [image_kv(self.weights, f"{prefix}{j}.", self.config.text, features)
+                for j in range(len(self.config.cross_attention_layers))]
+
     def forward(self, input_ids: np.ndarray, meta: StepMetadata, kv_caches: list,
-                image_features: np.ndarray | None = None) -> np.ndarray:
-        """Packed input_ids [T] -> hidden states [T, D]; writes the new tokens' K/V into kv_caches."""
+                image_features: np.ndarray | None = None, cross_kv: list | None = None) -> np.ndarray:
+        """Packed input_ids [T] -> hidden states [T, D]; writes the new tokens' K/V into kv_caches.
+        cross_kv (the factorized variant): per sequence of the step, None (no images) or its self.cross_kv(...)."""
         t = self.config.text
         x = embed(self.weights, self.config, np.asarray(input_ids), image_features)  # [T, D]
+        if cross_kv is not None and any(kv is not None for kv in cross_kv) and not self.config.is_xattn:
+            raise InputError("cross_kv is for models with cross-attention layers (model_type smolvlm_fast_xattn)")
         if self.fused:
             if self._decoder is None:
                 self._decoder = cpu_decoder.build_decoder(self.weights, self.config, text_prefix(self.config),
                                                           self.int8_activations)
             return cpu_decoder.step(self._decoder, x, meta, kv_caches, self.rope(max(meta.seq_lens)))
         step = Step.from_metadata(meta, self.rope(max(meta.seq_lens)), kv_caches[0][0].shape[1], t.num_attention_heads)
-        return decoder(self.weights, self.config, x, step, kv_caches)  # [T, D]
+        spans = layer_spans(meta, cross_kv, len(self.config.cross_attention_layers))
+        return decoder(self.weights, self.config, x, step, kv_caches, spans)  # [T, D]
 
     def compute_logits(self, hidden: np.ndarray) -> np.ndarray:
         return logits(self.weights, self.config, hidden)  # [n, V]
 
     def rope(self, max_position: int) -> np.ndarray:
-        """The [positions, head_dim] cos/sin table, grown on demand."""
+        """The [positions, rotary_dim] cos/sin table, grown on demand."""
         if len(self.cos_sin) < max_position:
             t = self.config.text
             size = max(min(max(max_position, 2 * len(self.cos_sin)), t.max_position_embeddings), max_position)
-            self.cos_sin = rope_table(t.head_dim, size, t.rope_theta)
+            self.cos_sin = rope_table(t.rotary_dim, size, t.rope_theta)
         return self.cos_sin
 
 
@@ -336,34 +482,51 @@ def _gguf_weight(t, raw_config: dict, path: Path):
 
 DECODER_LINEARS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                    "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+PHI_LINEARS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+               "self_attn.dense.weight", "mlp.fc1.weight", "mlp.fc2.weight")
+CROSS_LINEARS = ("cross_attn.q_proj.weight", "cross_attn.k_proj.weight", "cross_attn.v_proj.weight",
+                 "cross_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
+def decoder_linears(config: ModelConfig) -> list[str]:
+    """Every linear weight of the text decoder (its blocks and cross-attention layers) by name; not the lm_head."""
+    prefix, t = text_prefix(config), config.text
+    block = PHI_LINEARS if t.architecture == "phi" else DECODER_LINEARS
+    names = [f"{prefix}layers.{i}.{suffix}" for i in range(t.num_hidden_layers) for suffix in block]
+    return names + [f"{prefix}cross_layers.{j}.{suffix}" for j in range(len(config.cross_attention_layers))
+                    for suffix in CROSS_LINEARS]
 
 
 def quantize_weights(weights: dict, config: ModelConfig, method: str) -> dict:
-    """quantize="int4": the decoder's float linear weights to int4 (group 64, or 32 where K % 64 != 0)."""
+    """quantize="int4": the decoder's float linear weights to int4 (group 64, or 32 where K % 64 != 0; a weight
+    whose K is no multiple of 32 stays float)."""
     if method != "int4":
         raise InputError(f"quantize={method!r} is not supported (only 'int4')")
     out = dict(weights)
-    prefix = text_prefix(config)
-    for i in range(config.text.num_hidden_layers):
-        for suffix in DECODER_LINEARS:
-            name = f"{prefix}layers.{i}.{suffix}"
-            w = weights[name]
-            if isinstance(w, np.ndarray) and w.shape[1] % 32 == 0:
-                out[name] = quantize_int4(w, group_size=64 if w.shape[1] % 64 == 0 else 32)
+    for name in decoder_linears(config):
+        w = weights[name]
+        if isinstance(w, np.ndarray) and w.shape[1] % 32 == 0:
+            out[name] = quantize_int4(w, group_size=64 if w.shape[1] % 64 == 0 else 32)
     return out
 
 
 def stack_projections(weights: dict, config: ModelConfig) -> dict:
     """Add each decoder layer's q/k/v rows stacked as self_attn.qkv_proj (and its bias) and gate/up rows as
-    mlp.gate_up_proj: one product instead of three and two. The checkpoint's names stay, as views of the stack."""
+    mlp.gate_up_proj (Llama blocks and cross-attention layers): one product instead of three and two. The
+    checkpoint's names stay, as views of the stack."""
     weights = dict(weights)
     prefix = text_prefix(config)
+    gate_up = {GATE_UP: ["mlp.gate_proj.weight", "mlp.up_proj.weight"]}
+    layers = [(f"{prefix}cross_layers.{j}.", dict(gate_up)) for j in range(len(config.cross_attention_layers))]
     for i in range(config.text.num_hidden_layers):
         p = f"{prefix}layers.{i}."
-        groups = {QKV: ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
-                  GATE_UP: ["mlp.gate_proj.weight", "mlp.up_proj.weight"]}
+        groups = {QKV: ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]}
+        if config.text.architecture == "llama":
+            groups |= gate_up
         if p + "self_attn.q_proj.bias" in weights:
             groups[QKV_BIAS] = ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+        layers.append((p, groups))
+    for p, groups in layers:
         for stacked, names in groups.items():
             if p + stacked in weights:
                 continue

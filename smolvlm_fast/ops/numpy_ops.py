@@ -122,8 +122,12 @@ def rope_table(rotary_dim: int, max_position: int, theta: float) -> np.ndarray:
 
 
 def rope_factors(cos_sin, positions, rotary_dim=None):
-    """RoPE of positions [T] as two [T, 1, 2, R/2] factors for `rotate`: (cos, cos) and (-sin, sin)."""
-    rotary_dim = rotary_dim or cos_sin.shape[-1]
+    """RoPE of positions [T] as two [T, 1, 2, R/2] factors for `rotate`: (cos, cos) and (-sin, sin).
+    cos_sin [P, R] is rope_table(R, ...): rotary_dim, when given, must be its width R (cos | sin halves)."""
+    if rotary_dim is not None and rotary_dim != cos_sin.shape[-1]:
+        raise ValueError(f"rotary_dim {rotary_dim} must equal the width of the cos/sin table {cos_sin.shape[-1]} "
+                         "(make the table with rope_table(rotary_dim, ...))")
+    rotary_dim = cos_sin.shape[-1]
     half = rotary_dim // 2
     table = cos_sin[positions]  # [T, R]
     cos, sin = table[:, :half], table[:, half:rotary_dim]  # [T, R/2]
@@ -327,10 +331,14 @@ def query_chunks(n_queries: int, heads: int, n_keys: int):
 
 def cross_attention(q, k, v, *, kv_lens=None, scale=None):
     """Text queries q [B, S, Hq, Dh] over image keys/values k/v [B, T, Hkv, Dh], not causal."""
-    B, S, _, Dh = q.shape
+    B, S, Hq, Dh = q.shape
     scale = Dh**-0.5 if scale is None else scale
     out = np.empty(q.shape, dtype=np.float32)
     for b in range(B):
         n = k.shape[1] if kv_lens is None else int(kv_lens[b])
-        out[b] = attend(q[b], k[b, :n], v[b, :n], None, scale) if n else 0  # no image tokens: nothing to add
+        if n == 0:
+            out[b] = 0  # no image tokens: nothing to add
+            continue
+        for c0, c1 in query_chunks(S, Hq, n):  # a long prompt's scores [Hq, S, n] in pieces
+            out[b, c0:c1] = attend(q[b, c0:c1], k[b, :n], v[b, :n], None, scale)
     return out
