@@ -111,6 +111,8 @@ class LLM:
             return self.engine.add_request(request)
         except SmolVLMError as e:
             return self._error_output(str(e), request)
+        except Exception as e:  # noqa: BLE001 -- one request's unexpected failure must not stop the engine loop
+            return self._error_output(f"{type(e).__name__}: {e}", request)
 
     def _step(self) -> list[Sequence]:
         try:

@@ -405,7 +405,7 @@ class Processor:
         """As transformers' processor: the prompt text by default; with tokenize=True the images named in the
         conversation ({"type": "image", "image" | "url" | "path" | "base64": ...}) are processed too, and a
         BatchFeature (return_dict=True) or the input ids are returned."""
-        conversation = _openai_image_blocks(conversation)
+        conversation = image_url_blocks_as_images(conversation)
         template = self.chat_templates.get(chat_template, chat_template) or self.chat_template
         prompt = self.tokenizer.render_chat(conversation, chat_template=template,
                                             add_generation_prompt=add_generation_prompt,
@@ -470,21 +470,6 @@ def _processor_chat_templates(path: Path, proc: dict) -> dict[str, str]:
         return templates
     legacy = _read_json(path / "chat_template.json").get("chat_template") or proc.get("chat_template")
     return read_chat_templates(path, {"chat_template": legacy}) if legacy else {}
-
-
-def _openai_image_blocks(conversation):
-    """{"type": "image_url", "image_url": {"url": u}} blocks -> {"type": "image", "url": u}, on a copy."""
-    conversations, batched = normalize_conversations(conversation)
-    out = [[{**m, "content": [_image_block(b) for b in m["content"]]} if isinstance(m.get("content"), list) else m
-            for m in conv] for conv in conversations]
-    return out if batched else out[0]
-
-
-def _image_block(block):
-    if isinstance(block, dict) and block.get("type") == "image_url" and "image_url" in block:
-        info = block["image_url"]
-        return {"type": "image", "url": info.get("url", "") if isinstance(info, dict) else info}
-    return block
 
 
 def conversation_images(conversation) -> list[list]:

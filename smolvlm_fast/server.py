@@ -8,7 +8,8 @@ Every request goes through LLM.stream, so all of them are batched together by th
 goes away closes its stream, which aborts its request and frees its KV-cache blocks. Every check at the border (body
 size, images, max_tokens, context) answers 400 (413 for the body) with an OpenAI error body
 {"error": {"message", "type", "param", "code"}}; an unexpected exception fails its own request with a 500 and the
-server goes on.
+server goes on. Every numeric field has a range (in /openapi.json too); a bool or a string is no number, NaN and
+infinity are refused. As vLLM's, return_token_ids: true adds the generated token ids to each choice (and chunk).
 
 Images come as data: URLs (base64 PNG, JPEG, WebP or GIF); local paths and file:// URLs only inside the directory the
 server was started with; http(s) URLs only when remote fetching is enabled, never from private or loopback addresses.
@@ -43,21 +44,24 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from .config import SamplingParams
 from .engine import Request as EngineRequest
+from .images import ALLOWED_FORMATS
 from .engine import check_request
 from .errors import InputError, SmolVLMError
 from .llm import LLM, RequestOutput
 
 log = logging.getLogger("smolvlm_fast.server")
 
-IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "GIF": "gif"}  # PIL format -> data URL subtype
+# PIL format -> data URL subtype (the formats images.py decodes; MPO is a phone's multi-picture JPEG)
+IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 DATA_URL_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif"}
 MAX_REDIRECTS = 3
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # one stop string: every new chunk of text is checked against the end of each
 
 
 @dataclass(frozen=True)
@@ -91,16 +95,41 @@ def error_body(message: str, param: str | None = None, code: str | None = None,
 # -- request bodies
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # fields of newer clients that change nothing are ignored
+    # Extra fields (of newer clients) that change nothing are ignored. Strict: a bool or "5" is not a count, a
+    # string is not a number; and no NaN or infinity, which would turn the logits into NaN.
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+def not_bool_or_text(value):
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"Input should be a valid integer, not a {'boolean' if isinstance(value, bool) else 'string'}")
+    return value
+
+
+def integer(ge: int | None = None, le: int | None = None):
+    """An integer field in [ge, le]. As in JSON Schema, 5.0 is the integer 5; true or "5" is no integer."""
+    return Annotated[int, Field(strict=False, ge=ge, le=le), BeforeValidator(not_bool_or_text)]
+
+
+def unicode_text(text: str) -> str:
+    """JSON lets a string hold an unpaired surrogate (\\ud800), which is no Unicode: the tokenizer cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text holds an unpaired surrogate (\\u{ord(text[e.start]):04x} at {e.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(unicode_text)]
 
 
 class TextPart(Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageUrl(Body):
-    url: str
+    url: Text
     detail: Literal["auto", "low", "high"] | None = None
 
 
@@ -111,7 +140,7 @@ class ImagePart(Body):
 
 class Message(Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[Annotated[TextPart | ImagePart, Field(discriminator="type")]], Field(min_length=1)]
+    content: Text | Annotated[list[Annotated[TextPart | ImagePart, Field(discriminator="type")]], Field(min_length=1)]
 
 
 class StreamOptions(Body):
@@ -119,26 +148,33 @@ class StreamOptions(Body):
 
 
 class Sampling(Body):
-    model: str | None = None  # when given, the served model's name
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    """The fields both endpoints share, each with its range (the ranges are in /openapi.json too)."""
+    model: Text | None = None  # when given, the served model's name
+    max_tokens: integer(ge=1) | None = None                # at most Limits.max_tokens, and the context's room
+    temperature: float | None = Field(None, ge=0, le=2)    # below 1e-5: greedy
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)                 # not OpenAI's: as vLLM's
-    repetition_penalty: float | None = Field(None, gt=0)  # not OpenAI's: as vLLM's
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
+    top_k: integer(ge=-1) | None = None                    # not OpenAI's: as vLLM's (-1 or 0: no top-k filter)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)  # not OpenAI's: as vLLM's; bounded so that
+    # the penalized logits stay finite in float32
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)  # OpenAI's ranges; only 0 is supported
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logprobs: bool | integer() | None = None               # bool for chat, int for completions; not supported
+    top_logprobs: integer(ge=0, le=20) | None = None
+    n: integer(ge=1, le=128) = 1                           # only 1 is supported
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: integer(ge=0, le=2**64 - 1) | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    return_token_ids: bool = False  # not OpenAI's: as vLLM's, each choice (each chunk) with its new token ids
 
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: integer(ge=1) | None = None
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Text | list[int] | list[Text] | list[list[int]]
 
 
 # Fields of the OpenAI API this server does not implement: refused unless they ask for nothing.
@@ -157,7 +193,7 @@ FIELD_NAMES = {name for model in (TextPart, ImageUrl, ImagePart, Message, Stream
 def check_supported(body: Sampling) -> None:
     if body.n != 1:
         raise ApiError(f"n is {body.n}: this server returns one choice per request (n = 1)", param="n")
-    for name, value in (body.model_extra or {}).items():
+    for name, value in dict(body).items():  # declared fields and extra ones
         if name in UNSUPPORTED and not asks_nothing(name, value):
             raise ApiError(f"{name} is not supported by this server" + (f": {UNSUPPORTED[name]}"
                                                                         if UNSUPPORTED[name] else ""), param=name)
@@ -184,7 +220,7 @@ class ImageSource:
             raise InputError(f"the allowed local directory {allowed_local_dir} is not a directory")
 
     async def data_url(self, url: str, param: str) -> str:
-        scheme = urlparse(url).scheme.lower()
+        scheme = url_scheme(url, param)
         if scheme == "data":
             subtype = self.check_bytes(decode_data_url(url, self.limits.max_image_bytes, param), param)
             return f"data:image/{subtype};base64,{url.partition(',')[2]}"
@@ -208,12 +244,12 @@ class ImageSource:
             raise ApiError(f"an image of {len(data)} bytes is over this server's limit of {limits.max_image_bytes}",
                            param=param, code="image_too_large")
         try:
-            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:  # the header only; no other plugin
                 kind, (width, height) = image.format, image.size
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise ApiError(f"the image cannot be read: {e}", param=param, code="invalid_image") from None
         if kind not in IMAGE_FORMATS:
-            raise ApiError(f"image format {kind} is not accepted (PNG, JPEG, WebP, GIF)", param=param,
+            raise ApiError(f"image format {kind} is not accepted (PNG, JPEG, WebP, GIF, BMP, TIFF)", param=param,
                            code="invalid_image")
         if width * height > limits.max_image_pixels:
             raise ApiError(f"a {width}x{height} image has more pixels than this server's limit of "
@@ -230,6 +266,8 @@ class ImageSource:
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise ApiError(f"file URL {url!r} names another host", param=param)
         path = self.root / Path(unquote(parsed.path) if parsed.scheme == "file" else url)
+        if "\0" in str(path):  # %00 in a file: URL
+            raise ApiError(f"image path {url!r} holds a NUL character", param=param)
         resolved = path.resolve()
         if not resolved.is_relative_to(self.root):
             raise ApiError(f"image path {url!r} is outside the directory this server may read", param=param,
@@ -240,10 +278,21 @@ class ImageSource:
             raise ApiError(f"image file {url!r} not found", param=param, code="image_not_found") from None
         except OSError as e:
             raise ApiError(f"cannot open image file {url!r}: {e.strerror}", param=param) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which fails on a directory
+            os.close(fd)
+            raise ApiError(f"image path {url!r} is not a regular file", param=param)
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ApiError(f"image path {url!r} is not a regular file", param=param)
             return f.read(self.limits.max_image_bytes + 1)
+
+
+def url_scheme(url: str, param: str) -> str:
+    """The URL's scheme, once it parses and holds no NUL (which no file name can)."""
+    try:
+        if "\0" in url:
+            raise ValueError("a NUL character")
+        return urlparse(url).scheme.lower()
+    except ValueError as e:
+        raise ApiError(f"image URL {url[:100]!r} is invalid: {e}", param=param) from None
 
 
 def decode_data_url(url: str, max_bytes: int, param: str) -> bytes:
@@ -430,11 +479,13 @@ class Api:
             raise ApiError(f"the model {body.model!r} does not exist: this server serves {self.model_name!r}",
                            param="model", code="model_not_found", status=404)
         if max_tokens is not None and max_tokens > self.limits.max_tokens:
-            raise ApiError(f"max_tokens is {max_tokens}, over this server's limit of {self.limits.max_tokens}",
-                           param="max_tokens", code="max_tokens_too_large")
+            name = max_tokens_param(body)
+            raise ApiError(f"{name} is {max_tokens}, over this server's limit of {self.limits.max_tokens}",
+                           param=name, code="max_tokens_too_large")
         stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
-        if len(stops) > MAX_STOP_STRINGS or not all(stops):
-            raise ApiError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings", param="stop")
+        if len(stops) > MAX_STOP_STRINGS or not all(0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ApiError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} "
+                           f"characters each", param="stop")
 
     async def chat_messages(self, messages: list[Message]) -> list[dict]:
         """OpenAI messages -> the chat form LLM takes (content blocks for a VLM's template, a string for a text
@@ -472,7 +523,7 @@ class Api:
         if max_tokens is None and room < 1 or max_tokens is not None and max_tokens > room:
             wanted = f"{n} in the prompt" + ("" if max_tokens is None else f" + {max_tokens} for the completion")
             raise ApiError(f"this model's maximum context length is {self.context} tokens, but the request needs "
-                           f"{wanted}: shorten the prompt or lower max_tokens", param=param,
+                           f"{wanted}: shorten the prompt or lower {max_tokens_param(body)}", param=param,
                            code="context_length_exceeded")
         max_new = min(self.limits.max_tokens, room) if max_tokens is None else max_tokens
         request = replace(request, params=replace(request.params, max_new_tokens=max_new))
@@ -493,6 +544,9 @@ class Api:
                         self.metrics.observe_ttft(time.perf_counter() - start)
                         first = False
                     yield out
+                    # Outputs queued already come without a pause: let the event loop run between them, or a
+                    # client that left is noticed (and its request aborted) only once the queue runs dry.
+                    await asyncio.sleep(0)
         finally:
             self.metrics.prompt_tokens += len(request.prompt_ids)
             self.metrics.generation_tokens += len(out.token_ids) if out is not None else 0
@@ -503,7 +557,8 @@ class Api:
         outputs = self.outputs(request, start)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return ClosingStreamingResponse(self.events(outputs, request, kind, usage), media_type="text/event-stream")
+            return ClosingStreamingResponse(self.events(outputs, request, kind, usage, body.return_token_ids),
+                                            media_type="text/event-stream")
         out = await last_output(outputs, http)
         if out is None:
             return JSONResponse(error_body("the client closed the connection"), status_code=499)
@@ -511,20 +566,25 @@ class Api:
             raise ApiError(f"generation failed: {out.error or out.finish_reason}", status=500, type="server_error")
         choice = ({"message": {"role": "assistant", "content": out.text}} if kind == "chat.completion"
                   else {"text": out.text})
+        ids = {"token_ids": out.token_ids} if body.return_token_ids else {}
         return {"id": request.request_id, "object": kind, "created": int(time.time()), "model": self.model_name,
-                "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": out.finish_reason}],
-                "usage": usage_of(out)}
+                "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": out.finish_reason, **ids}],
+                "usage": usage_of(out), **({"prompt_token_ids": out.prompt_token_ids} if ids else {})}
 
     async def events(self, outputs: AsyncIterator[RequestOutput], request: EngineRequest, kind: str,
-                     include_usage: bool) -> AsyncIterator[str]:
+                     include_usage: bool, return_token_ids: bool = False) -> AsyncIterator[str]:
         """Server-sent events: a chunk per piece of new text, one with the finish reason, the usage if asked."""
         created, chat = int(time.time()), kind == "chat.completion"
         head = {"id": request.request_id, "object": f"{kind}.chunk" if chat else kind, "created": created,
                 "model": self.model_name}
+        sent_ids = 0
 
         def chunk(text: str | None, finish: str | None = None, role: bool = False) -> str:
+            nonlocal sent_ids
             delta = {"role": "assistant", "content": text} if role else {} if text is None else {"content": text}
             choice = {"delta": delta} if chat else {"text": text or ""}
+            if return_token_ids and out is not None:  # the ids since the last chunk (special tokens have no text)
+                choice["token_ids"], sent_ids = out.token_ids[sent_ids:], len(out.token_ids)
             return sse({**head, "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": finish}]})
 
         texts, out = TextDeltas(request.params.stop_strings), None
@@ -580,8 +640,13 @@ def sampling_params(body: Sampling) -> SamplingParams:
     temperature = 1.0 if body.temperature is None else body.temperature
     stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
     return SamplingParams(max_new_tokens=1, temperature=temperature, do_sample=temperature > 0,
-                          top_p=body.top_p or 1.0, top_k=body.top_k or 0,
+                          top_p=body.top_p or 1.0, top_k=max(body.top_k or 0, 0),
                           repetition_penalty=body.repetition_penalty or 1.0, stop_strings=tuple(stops), seed=body.seed)
+
+
+def max_tokens_param(body: Sampling) -> str:
+    """The name the client used for the completion's length (chat takes either, the newer one first)."""
+    return "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
 
 
 def usage_of(out: RequestOutput) -> dict:
@@ -700,15 +765,20 @@ async def http_error(_, exc: HTTPException) -> JSONResponse:
     return ApiError(str(exc.detail), status=exc.status_code).response()
 
 
+NOT_AN_OBJECT = ("model_type", "model_attributes_type", "dict_type", "missing")  # pydantic's error types for a body
+
+
 async def validation_error(_, exc: RequestValidationError) -> JSONResponse:
     """pydantic's errors -> a 400 naming the first field at fault (messages.0.content.1.image_url ...)."""
     errors = exc.errors()
-    # the deepest error; of a union's (content: str | list of parts), the one of the branch that was not a string
-    first = max(errors, key=lambda e: (len(e.get("loc", ())), e.get("type") != "string_type")) if errors else {}
+    # the deepest error; of a union's (content: str | list of parts), the one of the branch that was not a string,
+    # or the one of a check of ours (value_error) over a type's
+    first = max(errors, key=lambda e: (len(e.get("loc", ())), e.get("type") != "string_type",
+                                       e.get("type") == "value_error")) if errors else {}
     if first.get("type") == "json_invalid":
         return ApiError(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
                         code="invalid_json").response()
-    if tuple(first.get("loc", ())) == ("body",):
+    if tuple(first.get("loc", ())) == ("body",) and first.get("type") in NOT_AN_OBJECT:
         return ApiError("the request body must be a JSON object, sent with Content-Type: application/json").response()
     loc = [str(x) for x in first.get("loc", ())[1:] if isinstance(x, int) or x in FIELD_NAMES]
     param = ".".join(x for i, x in enumerate(loc) if i == 0 or x != loc[i - 1]) or None  # union tags repeat a name
@@ -722,6 +792,8 @@ def create_app(llm: LLM, *, model_name: str, allowed_local_dir: str | Path | Non
     request; llm.shutdown() is the caller's to call."""
     if allow_remote_urls:
         import httpx  # noqa: F401  fail now, not at the first remote image
+    if hasattr(llm.processor, "max_image_pixels"):  # --max-image-pixels binds the processor's decoding too
+        llm.processor.max_image_pixels = limits.max_image_pixels
     api = Api(llm, model_name, limits, ImageSource(limits, allowed_local_dir, allow_remote_urls))
     app = FastAPI(title="smolvlm_fast", description="OpenAI-compatible SmolVLM server")
     app.state.api = api

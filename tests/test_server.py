@@ -6,7 +6,6 @@ import asyncio
 import base64
 import io
 import json
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ prometheus_parser = pytest.importorskip("prometheus_client.parser")
 from smolvlm_fast import SamplingParams  # noqa: E402
 from smolvlm_fast.llm import LLM  # noqa: E402
 from smolvlm_fast.server import ApiError, Limits, create_app, fetch_remote  # noqa: E402
+from tests.server_harness import running  # noqa: E402
 
 MODEL = "tiny-smolvlm"
 LIMITS = Limits(max_body_bytes=1 << 20, max_images=2, max_tokens=1024)
@@ -53,29 +53,6 @@ def expected(llm: LLM, url: str, max_tokens: int, question: str = "What is in th
     """What LLM.generate answers to the same chat (greedy), the image given as LLM takes it."""
     chat = [{"role": "user", "content": [{"type": "image", "url": url}, {"type": "text", "text": question}]}]
     return llm.generate(chat, SamplingParams(max_new_tokens=max_tokens))[0]
-
-
-@contextmanager
-def running(app):
-    """uvicorn serving app on a free port of 127.0.0.1 in a thread; yields the base URL once /health answers."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join()
-        sock.close()
 
 
 @pytest.fixture(scope="module")
