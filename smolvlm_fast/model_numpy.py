@@ -345,16 +345,16 @@ class NumpyModel:
 
     def __init__(self, config: ModelConfig, weights: dict, fused: bool | None = None,
                  int8_activations: bool | None = None):
-        """fused: run each step's decoder in one C++ call (cpu_decoder); None means where the extension has it.
-        The C++ step knows Llama blocks only: Phi blocks or cross-attention layers always take the free functions.
+        """fused: run each step's decoder layers in C++ (cpu_decoder), one call per run of layers between
+        cross-attention layers, which stay in NumPy; None means where the extension has it. The C++ step knows
+        Llama blocks only: Phi blocks always take the free functions.
         int8_activations: in those steps, int4 products round x to int8 (cpu_decoder.int8_activations_default)."""
         self.config, self.weights = config, stack_projections(weights, config)
         self.cos_sin = np.empty((0, config.text.rotary_dim), dtype=np.float32)
-        fusable = config.text.architecture == "llama" and not config.cross_attention_layers
-        self.fused = (cpu_decoder.available() if fused is None else fused) and fusable
+        self.fused = (cpu_decoder.available() if fused is None else fused) and config.text.architecture == "llama"
         self.int8_activations = (cpu_decoder.int8_activations_default() if int8_activations is None
                                  else int8_activations)
-        self._decoder = None  # the _cpu.Decoder, built on the first decode step
+        self._segments = None  # [(layers, _cpu.Decoder)] (cpu_decoder.build_segments), built on the first step
 
     @classmethod
     def from_checkpoint(cls, location: str | Path, quantize: str | None = None, **options) -> "NumpyModel":
@@ -401,14 +401,26 @@ class NumpyModel:
         x = embed(self.weights, self.config, np.asarray(input_ids), image_features)  # [T, D]
         if cross_kv is not None and any(kv is not None for kv in cross_kv) and not self.config.is_xattn:
             raise InputError("cross_kv is for models with cross-attention layers (model_type smolvlm_fast_xattn)")
-        if self.fused:
-            if self._decoder is None:
-                self._decoder = cpu_decoder.build_decoder(self.weights, self.config, text_prefix(self.config),
-                                                          self.int8_activations)
-            return cpu_decoder.step(self._decoder, x, meta, kv_caches, self.rope(max(meta.seq_lens)))
-        step = Step.from_metadata(meta, self.rope(max(meta.seq_lens)), kv_caches[0][0].shape[1], t.num_attention_heads)
         spans = layer_spans(meta, cross_kv, len(self.config.cross_attention_layers))
+        if self.fused:
+            return self.fused_decoder(x, meta, kv_caches, spans)  # [T, D]
+        step = Step.from_metadata(meta, self.rope(max(meta.seq_lens)), kv_caches[0][0].shape[1], t.num_attention_heads)
         return decoder(self.weights, self.config, x, step, kv_caches, spans)  # [T, D]
+
+    def fused_decoder(self, x: np.ndarray, meta: StepMetadata, kv_caches: list,
+                      spans: list[list[CrossSpan]]) -> np.ndarray:
+        """As decoder(), with each run of Llama layers between cross layers in one C++ call: embeddings [T, D] ->
+        final hidden states [T, D]. Segment j leaves the whole hidden state for cross layer j."""
+        prefix, cos_sin, arrays = text_prefix(self.config), self.rope(max(meta.seq_lens)), cpu_decoder.step_arrays(meta)
+        if self._segments is None:
+            self._segments = cpu_decoder.build_segments(self.weights, self.config, prefix, self.int8_activations)
+        for j, (layers, segment) in enumerate(self._segments):
+            x = cpu_decoder.step(segment, x, arrays, kv_caches[layers.start:layers.stop], cos_sin)  # [T, D]
+            if j < len(spans):
+                x = cross_layer(self.weights, f"{prefix}cross_layers.{j}.", self.config.text, x, spans[j])  # [T, D]
+        if len(self._segments) == len(spans):  # a cross layer after the last decoder layer: the final norm here
+            x = rms_norm(x, self.weights[prefix + "norm.weight"], self.config.text.rms_norm_eps)  # [T, D]
+        return x
 
     def compute_logits(self, hidden: np.ndarray) -> np.ndarray:
         return logits(self.weights, self.config, hidden)  # [n, V]

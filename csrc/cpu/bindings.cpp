@@ -348,12 +348,18 @@ smolvlm_cpu::Linear linear_spec(const std::string& name, const py::tuple& spec, 
 // arrays it reads, so they live as long as it does.
 class Decoder {
 public:
-    Decoder(const py::list& layers, const py::array& final_norm, int64_t intermediate, int64_t Hq, int64_t Hkv,
+    // final_norm None: no final norm, step() leaves the whole hidden state (a segment between cross layers);
+    // the hidden size then comes from the first layer's input_norm.
+    Decoder(const py::list& layers, const py::object& final_norm, int64_t intermediate, int64_t Hq, int64_t Hkv,
             int64_t Dh, int64_t rotary_dim, float eps, float scale, bool int8_activations)
-        : keep_(layers), final_norm_(final_norm) {
+        : keep_(layers) {
         const char* fn = "Decoder";
-        if (final_norm.ndim() != 1) throw py::value_error("Decoder: final_norm must be [hidden_size]");
-        const int64_t D = final_norm.shape(0);
+        if (final_norm.is_none() && layers.size() == 0)
+            throw py::value_error("Decoder: without final_norm there must be layers to take the hidden size from");
+        const py::array size_of = final_norm.is_none() ? layers[0].cast<py::dict>()["input_norm"].cast<py::array>()
+                                                       : final_norm.cast<py::array>();
+        if (size_of.ndim() != 1) throw py::value_error("Decoder: final_norm and input_norm must be [hidden_size]");
+        const int64_t D = size_of.shape(0);
         if (D <= 0 || intermediate <= 0 || Hq <= 0 || Hkv <= 0 || Hq % Hkv || Dh <= 0 || rotary_dim <= 0 ||
             rotary_dim % 2 || rotary_dim > Dh || !std::isfinite(eps) || !std::isfinite(scale))
             throw py::value_error("Decoder: bad shape (hidden " + std::to_string(D) + ", intermediate " +
@@ -361,7 +367,10 @@ public:
                                   std::to_string(Hkv) + ", head_dim " + std::to_string(Dh) + ", rotary_dim " +
                                   std::to_string(rotary_dim) + ")");
         shape_ = {D, intermediate, Hq, Hkv, Dh, rotary_dim, eps, scale, int8_activations};
-        final_ = checked<const float>(fn, "final_norm", final_norm, DType::f32, {D});
+        if (!final_norm.is_none()) {
+            final_norm_ = size_of;  // the array final_ points into, whatever final_norm was converted from
+            final_ = checked<const float>(fn, "final_norm", final_norm_, DType::f32, {D});
+        }
         const int64_t I = intermediate;
         for (size_t i = 0; i < layers.size(); ++i) {
             const py::dict l = layers[i].cast<py::dict>();
@@ -455,7 +464,7 @@ public:
 private:
     py::list keep_;           // the layer specs: keep their arrays alive
     py::array final_norm_;
-    const float* final_ = nullptr;
+    const float* final_ = nullptr;  // null: no final norm
     smolvlm_cpu::DecoderShape shape_{};
     std::vector<smolvlm_cpu::DecoderLayer> layers_;
 };
@@ -504,8 +513,9 @@ PYBIND11_MODULE(_cpu, m) {
     py::class_<Decoder>(m, "Decoder",
                         "the Llama decoder's weights for fused steps (csrc/cpu/decoder_step.cpp); layers: "
                         "dicts of input_norm, post_norm (float32 [D]) and qkv, o, gate_up, down "
-                        "(quant.cpu_linear_spec tuples)")
-        .def(py::init<const py::list&, const py::array&, int64_t, int64_t, int64_t, int64_t, int64_t, float, float,
+                        "(quant.cpu_linear_spec tuples); final_norm float32 [D], or None: no final norm, "
+                        "step() leaves the whole hidden state (a run of layers before a cross-attention layer)")
+        .def(py::init<const py::list&, const py::object&, int64_t, int64_t, int64_t, int64_t, int64_t, float, float,
                       bool>(),
              py::arg("layers"), py::arg("final_norm"), py::arg("intermediate_size"), py::arg("num_heads"),
              py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("rotary_dim"), py::arg("eps"), py::arg("scale"),
@@ -513,8 +523,8 @@ PYBIND11_MODULE(_cpu, m) {
         .def("step", &Decoder::step, py::arg("x"), py::arg("kv_caches"), py::arg("positions"),
              py::arg("slot_mapping"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("cos_sin"),
              py::arg("query_start_loc") = py::none(),
-             "one step over packed tokens: x [T, D] embeddings in, final hidden states out; writes each layer's "
-             "new K/V")
+             "one step over packed tokens: x [T, D] embeddings in, final hidden states out (final_norm None: "
+             "the hidden state before any norm); writes each layer's new K/V")
         .def("__len__", &Decoder::num_layers);
     m.def("set_num_threads", &smolvlm_cpu::set_num_threads, py::arg("n"),
           "threads for the kernels; n <= 0 restores the default (SMOLVLM_FAST_NUM_THREADS, else the usable cores)");

@@ -201,6 +201,10 @@ void decoder_step(const std::vector<DecoderLayer>& layers, const float* final_no
             linear(t.act.data(), rows, l.down, x + r0 * c.D, c.int8_activations);               // [rows, D]
         }
     }
+    if (final_norm == nullptr) {
+        for (int64_t i = 0; i < T * c.D; ++i) x[i] += t.residual[i];  // the whole hidden state
+        return;
+    }
     add_rms_norm(x, t.residual.data(), final_norm, T, c.D, c.eps, x);  // in place: y[d] only reads r[d]
 }
 

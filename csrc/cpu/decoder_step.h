@@ -1,6 +1,6 @@
 // The whole Llama decoder for one step in one call — a decode step (one new token per sequence) or a prefill
 // (many packed tokens per sequence): every layer's norms, products, RoPE, KV-cache write and paged attention,
-// then the final norm. float32 activations; each weight in
+// then the final norm (none for a segment followed by cross-attention layers). float32 activations; each weight in
 // the kind its checkpoint holds (float32, int4, Q8_0). The caller (bindings.cpp) checks every argument.
 #pragma once
 
@@ -69,7 +69,8 @@ struct StepBatch {                   // T new tokens of S sequences, packed sequ
     const float* cos_sin;            // [positions, rotary_dim]: cos | sin
 };
 
-// x [T, D]: the new tokens' embeddings in, the final norm's output out.
+// x [T, D]: the new tokens' embeddings in, the final norm's output out; final_norm null: no final norm, x comes
+// out as the whole hidden state x + residual (a segment of the decoder, with cross-attention layers after it).
 void decoder_step(const std::vector<DecoderLayer>& layers, const float* final_norm, const DecoderShape& shape,
                   const StepBatch& batch, float* x);
 
