@@ -273,6 +273,9 @@ def get_num_threads() -> int:
     return _cpu.get_num_threads() if _cpu is not None else 1
 
 
+DECODE_ROWS = 16  # float32 products with at most this many rows of x run in C++ (see linear)
+
+
 def linear(x: np.ndarray, w: np.ndarray | Int4Weight | Q8Weight, bias: np.ndarray | None = None) -> np.ndarray:
     """y = x @ W.T (+ bias) in float32: x [..., K] -> [..., N]. Quantized weights: the C++ kernels (decode tiles for
     a few rows of x, a GEMM over dequantized L2-sized panels for many); without them, a chunk of weight rows at a
@@ -289,6 +292,13 @@ def linear(x: np.ndarray, w: np.ndarray | Int4Weight | Q8Weight, bias: np.ndarra
         x2 = np.ascontiguousarray(x.reshape(-1, K), dtype=np.float32)  # [M, K]
     if isinstance(w, (Int4Weight, Q8Weight)):
         y = _quantized_matmul(x2, w)
+    elif (_cpu is not None and x2.shape[0] <= DECODE_ROWS and isinstance(w, np.ndarray) and w.dtype == np.float32
+          and w.flags.c_contiguous):
+        # A decode-sized product on the C++ pool, not OpenBLAS: OpenBLAS's threads spin for a while after each call,
+        # and on a small machine they then take the cores from the fused decoder's threads (37 ms -> 17 ms a token
+        # for SmolVLM-256M fp32 on 2 cores once the LM head stopped calling into OpenBLAS).
+        y = np.empty((x2.shape[0], N), dtype=np.float32)
+        _cpu.f32_gemm(x2, w, y)
     else:
         y = x2 @ np.asarray(w, dtype=np.float32).T
     if bias is not None:
