@@ -83,6 +83,9 @@ def add_serve_command(commands) -> None:
     srv.add_argument("--allow-remote-urls", action="store_true",
                      help="fetch http(s) image URLs (public addresses only, within --remote-timeout and "
                           "--max-image-bytes); by default only data: URLs")
+    srv.add_argument("--allowed-image-domains", default="", metavar="HOSTS",
+                     help="comma-separated hosts: fetch http(s) image URLs only from these and their subdomains "
+                          "(public addresses only, checked at every redirect)")
     limits = srv.add_argument_group("limits", "a request over one gets an OpenAI-style 400 error (413 for the body)")
     for flag, field, kind, help in SERVE_LIMITS:
         limits.add_argument(flag, dest=field, type=kind, default=None, metavar="N", help=help)
@@ -109,6 +112,7 @@ def run_serve(args) -> int:
                        if getattr(args, field) is not None})
     serve(args.model, host=args.host, port=args.port, model_name=args.served_model_name,
           allowed_local_dir=args.allowed_local_dir, allow_remote_urls=args.allow_remote_urls, limits=limits,
+          allowed_domains=tuple(h.strip() for h in args.allowed_image_domains.split(",") if h.strip()),
           backend=args.backend, device=args.device, dtype=args.dtype, quantize=args.quantize)
     return 0
 

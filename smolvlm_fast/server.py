@@ -213,8 +213,11 @@ class ImageSource:
     """An image_url -> a data: URL of checked image bytes (format, bytes and pixels within the limits), by the
     server's rules for local files and remote URLs."""
 
-    def __init__(self, limits: Limits, allowed_local_dir: str | Path | None, allow_remote_urls: bool):
-        self.limits, self.allow_remote_urls = limits, allow_remote_urls
+    def __init__(self, limits: Limits, allowed_local_dir: str | Path | None, allow_remote_urls: bool,
+                 allowed_domains: tuple[str, ...] = ()):
+        """allowed_domains: remote URLs only to these hosts and their subdomains (implies remote fetching)."""
+        self.limits, self.allow_remote_urls = limits, allow_remote_urls or bool(allowed_domains)
+        self.allowed_domains = tuple(d.lower().strip(".") for d in allowed_domains)
         self.root = None if allowed_local_dir is None else Path(allowed_local_dir).resolve()
         if self.root is not None and not self.root.is_dir():
             raise InputError(f"the allowed local directory {allowed_local_dir} is not a directory")
@@ -227,9 +230,9 @@ class ImageSource:
         if scheme in ("http", "https"):
             if not self.allow_remote_urls:
                 raise ApiError("remote image URLs are not fetched by this server (it was started without "
-                               "--allow-remote-urls): send the image as a base64 data: URL", param=param,
-                               code="remote_urls_disabled")
-            data = await fetch_remote(url, self.limits, param)
+                               "--allow-remote-urls or --allowed-image-domains): send the image as a base64 data: "
+                               "URL", param=param, code="remote_urls_disabled")
+            data = await fetch_remote(url, self.limits, param, self.allowed_domains)
         elif scheme in ("file", ""):
             data = await asyncio.to_thread(self.read_local, url, param)
         else:
@@ -310,14 +313,16 @@ def decode_data_url(url: str, max_bytes: int, param: str) -> bytes:
         raise ApiError(f"the image's base64 data is invalid: {e}", param=param, code="invalid_image") from None
 
 
-async def fetch_remote(url: str, limits: Limits, param: str) -> bytes:
+async def fetch_remote(url: str, limits: Limits, param: str, allowed_domains: tuple[str, ...] = ()) -> bytes:
     """GET an http(s) image within the time and size limits, connecting only to public addresses (checked at
-    every redirect, and the connection pinned to the checked address)."""
+    every redirect, and the connection pinned to the checked address) and, when allowed_domains is given, only to
+    those hosts and their subdomains (checked at every redirect too)."""
     import httpx
 
     try:
         async with httpx.AsyncClient(timeout=limits.remote_timeout_s, trust_env=False) as client:
-            return await asyncio.wait_for(_fetch(client, url, limits.max_image_bytes, param), limits.remote_timeout_s)
+            return await asyncio.wait_for(_fetch(client, url, limits.max_image_bytes, param, allowed_domains),
+                                          limits.remote_timeout_s)
     except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
         raise ApiError(f"fetching the image took longer than {limits.remote_timeout_s} s", param=param,
                        code="image_fetch_failed") from None
@@ -326,13 +331,16 @@ async def fetch_remote(url: str, limits: Limits, param: str) -> bytes:
                        code="image_fetch_failed") from None
 
 
-async def _fetch(client, url: str, max_bytes: int, param: str) -> bytes:
+async def _fetch(client, url: str, max_bytes: int, param: str, allowed_domains: tuple[str, ...] = ()) -> bytes:
     import httpx
 
     for _ in range(MAX_REDIRECTS + 1):
         target = httpx.URL(url)
         if target.scheme not in ("http", "https") or not target.host:
             raise ApiError(f"image URL {url!r} is not an http(s) URL", param=param)
+        if allowed_domains and not domain_allowed(target.host, allowed_domains):
+            raise ApiError(f"image host {target.host!r} is not one of this server's allowed image domains",
+                           param=param, code="image_domain_not_allowed")
         address = await public_address(target.host, target.port or (443 if target.scheme == "https" else 80), param)
         request = client.build_request("GET", target.copy_with(host=address), headers={"Host": target.netloc.decode()},
                                        extensions={"sni_hostname": target.host})
@@ -355,6 +363,13 @@ async def _fetch(client, url: str, max_bytes: int, param: str) -> bytes:
             await response.aclose()
     raise ApiError(f"fetching the image was redirected more than {MAX_REDIRECTS} times", param=param,
                    code="image_fetch_failed")
+
+
+def domain_allowed(host: str, allowed_domains: tuple[str, ...]) -> bool:
+    """host is one of allowed_domains or a subdomain of one (case-insensitive; "evilexample.com" is not
+    "example.com")."""
+    host = host.lower().strip(".")
+    return any(host == d or host.endswith("." + d) for d in allowed_domains)
 
 
 async def public_address(host: str, port: int, param: str) -> str:
@@ -787,14 +802,15 @@ async def validation_error(_, exc: RequestValidationError) -> JSONResponse:
 
 
 def create_app(llm: LLM, *, model_name: str, allowed_local_dir: str | Path | None = None,
-               allow_remote_urls: bool = False, limits: Limits = Limits()) -> FastAPI:
+               allow_remote_urls: bool = False, limits: Limits = Limits(),
+               allowed_domains: tuple[str, ...] = ()) -> FastAPI:
     """The FastAPI app serving llm as model_name. It uses llm.stream, so llm's engine loop starts with the first
     request; llm.shutdown() is the caller's to call."""
-    if allow_remote_urls:
+    if allow_remote_urls or allowed_domains:
         import httpx  # noqa: F401  fail now, not at the first remote image
     if hasattr(llm.processor, "max_image_pixels"):  # --max-image-pixels binds the processor's decoding too
         llm.processor.max_image_pixels = limits.max_image_pixels
-    api = Api(llm, model_name, limits, ImageSource(limits, allowed_local_dir, allow_remote_urls))
+    api = Api(llm, model_name, limits, ImageSource(limits, allowed_local_dir, allow_remote_urls, allowed_domains))
     app = FastAPI(title="smolvlm_fast", description="OpenAI-compatible SmolVLM server")
     app.state.api = api
     app.add_middleware(Border, max_body_bytes=limits.max_body_bytes, metrics=api.metrics)
@@ -827,13 +843,13 @@ def create_app(llm: LLM, *, model_name: str, allowed_local_dir: str | Path | Non
 
 def serve(model, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           allowed_local_dir: str | Path | None = None, allow_remote_urls: bool = False, limits: Limits = Limits(),
-          log_level: str = "info", **llm_kwargs) -> None:
+          allowed_domains: tuple[str, ...] = (), log_level: str = "info", **llm_kwargs) -> None:
     """Load model (a checkpoint or an LLM) and serve it until interrupted."""
     import uvicorn
 
     llm = model if isinstance(model, LLM) else LLM(model, **llm_kwargs)
     app = create_app(llm, model_name=model_name or str(model), allowed_local_dir=allowed_local_dir,
-                     allow_remote_urls=allow_remote_urls, limits=limits)
+                     allow_remote_urls=allow_remote_urls, limits=limits, allowed_domains=allowed_domains)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     finally:

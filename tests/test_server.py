@@ -253,6 +253,16 @@ def test_remote_images_are_never_fetched_from_private_addresses():
         assert refused.value.code == "image_url_not_allowed", url
 
 
+def test_allowed_image_domains_match_the_hosts_and_their_subdomains_only():
+    from smolvlm_fast.server import domain_allowed
+
+    allowed = ("example.com", "cdn.example.org")
+    for host in ("example.com", "img.Example.COM", "example.com.", "a.b.cdn.example.org"):
+        assert domain_allowed(host, allowed), host
+    for host in ("evilexample.com", "example.com.evil.org", "example.org", "com", ""):
+        assert not domain_allowed(host, allowed), host
+
+
 def test_a_remote_image_is_fetched_within_the_limits(tmp_path, monkeypatch):
     """The fetch itself, from a local HTTP server standing in for a public one (the address check let through)."""
     import functools
@@ -273,11 +283,16 @@ def test_a_remote_image_is_fetched_within_the_limits(tmp_path, monkeypatch):
             return "127.0.0.1"
         monkeypatch.setattr(server_module, "public_address", public)
 
-        def fetch(path, limits=Limits()):
-            source = server_module.ImageSource(limits, None, allow_remote_urls=True)
+        def fetch(path, limits=Limits(), domains=()):
+            source = server_module.ImageSource(limits, None, allow_remote_urls=not domains, allowed_domains=domains)
             return asyncio.run(source.data_url(f"{base}/{path}", "image_url"))
 
         assert fetch("cat.png") == data_url(image)
+        assert fetch("cat.png", domains=("LocalHost",)) == data_url(image)  # an allowed domain alone enables fetching
+        for domains in (("example.com",), ("host",), ("calhost",)):
+            with pytest.raises(ApiError) as refused:
+                fetch("cat.png", domains=domains)
+            assert refused.value.code == "image_domain_not_allowed", domains
         for path, limits, code in [("cat.png", Limits(max_image_bytes=100), "image_too_large"),
                                    ("missing.png", Limits(), "image_fetch_failed"),
                                    ("notes.txt", Limits(), "invalid_image")]:
@@ -310,3 +325,6 @@ def test_the_serve_command_passes_its_flags(monkeypatch, tmp_path):
     assert seen["model"] == "some/model" and seen["port"] == 9000 and seen["host"] == "127.0.0.1"
     assert seen["limits"] == Limits(max_images=3, remote_timeout_s=2.5) and seen["backend"] == "numpy"
     assert seen["allowed_local_dir"] == str(tmp_path) and seen["allow_remote_urls"] is False
+    assert seen["allowed_domains"] == ()
+    assert cli.main(["serve", "m", "--allowed-image-domains", "example.com, cdn.example.org"]) == 0
+    assert seen["allowed_domains"] == ("example.com", "cdn.example.org")
