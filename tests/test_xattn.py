@@ -280,3 +280,30 @@ def test_cross_layer_equals_transformers_mllama_layer(phi_checkpoint):
             want = theirs(h[None], c[None], None, None, None)
             want = want[0] if isinstance(want, tuple) else want
             torch.testing.assert_close(ours[start:start + n], want[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_preempted_requests_keep_their_image_kv_and_finish_as_alone(phi_checkpoint, backend):
+    """A cache too small for all requests at once: sequences are preempted and recomputed, their image K/V kept."""
+    chats = [[{"role": "user", "content": [{"type": "image", "image": picture(i)},
+                                           {"type": "text", "text": "Describe."}]}] for i in range(4)]
+    params = SamplingParams(max_new_tokens=40)  # ~36 prompt tokens: 3 blocks each to start, 5 at the end
+    roomy = LLM(str(phi_checkpoint), backend=backend)
+    alone = [roomy.generate([c], params)[0].token_ids for c in chats]
+    tight = LLM(str(phi_checkpoint), backend=backend, num_blocks=12, enable_prefix_caching=False)
+    together = [o.token_ids for o in tight.generate(chats, params)]
+    assert tight.stats.preemptions > 0
+    assert together == alone
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_kernels_give_the_reference_ops_tokens(phi_checkpoint):
+    model, _, _ = load_torch_model(phi_checkpoint, "cuda", "float32")
+    prompt, pixels, steps = image_request(phi_checkpoint, seed=1)
+
+    def tokens(impl):
+        with ops.prefer(impl):
+            features = model.image_features_per_row(torch.as_tensor(pixels, device="cuda")[None])[0]
+            return generate(model, [Request(prompt, SamplingParams(max_new_tokens=steps), image_features=features)])[0]
+
+    assert tokens(None).output_ids == tokens("reference").output_ids
