@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,38 +196,73 @@ def _xattn_config(raw: dict, source: str) -> ModelConfig:
     text_raw, vision_raw = raw.get("text_config"), raw.get("vision_config")
     if not isinstance(text_raw, dict) or not isinstance(vision_raw, dict):
         raise CheckpointError(f"{source}: {XATTN_MODEL_TYPE} needs text_config and vision_config objects")
+    _check_positive_ints(text_raw, source, "text_config", ("vocab_size", "hidden_size", "intermediate_size",
+                         "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"))
+    _check_positive_ints(vision_raw, source, "vision_config", ("hidden_size", "intermediate_size", "num_hidden_layers",
+                         "num_attention_heads", "image_size", "patch_size", "num_channels", "groups"))
     arch = text_raw.get("architecture", "llama")
     if arch not in TEXT_ARCHITECTURES:
         raise CheckpointError(f"{source}: text_config.architecture {arch!r} is not one of {TEXT_ARCHITECTURES}")
     text = _text_config(text_raw, f"{source} (text_config)", raw.get("tie_word_embeddings", False), 1e-5,
-                        architecture=arch, partial_rotary_factor=float(text_raw.get("partial_rotary_factor", 1.0)),
-                        layer_norm_eps=float(text_raw.get("layer_norm_eps", 1e-5)))
+                        architecture=arch,
+                        partial_rotary_factor=_finite(text_raw, "partial_rotary_factor", 1.0, source),
+                        layer_norm_eps=_finite(text_raw, "layer_norm_eps", 1e-5, source))
     if not 0 < text.rotary_dim <= text.head_dim or text.rotary_dim % 2:
         raise CheckpointError(f"{source}: partial_rotary_factor {text.partial_rotary_factor} gives rotary_dim "
                               f"{text.rotary_dim}; it must be even and in (0, head_dim={text.head_dim}]")
+    if text.num_attention_heads % text.num_key_value_heads:
+        raise CheckpointError(f"{source}: text_config.num_key_value_heads {text.num_key_value_heads} must divide "
+                              f"num_attention_heads {text.num_attention_heads}")
     vision = _vision_config(vision_raw, source)
     _check_stem(vision, source)
-    layers = raw.get("cross_attention_layers", [])
-    if (not isinstance(layers, list) or not all(type(i) is int for i in layers) or layers != sorted(set(layers))
-            or any(not 0 <= i < text.num_hidden_layers for i in layers)):
+    scale = raw.get("scale_factor", 1)
+    if type(scale) is not int or scale < 1 or vision.patches_per_side % scale:
+        raise CheckpointError(f"{source}: scale_factor must be a positive integer dividing the "
+                              f"{vision.patches_per_side} patches a side, got {scale!r}")
+    image_token_id = _require(raw, "image_token_id", source)
+    if type(image_token_id) is not int or not 0 <= image_token_id < text.vocab_size:
+        raise CheckpointError(f"{source}: image_token_id must be a token id in [0, {text.vocab_size}), "
+                              f"got {image_token_id!r}")
+    layers = _require(raw, "cross_attention_layers", source)
+    if (not isinstance(layers, list) or not layers or not all(type(i) is int for i in layers)
+            or layers != sorted(set(layers)) or any(not 0 <= i < text.num_hidden_layers for i in layers)):
         raise CheckpointError(f"{source}: cross_attention_layers must be ascending distinct decoder layer indices "
-                              f"in [0, {text.num_hidden_layers}), got {layers!r}")
-    return ModelConfig(model_type=XATTN_MODEL_TYPE, text=text, vision=vision,
-                       scale_factor=int(raw.get("scale_factor", 1)), image_token_id=int(_require(raw, "image_token_id", source)),
+                              f"in [0, {text.num_hidden_layers}), at least one, got {layers!r}")
+    return ModelConfig(model_type=XATTN_MODEL_TYPE, text=text, vision=vision, scale_factor=scale,
+                       image_token_id=image_token_id,
                        eos_token_ids=_eos_ids(raw.get("eos_token_id", text_raw.get("eos_token_id"))),
                        cross_attention_layers=tuple(layers))
+
+
+def _check_positive_ints(raw: dict, source: str, where: str, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if key in raw and (type(raw[key]) is not int or raw[key] < 1):
+            raise CheckpointError(f"{source}: {where}.{key} must be a positive integer, got {raw[key]!r}")
+
+
+def _finite(raw: dict, key: str, default: float, source: str) -> float:
+    value = raw.get(key, default)
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise CheckpointError(f"{source}: {key} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _check_stem(v: VisionConfig, source: str) -> None:
     if v.patch_stem not in PATCH_STEMS:
         raise CheckpointError(f"{source}: vision_config.patch_stem {v.patch_stem!r} is not one of {PATCH_STEMS}")
+    if v.hidden_act not in ("gelu_pytorch_tanh", "gelu_new"):
+        raise CheckpointError(f"{source}: vision_config.hidden_act {v.hidden_act!r} is not supported "
+                              "(only gelu_pytorch_tanh)")
     groups = v.groups if v.patch_stem == "grouped" else 1
-    if groups < 1 or v.num_channels % groups or v.hidden_size % groups:
+    if v.num_channels % groups or v.hidden_size % groups:
         raise CheckpointError(f"{source}: vision_config.groups {v.groups} must divide num_channels "
                               f"{v.num_channels} and hidden_size {v.hidden_size}")
     if v.image_size % v.patch_size:
         raise CheckpointError(f"{source}: vision_config.image_size {v.image_size} is not a multiple of "
                               f"patch_size {v.patch_size}")
+    if v.hidden_size % v.num_attention_heads:
+        raise CheckpointError(f"{source}: vision_config.num_attention_heads {v.num_attention_heads} must divide "
+                              f"hidden_size {v.hidden_size}")
 
 
 def _vision_config(raw: dict, source: str) -> VisionConfig:

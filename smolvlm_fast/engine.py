@@ -186,12 +186,22 @@ def request_images(r: Request) -> list[ImageInput]:
 
 
 def image_token_count(config, image: ImageInput) -> int:
-    """The <image> tokens one image fills: its feature rows, or image_seq_len per frame."""
+    """The <image> tokens one image fills: its feature rows, or image_seq_len per frame. Checks the image's shape
+    against the model at the border, so that a bad one never reaches a step it would fail with its neighbours."""
     if image.features is not None:
-        return int(image.features.shape[0])
+        shape = tuple(getattr(image.features, "shape", ()))
+        if len(shape) != 2 or shape[1] != config.text.hidden_size or shape[0] == 0:
+            raise InputError(f"image features must be [tokens > 0, {config.text.hidden_size}] (the text hidden size), "
+                             f"got shape {shape}")
+        return int(shape[0])
     shape = getattr(image.pixel_values, "shape", None)
     if shape is None or len(shape) != 4:
         raise InputError(f"an image's pixel_values must be [frames, channels, height, width], got shape {shape}")
+    v = config.vision
+    if shape[1] != v.num_channels or shape[2] < v.patch_size or shape[3] < v.patch_size:
+        raise InputError(f"an image's pixel_values {tuple(shape)} must have {v.num_channels} channels and be at "
+                         f"least one {v.patch_size}x{v.patch_size} patch")
+    config.check_image_size(int(shape[2]), int(shape[3]))
     mask = image.pixel_attention_mask
     if mask is not None and tuple(mask.shape) != (shape[0], shape[2], shape[3]):
         raise InputError(f"pixel_attention_mask {tuple(mask.shape)} does not match pixel_values {tuple(shape)}")

@@ -333,9 +333,10 @@ class SmolVLM(nn.Module):
         return [layer.image_kv(states) for layer in self.text.cross_layers]
 
     def compute_logits(self, hidden):
-        if self.lm_head is not None:
-            return self.lm_head(hidden)  # [n, vocab]; an nn.Linear, or an Int4Linear swapped in by quantization
-        logits = hidden @ self.text.embed_tokens.weight.T  # [n, vocab]
+        if self.lm_head is not None:  # an nn.Linear, or an Int4Linear swapped in by quantization (tied ones too)
+            logits = self.lm_head(hidden)  # [n, vocab]
+        else:
+            logits = hidden @ self.text.embed_tokens.weight.T  # [n, vocab]
         return logits if self.lm_head_bias is None else logits + self.lm_head_bias
 
     def image_features_per_row(self, pixel_values, pixel_attention_mask=None) -> list:
@@ -351,7 +352,7 @@ class SmolVLM(nn.Module):
             raise InputError(f"pixel_values of {H}x{W} are smaller than one {P}x{P} patch")
         flat = pixel_values.flatten(0, 1).to(self.device)  # [B*n, C, H, W]
         real = (flat != 0).flatten(1).any(1)  # [B*n]: padding images are all zero
-        if pixel_attention_mask is None:
+        if pixel_attention_mask is None or self.config.is_xattn:  # the variant's images are whole: no padding
             mask = torch.ones(int(real.sum()), H, W, dtype=torch.bool, device=self.device)
         else:
             mask = torch.as_tensor(pixel_attention_mask).flatten(0, 1).to(self.device)[real].bool()  # [N, H, W]

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import string
 from pathlib import Path
 
 import numpy as np
 
 from .config import ModelConfig
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .weights.layout import tensor_shapes
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>"]  # ids 256..259
@@ -35,23 +36,37 @@ def init_random(config: dict, path: str | Path, seed: int = 0, *, std: float = 0
     Linear weights and embeddings are N(0, std); norm weights 1 + N(0, std); biases N(0, std); cross-attention
     gates 1.0 (tanh(1) = 0.76: the images matter). image_token_id defaults to 260 and eos_token_id to 259
     (<end_of_utterance>) when the config leaves them out."""
-    if dtype not in ("float32", "float16"):
-        raise InputError(f"init_random: dtype must be 'float32' or 'float16', got {dtype!r}")
+    _check_arguments(config, seed, std, dtype)
     raw = _with_token_ids(dict(config))
-    parsed = ModelConfig.from_dict(raw, source="init_random config")
+    try:
+        parsed = ModelConfig.from_dict(raw, source="init_random config")
+    except CheckpointError as e:
+        raise InputError(str(e)) from None
     vocab = parsed.text.vocab_size
     if vocab < 261:
         raise InputError(f"init_random: vocab_size must be at least 261 (bytes + special tokens), got {vocab}")
+    tokenizer = _tokenizer(vocab, parsed.image_token_id if parsed.is_vlm else None)  # checked before writing
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(raw, indent=2))
     _write_weights(path / "model.safetensors", tensor_shapes(parsed), seed, std, np.dtype(dtype))
-    _write_tokenizer(path, vocab, parsed.image_token_id if parsed.is_vlm else None)
+    _write_tokenizer(path, tokenizer, parsed.image_token_id if parsed.is_vlm else None)
     eos = list(parsed.eos_token_ids)
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "pad_token_id": 258}))
     if parsed.is_vlm:
         _write_processor(path, parsed)
     return path
+
+
+def _check_arguments(config, seed, std, dtype) -> None:
+    if not isinstance(config, dict):
+        raise InputError(f"init_random: config must be a config.json dict, got {type(config).__name__}")
+    if type(seed) is not int or seed < 0:
+        raise InputError(f"init_random: seed must be an integer >= 0, got {seed!r}")
+    if type(std) not in (int, float) or not math.isfinite(std) or std <= 0:
+        raise InputError(f"init_random: std must be a finite number > 0, got {std!r}")
+    if dtype not in ("float32", "float16"):
+        raise InputError(f"init_random: dtype must be 'float32' or 'float16', got {dtype!r}")
 
 
 def _with_token_ids(raw: dict) -> dict:
@@ -77,7 +92,7 @@ def _write_weights(file: Path, shapes: dict, seed: int, std: float, dtype: np.dt
     save_file(tensors, str(file), metadata={"format": "pt"})
 
 
-def _write_tokenizer(path: Path, vocab_size: int, image_token_id: int | None) -> None:
+def _tokenizer(vocab_size: int, image_token_id: int | None):
     """A byte-level BPE without merges: ids 0-255 are the bytes, 256-259 the chat specials, <image> at its id, and
     every other id a multi-letter filler token (never produced by encoding, decodes to its letters)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -97,6 +112,10 @@ def _write_tokenizer(path: Path, vocab_size: int, image_token_id: int | None) ->
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials.values()])
+    return tok
+
+
+def _write_tokenizer(path: Path, tok, image_token_id: int | None) -> None:
     tok.save(str(path / "tokenizer.json"))
     config = {"bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|im_end|>",
               "unk_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE, "model_max_length": 8192,

@@ -217,7 +217,7 @@ class ImageSource:
                  allowed_domains: tuple[str, ...] = ()):
         """allowed_domains: remote URLs only to these hosts and their subdomains (implies remote fetching)."""
         self.limits, self.allow_remote_urls = limits, allow_remote_urls or bool(allowed_domains)
-        self.allowed_domains = tuple(d.lower().strip(".") for d in allowed_domains)
+        self.allowed_domains = tuple(checked_domain(d) for d in allowed_domains)
         self.root = None if allowed_local_dir is None else Path(allowed_local_dir).resolve()
         if self.root is not None and not self.root.is_dir():
             raise InputError(f"the allowed local directory {allowed_local_dir} is not a directory")
@@ -366,10 +366,27 @@ async def _fetch(client, url: str, max_bytes: int, param: str, allowed_domains: 
 
 
 def domain_allowed(host: str, allowed_domains: tuple[str, ...]) -> bool:
-    """host is one of allowed_domains or a subdomain of one (case-insensitive; "evilexample.com" is not
-    "example.com")."""
-    host = host.lower().strip(".")
-    return any(host == d or host.endswith("." + d) for d in allowed_domains)
+    """host is one of allowed_domains or a subdomain of one (case-insensitive, internationalized names compared in
+    their ASCII form; "evilexample.com" is not "example.com")."""
+    host = ascii_domain(host)
+    return host is not None and any(host == d or host.endswith("." + ascii_domain(d)) for d in allowed_domains)
+
+
+def checked_domain(name: str) -> str:
+    """An allowed image domain as given by the operator, in ASCII; a port, path, wildcard or bad name is an error."""
+    domain = ascii_domain(name) if isinstance(name, str) else None
+    if not domain or any(c in domain for c in ":/*@ "):
+        raise InputError(f"allowed image domain {name!r} must be a host name like example.com (its subdomains are "
+                         "allowed too; no scheme, port, path or wildcard)")
+    return domain
+
+
+def ascii_domain(name: str) -> str | None:
+    """A host name in lower-case ASCII (IDNA: "bücher.de" -> "xn--bcher-kva.de"), or None when it is not one."""
+    try:
+        return name.strip(".").encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
 
 
 async def public_address(host: str, port: int, param: str) -> str:
