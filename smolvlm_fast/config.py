@@ -223,11 +223,11 @@ def _xattn_config(raw: dict, source: str) -> ModelConfig:
     if type(image_token_id) is not int or not 0 <= image_token_id < text.vocab_size:
         raise CheckpointError(f"{source}: image_token_id must be a token id in [0, {text.vocab_size}), "
                               f"got {image_token_id!r}")
-    layers = _require(raw, "cross_attention_layers", source)
-    if (not isinstance(layers, list) or not layers or not all(type(i) is int for i in layers)
+    layers = _require(raw, "cross_attention_layers", source)  # required: [] (images have no effect) must be said
+    if (not isinstance(layers, list) or not all(type(i) is int for i in layers)
             or layers != sorted(set(layers)) or any(not 0 <= i < text.num_hidden_layers for i in layers)):
         raise CheckpointError(f"{source}: cross_attention_layers must be ascending distinct decoder layer indices "
-                              f"in [0, {text.num_hidden_layers}), at least one, got {layers!r}")
+                              f"in [0, {text.num_hidden_layers}), got {layers!r}")
     return ModelConfig(model_type=XATTN_MODEL_TYPE, text=text, vision=vision, scale_factor=scale,
                        image_token_id=image_token_id,
                        eos_token_ids=_eos_ids(raw.get("eos_token_id", text_raw.get("eos_token_id"))),
