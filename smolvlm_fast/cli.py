@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s to stderr")
     add_caption_command(commands)
     add_serve_command(commands)
+    add_bench_command(commands)
     return parser
 
 
@@ -177,6 +178,33 @@ def report_timing(streamer: TimedStreamer, prompt_tokens: int) -> None:
     decode_rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
     print(f"prompt: {prompt_tokens} tokens, time to first token: {ttft * 1000:.0f} ms, "
           f"decode: {len(times)} tokens at {decode_rate:.1f} tokens/s", file=sys.stderr)
+
+
+def add_bench_command(commands) -> None:
+    b = commands.add_parser("bench", help="run a benchmark of the source checkout's bench/ folder",
+                            description="Runs bench/<NAME>.py of the source checkout this package is installed from "
+                                        "(pip install -e .) with the remaining arguments; no NAME lists them.")
+    b.add_argument("name", nargs="?", help="e.g. bench_e2e, bench_xattn, bench_attention, fuzz_readers")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark (see its --help)")
+    b.set_defaults(run=run_bench)
+
+
+def run_bench(args) -> int:
+    import subprocess
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "bench"
+    if not (folder / "common.py").is_file():
+        raise SmolVLMError("the benchmarks live in the source checkout (bench/), which this installation does not "
+                           "come from: clone the repository and pip install -e . there")
+    names = sorted(p.stem for p in folder.glob("*.py") if p.stem not in ("common", "__init__"))
+    if args.name is None:
+        print("\n".join(names))
+        return 0
+    name = args.name.removesuffix(".py")
+    if name not in names:
+        raise SmolVLMError(f"no benchmark {args.name!r} in {folder} (have: {', '.join(names)})")
+    return subprocess.call([sys.executable, str(folder / f"{name}.py"), *args.args])
 
 
 def main(argv=None) -> int:
