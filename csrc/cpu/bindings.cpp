@@ -1,5 +1,5 @@
 // smolvlm_fast._cpu: the module definition and the checks at its border. Kernels: quant_gemm.cpp, decoder_step.cpp,
-// paged_attention.cpp.
+// paged_attention.cpp, small_ops.cpp.
 // Every array must have the exact dtype, be C-contiguous and aligned, and have shapes that agree; anything
 // else raises ValueError (nothing is converted or copied silently, nothing is read out of bounds).
 #include <pybind11/numpy.h>
@@ -13,6 +13,7 @@
 #include "decoder_step.h"
 #include "paged_attention.h"
 #include "quant_gemm.h"
+#include "small_ops.h"
 
 namespace py = pybind11;
 
@@ -281,6 +282,54 @@ void paged_prefill_attention(const py::array& q, const py::array& k_cache, const
     smolvlm_cpu::paged_prefill_attention(a, op);
 }
 
+// ---------------------------------------------------------------- small ops (small_ops.cpp)
+
+// out either is x (same data and shape: in place) or overlaps nothing.
+void check_out_or_in_place(const char* fn, const py::array& out, const py::array& x) {
+    if (out.data() != x.data()) check_no_overlap(fn, out, x, "x");
+}
+
+// A float32 [D] vector (weight, bias), or nullptr for None.
+const float* checked_vector(const char* fn, const char* name, const py::object& v, int64_t D, const py::array& out) {
+    if (v.is_none()) return nullptr;
+    if (!py::isinstance<py::array>(v))
+        throw py::value_error(std::string(fn) + ": " + name + " must be an array or None");
+    const py::array a = v.cast<py::array>();
+    const float* p = checked<const float>(fn, name, a, DType::f32, {D});
+    check_no_overlap(fn, out, a, name);
+    return p;
+}
+
+// x [M, D], weight [D], bias [D] or None -> out [M, D] (out may be x).
+void layer_norm(const py::array& x, const py::array& weight, const py::object& bias, float eps,
+                const py::array& out) {
+    const char* fn = "layer_norm";
+    if (x.ndim() != 2) throw py::value_error(std::string(fn) + ": x must be [M, D], got shape " + shape_of(x));
+    const int64_t M = x.shape(0), D = x.shape(1);
+    const float* xp = checked<const float>(fn, "x", x, DType::f32, {M, D});
+    float* op = checked<float>(fn, "out", out, DType::f32, {M, D}, true);
+    check_out_or_in_place(fn, out, x);
+    const float* wp = checked_vector(fn, "weight", weight, D, out);
+    if (!wp) throw py::value_error(std::string(fn) + ": weight must be an array");
+    const float* bp = checked_vector(fn, "bias", bias, D, out);
+    if (!std::isfinite(eps) || eps < 0) throw py::value_error(std::string(fn) + ": eps must be finite and >= 0");
+    py::gil_scoped_release release;
+    smolvlm_cpu::layer_norm(xp, wp, bp, eps, M, D, op);
+}
+
+// x [M, D], bias [D] or None -> out [M, D] = gelu_tanh(x + bias) (out may be x).
+void gelu_tanh(const py::array& x, const py::object& bias, const py::array& out) {
+    const char* fn = "gelu_tanh";
+    if (x.ndim() != 2) throw py::value_error(std::string(fn) + ": x must be [M, D], got shape " + shape_of(x));
+    const int64_t M = x.shape(0), D = x.shape(1);
+    const float* xp = checked<const float>(fn, "x", x, DType::f32, {M, D});
+    float* op = checked<float>(fn, "out", out, DType::f32, {M, D}, true);
+    check_out_or_in_place(fn, out, x);
+    const float* bp = checked_vector(fn, "bias", bias, D, out);
+    py::gil_scoped_release release;
+    smolvlm_cpu::gelu_tanh(xp, bp, M, D, op);
+}
+
 // ---------------------------------------------------------------- the fused decode step (decoder_step.cpp)
 
 // Every block a sequence's seq_lens[s] keys live in is a block id of the cache.
@@ -510,6 +559,11 @@ PYBIND11_MODULE(_cpu, m) {
           "attention for packed queries q [T, Hq, Dh]: query j of sequence s (q_len_s = query_start_loc[s + 1] "
           "- query_start_loc[s]) sits at position seq_lens[s] - q_len_s + j and sees the cache keys at positions <= "
           "its own; causal=False: every query sees all seq_lens[s] keys");
+    m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("out"),
+          "out[M, D] = (x - mean) / sqrt(var + eps) * weight + bias over each row of x [M, D]; bias may be None, "
+          "out may be x");
+    m.def("gelu_tanh", &gelu_tanh, py::arg("x"), py::arg("bias"), py::arg("out"),
+          "out[M, D] = gelu_tanh(x + bias) (the tanh approximation); bias [D] or None, out may be x");
     py::class_<Decoder>(m, "Decoder",
                         "the Llama decoder's weights for fused steps (csrc/cpu/decoder_step.cpp); layers: "
                         "dicts of input_norm, post_norm (float32 [D]) and qkv, o, gate_up, down "

@@ -9,7 +9,8 @@ import math
 
 import numpy as np
 
-try:  # the C++ kernels (csrc/cpu/): paged attention; None (or an older build without them) -> the NumPy code below
+try:  # the C++ kernels (csrc/cpu/): paged attention, layer_norm, gelu_tanh; None (or an older build without them)
+    # -> the NumPy code below
     from .. import _cpu
 except ImportError:
     _cpu = None
@@ -30,6 +31,17 @@ def rms_norm(x, weight, eps, residual=None):
 
 
 def layer_norm(x, weight, bias, eps):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis: the C++ kernel (small_ops.cpp) when the
+    extension has it and the arrays suit it (float32, x contiguous), else layer_norm_numpy."""
+    rows = None if weight is None else _cpp_rows("layer_norm", x, weight, bias)
+    if rows is None:
+        return layer_norm_numpy(x, weight, bias, eps)
+    out = np.empty(x.shape, dtype=np.float32)
+    _cpu.layer_norm(rows, weight, bias, float(eps), out.reshape(rows.shape))
+    return out
+
+
+def layer_norm_numpy(x, weight, bias, eps):
     mean = np.add.reduce(x, axis=-1, keepdims=True) / x.shape[-1]  # [..., 1]
     xc = x - mean  # [..., D]
     var = np.add.reduce(xc * xc, axis=-1, keepdims=True) / x.shape[-1]  # [..., 1]
@@ -58,8 +70,22 @@ def silu_mul(gate, up):
     return out
 
 
-def gelu_tanh(x):
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+def gelu_tanh(x, *, bias=None, out=None):
+    """0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))) with z = x (+ bias [D], added first); out (optional, may be
+    x) receives it. The C++ kernel (small_ops.cpp) when the extension has it and the arrays suit it, else
+    gelu_tanh_numpy."""
+    rows = _cpp_rows("gelu_tanh", x, bias)
+    if rows is None or (out is not None and not _suits_out(out, x)):
+        return gelu_tanh_numpy(x, bias=bias, out=out)
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float32)
+    _cpu.gelu_tanh(rows, bias, out.reshape(rows.shape))
+    return out
+
+
+def gelu_tanh_numpy(x, *, bias=None, out=None):
+    if bias is not None:
+        x = x + bias  # [..., D]
     inner = x * x
     inner *= 0.044715 * math.sqrt(2 / math.pi)
     inner += math.sqrt(2 / math.pi)
@@ -68,7 +94,32 @@ def gelu_tanh(x):
     inner += 1.0
     inner *= x
     inner *= 0.5
-    return inner
+    if out is None:
+        return inner
+    out[...] = inner
+    return out
+
+
+def _cpp_rows(name: str, x, *vectors):
+    """x as [M, D] rows for _cpu.<name>, or None where the extension lacks it or the arrays do not suit it
+    (float32, x C-contiguous and not empty, each vector None or a contiguous float32 [D])."""
+    if getattr(_cpu, name, None) is None or not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        return None
+    if x.ndim == 0 or x.size == 0 or not x.flags.c_contiguous:
+        return None
+    D = x.shape[-1]
+    for v in vectors:
+        if v is not None and not (isinstance(v, np.ndarray) and v.dtype == np.float32 and v.shape == (D,)
+                                  and v.flags.c_contiguous):
+            return None
+    return x.reshape(-1, D)
+
+
+def _suits_out(out, x) -> bool:
+    """out is a C-contiguous float32 array of x's shape that is x itself or shares no memory with it."""
+    return (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == x.shape
+            and out.flags.c_contiguous and out.flags.writeable
+            and (out.ctypes.data == x.ctypes.data or not np.may_share_memory(out, x)))
 
 
 # ---------------------------------------------------------------- vision
