@@ -64,7 +64,8 @@ def vision_layer(w: dict, p: str, cfg: VisionConfig, x: np.ndarray, key_mask: np
     attn = rope_attention(q, k, v, causal=False, key_mask=key_mask).reshape(B * N, D)  # [B*N, D]
     x = x + linear(attn, w[p + "self_attn.out_proj.weight"], w[p + "self_attn.out_proj.bias"]).reshape(B, N, D)
     h = layer_norm(x, w[p + "layer_norm2.weight"], w[p + "layer_norm2.bias"], eps).reshape(B * N, D)  # [B*N, D]
-    h = gelu_tanh(linear(h, w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"]))  # [B*N, I]
+    h = linear(h, w[p + "mlp.fc1.weight"])  # [B*N, I]
+    h = gelu_tanh(h, bias=w[p + "mlp.fc1.bias"], out=h)  # the bias added inside, in place: no second [B*N, I]
     x += linear(h, w[p + "mlp.fc2.weight"], w[p + "mlp.fc2.bias"]).reshape(B, N, D)  # [B, N, D]
     return x
 
