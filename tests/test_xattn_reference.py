@@ -215,11 +215,26 @@ def test_with_images_matches_transformers(seed, arch, stem, cross, partial):
         hf = hf_text_model(config, tensors)
         handles = with_cross_hooks(hf, config, tensors, images[None])
         expected = hf(torch.tensor([ids])).logits[0]
-        expected_greedy = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+        expected_greedy = []  # the whole sequence again at every step: the cross hooks see full sequences only
+        for _ in range(6):
+            expected_greedy.append(int(hf(torch.tensor([ids + expected_greedy])).logits[0, -1].argmax()))
     for h in handles:
         h.remove()
     close(ref.logits(ids, pixels), expected, 1e-4, seed)
-    assert ref.greedy(ids, pixels, max_new_tokens=6) == expected_greedy, f"seed {seed}"
+    same_greedy_but_for_ties(ref, ids, pixels, expected_greedy, seed)
+
+
+def same_greedy_but_for_ties(ref, ids, pixels, expected: list[int], seed: int) -> None:
+    """Greedy tokens equal, unless they part where the reference's two best logits are within 1e-4 of each other
+    (float32 rounding may then pick either; with random weights that happens about once in 60 seeds)."""
+    got = ref.greedy(ids, pixels, max_new_tokens=len(expected))
+    if got == expected:
+        return
+    i = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
+    logits = ref.logits(ids + got[:i], pixels)[-1]
+    best, second = logits.topk(2).values.tolist()
+    assert best - second <= 1e-4 * max(1.0, logits.abs().max().item()), \
+        f"seed {seed}: greedy tokens part at step {i} without a near-tie ({got} vs {expected})"
 
 
 def test_vision_encoder_matches_idefics3_224(seed):
