@@ -55,7 +55,7 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float, seed: int):
     assert err <= tol * max(1.0, b.abs().max().item()), f"max abs error {err:.3g} > {tol} (seed {seed})"
 
 
-def differ(a: torch.Tensor, b: torch.Tensor, seed: int, rel: float = 1e-2):
+def differ(a: torch.Tensor, b: torch.Tensor, seed: int, rel: float = 1e-3):  # far above fp32 noise (~1e-6)
     gap = (a - b).abs().max().item()
     assert gap > rel * b.abs().max().item(), f"outputs differ by only {gap:.3g} (seed {seed})"
 
