@@ -50,9 +50,12 @@ def test_int4_int8_matches_its_arithmetic(N, K, group_size, symmetric, M):
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-5 * np.abs(expect).max())
     # and it is a different result from the float32 product, close to it
-    exact = x @ quant.dequantize(w).T
+    dense = quant.dequantize(w)
+    exact = x @ dense.T
     assert not np.array_equal(out, exact)
-    assert np.abs(out - exact).max() <= 0.02 * np.abs(exact).max()
+    # the rounding error is relative to the size of the terms summed, not to the sum: a few outputs (N = 5) may
+    # cancel to small values
+    assert np.abs(out - exact).max() <= 0.02 * (np.abs(x) @ np.abs(dense).T).max()
 
 
 def test_fused_with_int8_activations_stays_close(tiny_llama):

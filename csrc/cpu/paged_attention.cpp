@@ -29,21 +29,7 @@
 
 #include "quant_gemm.h"  // parallel_for
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__FMA__)
-#define SMOLVLM_AVX512 1
-#elif defined(__AVX2__) && defined(__FMA__)
-#define SMOLVLM_AVX2 1
-#endif
-
-#if SMOLVLM_AVX512 || SMOLVLM_AVX2
-// GCC 12 flags the deliberately undefined pass-through register of the unpack intrinsics
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#endif
-
+#include "simd.h"
 #include "simd_math.h"  // exp16 and the exp constants (after the intrinsics' include above)
 
 namespace smolvlm_cpu {

@@ -15,10 +15,7 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__FMA__)
-#define SMOLVLM_AVX512 1
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace smolvlm_cpu {
 

@@ -25,14 +25,9 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__) && defined(__FMA__)
-#define SMOLVLM_AVX512 1
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define SMOLVLM_AVX2 1
-#endif
+#include "simd.h"
 
 #if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
 #define SMOLVLM_PAUSE() _mm_pause()
 #else
 #define SMOLVLM_PAUSE() std::this_thread::yield()

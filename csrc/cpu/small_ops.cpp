@@ -10,21 +10,7 @@
 
 #include "quant_gemm.h"  // parallel_for, get_num_threads
 
-#if defined(__AVX512F__)
-#define SMOLVLM_SMALL_AVX512 1
-#elif defined(__AVX2__) && defined(__FMA__)
-#define SMOLVLM_SMALL_AVX2 1
-#endif
-
-#if SMOLVLM_SMALL_AVX512 || SMOLVLM_SMALL_AVX2
-// GCC 12 flags the deliberately undefined pass-through register of some intrinsics
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#endif
-
+#include "simd.h"
 #include "simd_math.h"  // exp16 and the exp constants
 
 namespace smolvlm_cpu {
@@ -41,7 +27,7 @@ constexpr float kExpLo = -80.f, kExpHi = 88.f;
     return z / (1.f + std::exp(std::min(kExpHi, std::max(kExpLo, -2.f * u))));
 }
 
-#if SMOLVLM_SMALL_AVX512
+#if SMOLVLM_AVX512
 inline __m512 gelu16(__m512 z) {
     const __m512 u = _mm512_mul_ps(z, _mm512_fmadd_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(kGeluC1),
                                                       _mm512_set1_ps(kGeluC0)));
@@ -88,7 +74,7 @@ void layer_norm_row(const float* x, const float* w, const float* b, float eps, i
     }
 }
 
-#elif SMOLVLM_SMALL_AVX2
+#elif SMOLVLM_AVX2
 // exp on 8 lanes for arguments in [kExpLo, kExpHi] (2^n stays a normal float): simd_math.h's polynomial.
 inline __m256 exp8(__m256 x) {
     const __m256 n =
