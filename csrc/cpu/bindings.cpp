@@ -300,15 +300,27 @@ const float* checked_vector(const char* fn, const char* name, const py::object& 
     return p;
 }
 
-// x [M, D], weight [D], bias [D] or None -> out [M, D] (out may be x).
-void layer_norm(const py::array& x, const py::array& weight, const py::object& bias, float eps,
-                const py::array& out) {
-    const char* fn = "layer_norm";
+// A row op's x [M, D] float32 and its out of the same shape (out may be x), checked.
+struct Rows {
+    int64_t M, D;
+    const float* x;
+    float* out;
+};
+
+Rows checked_rows(const char* fn, const py::array& x, const py::array& out) {
     if (x.ndim() != 2) throw py::value_error(std::string(fn) + ": x must be [M, D], got shape " + shape_of(x));
     const int64_t M = x.shape(0), D = x.shape(1);
     const float* xp = checked<const float>(fn, "x", x, DType::f32, {M, D});
     float* op = checked<float>(fn, "out", out, DType::f32, {M, D}, true);
     check_out_or_in_place(fn, out, x);
+    return {M, D, xp, op};
+}
+
+// x [M, D], weight [D], bias [D] or None -> out [M, D] (out may be x).
+void layer_norm(const py::array& x, const py::array& weight, const py::object& bias, float eps,
+                const py::array& out) {
+    const char* fn = "layer_norm";
+    const auto [M, D, xp, op] = checked_rows(fn, x, out);
     const float* wp = checked_vector(fn, "weight", weight, D, out);
     if (!wp) throw py::value_error(std::string(fn) + ": weight must be an array");
     const float* bp = checked_vector(fn, "bias", bias, D, out);
@@ -320,11 +332,7 @@ void layer_norm(const py::array& x, const py::array& weight, const py::object& b
 // x [M, D], bias [D] or None -> out [M, D] = gelu_tanh(x + bias) (out may be x).
 void gelu_tanh(const py::array& x, const py::object& bias, const py::array& out) {
     const char* fn = "gelu_tanh";
-    if (x.ndim() != 2) throw py::value_error(std::string(fn) + ": x must be [M, D], got shape " + shape_of(x));
-    const int64_t M = x.shape(0), D = x.shape(1);
-    const float* xp = checked<const float>(fn, "x", x, DType::f32, {M, D});
-    float* op = checked<float>(fn, "out", out, DType::f32, {M, D}, true);
-    check_out_or_in_place(fn, out, x);
+    const auto [M, D, xp, op] = checked_rows(fn, x, out);
     const float* bp = checked_vector(fn, "bias", bias, D, out);
     py::gil_scoped_release release;
     smolvlm_cpu::gelu_tanh(xp, bp, M, D, op);

@@ -39,7 +39,6 @@ namespace {
 
 // vexp: simd_math.h's exp (its constants), but below kExpMin (e^-87.3, the smallest normal float) exactly 0: masked
 // scores (-inf) weigh nothing, and no denormals are made.
-constexpr float kExpMin = -87.33f;
 
 #if SMOLVLM_AVX512
 struct V16 {
@@ -130,21 +129,6 @@ inline V16 select_ge(V16 a, V16 b, V16 x, V16 y) {
             _mm256_blendv_ps(y.hi, x.hi, _mm256_cmp_ps(a.hi, b.hi, _CMP_GE_OQ))};
 }
 
-inline __m256 exp8(__m256 x) {
-    const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(kExpMin), _CMP_NLT_UQ);
-    // clamped so that 2^n is a normal float (no scalef here); the lanes below kExpMin are zeroed at the end
-    const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpMin)), _mm256_set1_ps(88.3f));
-    const __m256 n =
-        _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-    __m256 p = _mm256_set1_ps(kExpPoly[0]);
-    for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const __m256 y = _mm256_blendv_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    return _mm256_and_ps(y, keep);  // NaN in, NaN out
-}
 inline V16 vexp(V16 a) { return {exp8(a.lo), exp8(a.hi)}; }
 
 // sum4: the sums of a[0 .. 3] in pieces (lane j and j + 4 of .lo: a[j]'s two halves); sum16: lane 4i + j = the

@@ -1,18 +1,17 @@
-// Vector math shared by the CPU kernels (the vector code is for AVX-512 builds only; callers keep a scalar path for
-// the others, and paged_attention.cpp an AVX2 exp on the same constants).
+// Vector math shared by the CPU kernels: exp on 16 lanes (AVX-512 builds) or 8 (AVX2 builds) with the same
+// constants; callers keep a scalar path for other machines.
 #pragma once
 
 #include <cstdint>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace smolvlm_cpu {
 
 // exp(x) = 2^n e^r with n = round(x log2 e), r = x - n ln2 (ln2 split in two for exactness, |r| <= ln2 / 2), and
 // Cephes expf's degree-6 polynomial for e^r: within a few ulp.
 constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpMin = -87.33f;  // e^-87.3: the smallest normal float
 constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
                                4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
@@ -32,6 +31,25 @@ inline __m512 exp16(__m512 x) {
 // Lanes below n (n <= 16) of a 16-lane group.
 inline __mmask16 first_lanes(int64_t n) {
     return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1);
+}
+#endif
+
+#if SMOLVLM_AVX2
+// exp(x) for 8 lanes (AVX2 builds): the same polynomial; exactly 0 below kExpMin (no denormals), NaN stays NaN.
+inline __m256 exp8(__m256 x) {
+    const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(kExpMin), _CMP_NLT_UQ);
+    // clamped so that 2^n is a normal float (no scalef here); the lanes below kExpMin are zeroed at the end
+    const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpMin)), _mm256_set1_ps(88.3f));
+    const __m256 n =
+        _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+    __m256 p = _mm256_set1_ps(kExpPoly[0]);
+    for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 y = _mm256_blendv_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    return _mm256_and_ps(y, keep);  // NaN in, NaN out
 }
 #endif
 

@@ -75,19 +75,6 @@ void layer_norm_row(const float* x, const float* w, const float* b, float eps, i
 }
 
 #elif SMOLVLM_AVX2
-// exp on 8 lanes for arguments in [kExpLo, kExpHi] (2^n stays a normal float): simd_math.h's polynomial.
-inline __m256 exp8(__m256 x) {
-    const __m256 n =
-        _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-    __m256 p = _mm256_set1_ps(kExpPoly[0]);
-    for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 void gelu_row(const float* x, const float* bias, int64_t D, float* out) {
     int64_t i = 0;
     for (; i + 8 <= D; i += 8) {
