@@ -6,7 +6,7 @@ qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536 (int4), lm_head 49152x57
 A decode step reads each layer's weights once, so each case cycles through 30 distinct copies (one per layer;
 the LM head is one 30 MB matrix) and the weights come from L3 / memory as they would, not from L2.
 `decoder_token` runs one token's products in order (30 layers x qkv, o, gate_up, down, then the LM head) through
-quant.linear, the call the NumPy model makes: its time bounds the decode rate from the matrix products alone.
+cpu_linear.linear, the call the NumPy model makes: its time bounds the decode rate from the matrix products alone.
 GB/s = bytes of weights (packed data + scales + mins) / median time. Baseline: x @ W.T with W float32 (4 bytes
 per weight), its own GB/s. Ours run first, then the baseline, so neither's idle threads spin during the other.
 Rows go to bench/results/bench_cpu_gemv.jsonl (fields in shared/DESIGN.md, "Benchmark results").
@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np
 
 from bench.common import CpuContention, append_row, format_row, make_row
-from smolvlm_fast import quant
+from smolvlm_fast.cpu import linear as cpu_linear
+from smolvlm_fast.formats import int4 as int4_format
 
 BENCH = "bench_cpu_gemv"
 BASELINE = "numpy float32 matmul"
@@ -37,24 +38,24 @@ INT4_DTYPE, Q8_DTYPE = "int4 asym g32 (Q4_1)", "int8 g32 (Q8_0)"
 RNG = np.random.default_rng(0)
 
 
-def int4_weight(N: int, K: int) -> quant.Int4Weight:
+def int4_weight(N: int, K: int) -> int4_format.Int4Weight:
     """Random data in the Q4_1 layout (quantizing real floats would take long and change nothing here)."""
-    return quant.Int4Weight(N, K, 32, False, RNG.integers(0, 256, (N, K // 2), dtype=np.uint8),
+    return int4_format.Int4Weight(N, K, 32, False, RNG.integers(0, 256, (N, K // 2), dtype=np.uint8),
                             (RNG.random((N, K // 32), dtype=np.float32) * 0.01).astype(np.float16),
                             (RNG.random((N, K // 32), dtype=np.float32) * -0.1).astype(np.float16))
 
 
-def q8_weight(N: int, K: int) -> quant.Q8Weight:
-    return quant.Q8Weight(N, K, RNG.integers(-127, 128, (N, K), dtype=np.int8),
+def q8_weight(N: int, K: int) -> int4_format.Q8Weight:
+    return int4_format.Q8Weight(N, K, RNG.integers(-127, 128, (N, K), dtype=np.int8),
                           (RNG.random((N, K // 32), dtype=np.float32) * 0.01).astype(np.float16))
 
 
 def kernel_call(w, x: np.ndarray) -> Callable[[], object]:
     """The product exactly as linear() makes it for one row, minus linear()'s few Python steps."""
     out = np.empty((1, w.N), np.float32)
-    if isinstance(w, quant.Int4Weight):
-        return lambda: quant._cpu.int4_gemm(x, w.qweight, w.scales, w.mins, w.group_size, out)
-    return lambda: quant._cpu.q8_gemm(x, w.q, w.scales, out)
+    if isinstance(w, int4_format.Int4Weight):
+        return lambda: cpu_linear._cpu.int4_gemm(x, w.qweight, w.scales, w.mins, w.group_size, out)
+    return lambda: cpu_linear._cpu.q8_gemm(x, w.q, w.scales, out)
 
 
 def samples(fn: Callable[[], object], calls: int, repeats: int, warmup: int) -> list[float]:
@@ -86,7 +87,7 @@ def run_case(name: str, args) -> list[dict]:
     copies = 1 if name == "lm_head" else LAYERS
     make = q8_weight if name == "lm_head" else int4_weight
     ws = [make(N, K) for _ in range(copies)]
-    floats = [quant.dequantize(w) for w in ws]
+    floats = [int4_format.dequantize(w) for w in ws]
     x = RNG.standard_normal((1, K), dtype=np.float32)
     calls = [kernel_call(w, x) for w in ws]
 
@@ -114,7 +115,7 @@ def run_case(name: str, args) -> list[dict]:
 
 
 def run_token(args) -> list[dict]:
-    """One decode token's products, in order, through quant.linear."""
+    """One decode token's products, in order, through cpu_linear.linear."""
     layers = [{n: int4_weight(*SHAPES[n]) for n in ("qkv", "o", "gate_up", "down")} for _ in range(LAYERS)]
     head = q8_weight(*SHAPES["lm_head"])
     x576 = RNG.standard_normal((1, 576), dtype=np.float32)
@@ -127,9 +128,9 @@ def run_token(args) -> list[dict]:
         linear(x576, lm_head)
 
     nbytes = sum(w.nbytes for layer in layers for w in layer.values()) + head.nbytes
-    mine = measure(lambda: token(layers, head, quant.linear), 1, args)
-    floats = [{n: quant.dequantize(w) for n, w in layer.items()} for layer in layers]
-    float_head = quant.dequantize(head)
+    mine = measure(lambda: token(layers, head, cpu_linear.linear), 1, args)
+    floats = [{n: int4_format.dequantize(w) for n, w in layer.items()} for layer in layers]
+    float_head = int4_format.dequantize(head)
     fbytes = sum(w.nbytes for layer in floats for w in layer.values()) + float_head.nbytes
     time.sleep(0.2)
     base = measure(lambda: token(floats, float_head, lambda x, w: x @ w.T), 1, args)
@@ -146,7 +147,7 @@ def run_token(args) -> list[dict]:
 def row(case, shape, dtype, metric, ours, theirs) -> dict:
     return make_row(bench=BENCH, case=case, shape=shape, dtype=dtype, device="cpu", metric=metric, ours=ours,
                     baseline=BASELINE, theirs=theirs,
-                    impl=f"smolvlm_fast._cpu ({quant._cpu.simd}, {quant.get_num_threads()} threads)")
+                    impl=f"smolvlm_fast._cpu ({cpu_linear._cpu.simd}, {cpu_linear.get_num_threads()} threads)")
 
 
 def parse_args(argv=None):
@@ -164,10 +165,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if not quant.cpu_kernels_available():
+    if not cpu_linear.cpu_kernels_available():
         raise SystemExit("smolvlm_fast._cpu is not built: pip install -e . (with a C++ compiler)")
     if args.threads:
-        quant.set_num_threads(args.threads)
+        cpu_linear.set_num_threads(args.threads)
     for case in args.cases:
         for r in run_token(args) if case == "decoder_token" else run_case(case, args):
             print(format_row(r), flush=True)

@@ -19,7 +19,6 @@ Scenarios:
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -116,7 +115,7 @@ def our_models(cls, path, args, device, dtype) -> dict:
 
 def smollm2_scenario(args, device, dtype) -> Scenario:
     from smolvlm_fast import AutoModelForCausalLM, AutoTokenizer
-    from smolvlm_fast.weights.hub import default_model_path
+    from smolvlm_fast.formats.hub import default_model_path
 
     gguf = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf)
@@ -134,7 +133,7 @@ def smollm2_scenario(args, device, dtype) -> Scenario:
 
 def smolvlm_checkpoint(text_layers: int, vision_layers: int, seed: int = 0) -> Path:
     """A random-weight SmolVLM-256M-shaped checkpoint in the HF layout, built with transformers once and cached."""
-    from smolvlm_fast.weights.hub import cache_dir
+    from smolvlm_fast.formats.hub import cache_dir
 
     target = cache_dir() / "bench" / f"smolvlm-256m-random-t{text_layers}-v{vision_layers}-seed{seed}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
@@ -195,7 +194,8 @@ SCENARIOS: dict[str, Callable] = {"smollm2": smollm2_scenario, "smolvlm": smolvl
 def ours_prefill(model, inputs: dict):
     """One forward over the prompt into a fresh paged cache, logits of the last token only (what generate() does)."""
     from smolvlm_fast.config import SamplingParams
-    from smolvlm_fast.engine import Request, new_cache, prefill
+    from smolvlm_fast.engine.sequence import Request
+    from smolvlm_fast.engine.engine import new_cache, prefill
 
     m = model.model
     features = None

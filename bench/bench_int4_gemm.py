@@ -67,11 +67,11 @@ def cases() -> list[Case]:
 
 
 def random_int4(N: int, K: int, group_size: int, device):
-    from smolvlm_fast import quant
-    from smolvlm_fast.int4_linear import Int4Tensors
+    from smolvlm_fast.formats import int4 as int4_format
+    from smolvlm_fast.models.int4_linear import Int4Tensors
 
     w = np.random.default_rng(N * K).standard_normal((N, K), dtype=np.float32) * 0.02
-    return Int4Tensors.from_numpy(quant.quantize_int4(w, group_size=group_size), device)
+    return Int4Tensors.from_numpy(int4_format.quantize_int4(w, group_size=group_size), device)
 
 
 def int4_bytes(w) -> int:
@@ -115,8 +115,8 @@ def gemm_rows(case: Case, dtype, device) -> list[dict]:
 def smolvlm_256m_model(dtype, device, int4: bool):
     from bench.bench_e2e import SMOLVLM_256M
     from smolvlm_fast.config import ModelConfig
-    from smolvlm_fast.int4_linear import quantize_model
-    from smolvlm_fast.model_torch import SmolVLM
+    from smolvlm_fast.models.int4_linear import quantize_model
+    from smolvlm_fast.models.smolvlm_torch import SmolVLM
 
     raw = {"model_type": "idefics3", "text_config": {"model_type": "llama", **SMOLVLM_256M["text"]},
            "vision_config": SMOLVLM_256M["vision"], "scale_factor": SMOLVLM_256M["scale_factor"],
@@ -135,7 +135,7 @@ def smolvlm_256m_model(dtype, device, int4: bool):
 @torch.inference_mode()
 def peak_memory_mb(dtype, device, int4: bool, kv_tokens: int, block_size: int = 16) -> tuple[float, float]:
     """(weights MB, peak MB) over a prefill + 16 decode steps filling a kv_tokens cache."""
-    from smolvlm_fast.cache import PagedCache, schedule_step
+    from smolvlm_fast.engine.cache import PagedCache, schedule_step
 
     model = smolvlm_256m_model(dtype, device, int4)
     gc.collect()

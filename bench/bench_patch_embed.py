@@ -43,7 +43,7 @@ class Case:
 
 
 def full_image_ids(B: int, rows: int, cols: int, device) -> torch.Tensor:
-    from smolvlm_fast.model_torch import bucketed_position_ids
+    from smolvlm_fast.models.smolvlm_torch import bucketed_position_ids
 
     return bucketed_position_ids(torch.ones(B, rows, cols, dtype=torch.bool, device=device), max(rows, cols))
 

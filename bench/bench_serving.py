@@ -68,7 +68,7 @@ def make_mix(n: int, seed: int) -> list[MixRequest]:
 
 def ours_request(r: MixRequest):
     from smolvlm_fast import SamplingParams
-    from smolvlm_fast.engine import ImageInput, Request
+    from smolvlm_fast.engine.sequence import ImageInput, Request
 
     images = [] if r.pixel_values is None else [ImageInput(r.pixel_values, np.ones((len(r.pixel_values), TILE, TILE),
                                                                                    dtype=bool))]

@@ -45,7 +45,7 @@ def variant_config(text_arch: str, text_layers: int, vision_layers: int) -> dict
 
 def variant_checkpoint(text_arch: str, text_layers: int, vision_layers: int) -> Path:
     from smolvlm_fast import init_random
-    from smolvlm_fast.weights.hub import cache_dir
+    from smolvlm_fast.formats.hub import cache_dir
 
     target = cache_dir() / "bench" / f"xattn-{text_arch}-t{text_layers}-v{vision_layers}"
     if not (target / "model.safetensors").exists():
@@ -69,7 +69,8 @@ def variant_inputs(path: Path, backend: str) -> dict:
 def prefill_ms(model, inputs: dict) -> float:
     """One prefill of image + prompt into a fresh cache (what generate() does before its first token), in ms."""
     from smolvlm_fast.config import SamplingParams
-    from smolvlm_fast.engine import Request, new_cache, prefill
+    from smolvlm_fast.engine.sequence import Request
+    from smolvlm_fast.engine.engine import new_cache, prefill
 
     def run():
         with torch.inference_mode():

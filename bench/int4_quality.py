@@ -3,7 +3,7 @@
 Versions of the same model (the default GGUF, smolvlm_fast.weights.hub.default_model_path()):
   fp16    every GGUF weight dequantized, rounded to fp16, used in fp32 (the reference)
   int4    the decoder's linear layers re-quantized from the dequantized GGUF weights, round to nearest, group 64
-          asymmetric (quant.quantize_int4, as quantize="int4" does); embedding / LM head and norms as in fp16
+          asymmetric (int4_format.quantize_int4, as quantize="int4" does); embedding / LM head and norms as in fp16
   int4_g32  the same at group 32 (GGUF's block size; the grid the weights already lie on, so it shows how much of
           int4's loss is re-quantizing two differently scaled 32-blocks onto one 64-wide grid)
   q4_1    the GGUF as it is (its Q4_1 linear layers at group 32, its Q8_0 embedding), what the backend loads
@@ -150,17 +150,18 @@ def quality_text() -> str:
 
 def load_versions(path: Path) -> dict:
     """{name: NumpyModel} for fp16, int4 and q4_1 (see the module docstring), sharing the float tensors."""
-    from smolvlm_fast import quant
-    from smolvlm_fast.model_numpy import DECODER_LINEARS, NumpyModel, load_gguf_weights
+    from smolvlm_fast.formats import int4 as int4_format
+    from smolvlm_fast.cpu.weights import DECODER_LINEARS, load_gguf_weights
+    from smolvlm_fast.models.smolvlm_numpy import NumpyModel
 
     config, gguf = load_gguf_weights(path)
-    fp16 = {name: quant.dequantize(w).astype(np.float16).astype(np.float32) for name, w in gguf.items()}
+    fp16 = {name: int4_format.dequantize(w).astype(np.float16).astype(np.float32) for name, w in gguf.items()}
     def requantized(group_size: int) -> dict:
         weights = dict(fp16)
         for i in range(config.text.num_hidden_layers):
             for suffix in DECODER_LINEARS:
                 name = f"model.layers.{i}.{suffix}"
-                weights[name] = quant.quantize_int4(quant.dequantize(gguf[name]), group_size=group_size)
+                weights[name] = int4_format.quantize_int4(int4_format.dequantize(gguf[name]), group_size=group_size)
         return weights
 
     return {"fp16": NumpyModel(config, fp16), "int4": NumpyModel(config, requantized(64)),
@@ -169,7 +170,8 @@ def load_versions(path: Path) -> dict:
 
 def log_probs(model, ids: np.ndarray) -> np.ndarray:
     """float32 [T, V] log-softmax of the next-token logits at every position, from one prefill of ids."""
-    from smolvlm_fast.engine import Request, new_cache, prefill
+    from smolvlm_fast.engine.sequence import Request
+    from smolvlm_fast.engine.engine import new_cache, prefill
 
     cache, kv = new_cache(model, [len(ids)], 16)
     hidden, _ = prefill(model, cache, kv, [Request(ids.tolist())], [0])  # [T, D]
@@ -182,7 +184,7 @@ def log_probs(model, ids: np.ndarray) -> np.ndarray:
 
 
 def measure(path: Path, n_tokens: int | None) -> tuple[dict, int]:
-    from smolvlm_fast.weights.gguf import load_gguf_tokenizer
+    from smolvlm_fast.formats.gguf import load_gguf_tokenizer
 
     tokenizer = load_gguf_tokenizer(path)
     text_ids = tokenizer.encode(quality_text())
@@ -243,7 +245,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-save", action="store_true", help="print only; append no rows to the results file")
     p.add_argument("--results-dir", type=Path, default=None, help="default bench/results")
     args = p.parse_args(argv)
-    from smolvlm_fast.weights.hub import default_model_path
+    from smolvlm_fast.formats.hub import default_model_path
 
     path = args.model or default_model_path()
     results, n = measure(path, args.tokens)

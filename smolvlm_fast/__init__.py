@@ -15,14 +15,20 @@ if "numpy" not in _sys.modules:
     # timeout lets them sleep. Read when OpenBLAS loads, so only if numpy is not imported yet; a user's value wins.
     _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from .auto import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForVision2Seq, AutoProcessor,
-                   AutoTokenizer, SmolVLMForConditionalGeneration)
+from .auto import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForVision2Seq,
+    AutoProcessor,
+    AutoTokenizer,
+    SmolVLMForConditionalGeneration,
+)
 from .config import ModelConfig, SamplingParams
 from .errors import CheckpointError, InputError, SmolVLMError
-from .llm import LLM, RequestOutput
+from .inputs.streaming import TextStreamer
 from .patch import patch
 from .random_checkpoint import init_random
-from .streaming import TextStreamer
+from .serving.llm import LLM, RequestOutput
 
 __version__ = "0.1.0"
 

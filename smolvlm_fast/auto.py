@@ -5,16 +5,17 @@ PyTorch at all). torch is imported only when the torch backend is used.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .config import ModelConfig, SamplingParams
-from .engine import Request, check_requests, generate as run_generation, new_cache, prefill
+from .engine.engine import check_requests, new_cache, prefill
+from .engine.engine import generate as run_generation
+from .engine.sequence import Request
 from .errors import CheckpointError, InputError
-from .weights.hub import resolve_model
+from .formats.hub import resolve_model
 
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
                "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -71,19 +72,19 @@ def load_torch_model(location: Path, device, dtype: str | None, quantize: str | 
     (vision, lm_head) extend it to the vision encoder and the output projection."""
     import torch
 
-    from .model_torch import build_model
-    from .weights.safetensors import iter_safetensors
+    from .formats.safetensors import iter_safetensors
+    from .models.smolvlm_torch import build_model
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     options = quantize_options or {}
     if location.suffix == ".gguf" and quantize == "int4":
-        from .int4_linear import load_gguf_int4
-        from .weights.gguf import load_gguf_tokenizer
+        from .formats.gguf import load_gguf_tokenizer
+        from .models.int4_linear import load_gguf_int4
         model = load_gguf_int4(location, device, dtype, **options)
         return model, {"eos_token_id": list(model.config.eos_token_ids)}, load_gguf_tokenizer(location)
     if location.suffix == ".gguf":
-        from .weights.gguf import load_gguf
+        from .formats.gguf import load_gguf
         checkpoint = load_gguf(location)
         config = ModelConfig.from_dict(checkpoint.config, source=str(location))
         model = build_model(config, checkpoint.tensors.items(), str(location), device, dtype)
@@ -91,14 +92,14 @@ def load_torch_model(location: Path, device, dtype: str | None, quantize: str | 
     config = ModelConfig.from_file(location / "config.json")
     model = build_model(config, iter_safetensors(location), str(location), device, dtype)
     if quantize == "int4":
-        from .int4_linear import quantize_model
+        from .models.int4_linear import quantize_model
         quantize_model(model, **options)
     return model, _read_generation_config(location), None
 
 
 def load_numpy_model(location: Path, device, dtype: str | None, quantize: str | None):
     """(model, generation config, tokenizer or None) on the PyTorch-free backend (CPU, float32)."""
-    from .model_numpy import NumpyModel
+    from .models.smolvlm_numpy import NumpyModel
 
     if device not in (None, "cpu"):
         raise InputError(f"backend 'numpy' runs on the CPU only, not on device {device!r}")
@@ -106,7 +107,7 @@ def load_numpy_model(location: Path, device, dtype: str | None, quantize: str | 
         raise InputError(f"backend 'numpy' computes in float32, not {dtype} (weights in fp16/bf16 files load fine)")
     model = NumpyModel.from_checkpoint(location, quantize=quantize)
     if location.suffix == ".gguf":
-        from .weights.gguf import load_gguf_tokenizer
+        from .formats.gguf import load_gguf_tokenizer
         generation = {"eos_token_id": list(model.config.eos_token_ids)}
         return model, generation, load_gguf_tokenizer(location)
     return model, _read_generation_config(location), None
@@ -315,11 +316,11 @@ def _added_token_id(model_dir: Path, token: str) -> int | None:
 class AutoTokenizer:
     @staticmethod
     def from_pretrained(pretrained_model_name_or_path=None, *, gguf_file=None, **_ignored):
-        from .tokenizer import Tokenizer
+        from .inputs.tokenizer import Tokenizer
 
         location = checkpoint_location(pretrained_model_name_or_path, gguf_file)
         if location.suffix == ".gguf":
-            from .weights.gguf import load_gguf_tokenizer
+            from .formats.gguf import load_gguf_tokenizer
             return load_gguf_tokenizer(location)
         return Tokenizer.from_pretrained(location)
 
@@ -329,7 +330,7 @@ class AutoProcessor:
 
     @staticmethod
     def from_pretrained(pretrained_model_name_or_path=None, *, gguf_file=None, **kwargs):
-        from .processor import Processor
+        from .inputs.processor import Processor
 
         location = checkpoint_location(pretrained_model_name_or_path, gguf_file)
         if location.is_dir() and any((location / f).exists() for f in ("processor_config.json", "preprocessor_config.json")):

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_caption_command(commands) -> None:
-    from .caption import DEFAULT_MODEL, DEFAULT_PROMPT, DEFAULT_TAGS_PROMPT
+    from .serving.caption import DEFAULT_MODEL, DEFAULT_PROMPT, DEFAULT_TAGS_PROMPT
 
     cap = commands.add_parser("caption", help="caption every image in a folder into a JSON Lines file (resumable)")
     cap.add_argument("dir", help="the folder (searched recursively for jpg, png, webp, gif, bmp and tiff files)")
@@ -64,7 +64,7 @@ def add_caption_command(commands) -> None:
 
 
 def run_caption(args) -> int:
-    from .caption import run
+    from .serving.caption import run
     return run(args)
 
 
@@ -106,7 +106,7 @@ SERVE_LIMITS = [  # flag, server.Limits field, type, help (the defaults are Limi
 
 def run_serve(args) -> int:
     try:
-        from .server import Limits, serve
+        from .serving.server.app import Limits, serve
     except ImportError as e:
         raise SmolVLMError(f"the server needs its extra: pip install 'smolvlm_fast[server]' ({e})") from None
     limits = Limits(**{field: getattr(args, field) for _, field, _, _ in SERVE_LIMITS
@@ -121,7 +121,7 @@ class TimedStreamer:
     """Prints text as it arrives and notes when each token came."""
 
     def __init__(self, tokenizer):
-        from .streaming import IncrementalDecoder
+        from .inputs.streaming import IncrementalDecoder
         self.decoder = IncrementalDecoder(tokenizer)
         self.start = time.perf_counter()
         self.token_times: list[float] = []

@@ -41,11 +41,11 @@ def _cuda_version(code: int) -> str:
 
 def _extensions() -> tuple[list[str], object]:
     lines = []
-    try:
-        from . import _cpu
+    from .cpu.native import _cpu, import_error
+    if _cpu is not None:
         lines.append(f"smolvlm_fast._cpu     built (simd: {getattr(_cpu, 'simd', '?')})")
-    except ImportError as exc:  # not built, or built for another CPU (its message says which)
-        why = str(exc) if "built for" in str(exc) else "the NumPy fallback runs"
+    else:  # not built, or built for another CPU (its message says which)
+        why = import_error if "built for" in (import_error or "") else "the NumPy fallback runs"
         lines.append(f"smolvlm_fast._cpu     not usable ({why})")
     try:
         from . import _C

@@ -221,7 +221,7 @@ def quantize_decoder(hf_model) -> None:
     """Every nn.Linear inside the decoder layers -> Int4Linear (K a multiple of 32; other layers stay float)."""
     from torch import nn
 
-    from .int4_linear import Int4Linear
+    from .models.int4_linear import Int4Linear
 
     for layer in [m for m in hf_model.modules() if type(m).__name__ in DECODER_LAYERS]:
         for name, module in list(layer.named_modules()):

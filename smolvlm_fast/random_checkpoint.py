@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError, InputError
-from .weights.layout import tensor_shapes
+from .formats.layout import tensor_shapes
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>"]  # ids 256..259
 # The released SmolVLM chat template: one <image> per image block of a message.

@@ -13,6 +13,6 @@ import pytest
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from smolvlm_fast.weights.hub import default_model_path
+    from smolvlm_fast.formats.hub import default_model_path
 
     return default_model_path()

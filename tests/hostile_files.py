@@ -275,8 +275,8 @@ MISSED_BY_CHECKS = ("GGUFReader failed on a checked header", "the safetensors li
 
 def read_gguf_everything(path) -> None:
     """Every consumer of a GGUF file: the float32 loader with its tokenizer, and the int4-keeping NumPy loader."""
-    from smolvlm_fast.model_numpy import load_gguf_weights
-    from smolvlm_fast.weights.gguf import load_gguf
+    from smolvlm_fast.cpu.weights import load_gguf_weights
+    from smolvlm_fast.formats.gguf import load_gguf
 
     load_gguf(path)
     load_gguf_weights(path)
@@ -284,8 +284,8 @@ def read_gguf_everything(path) -> None:
 
 def read_safetensors_everything(path, torch_path: bool = True) -> None:
     """The NumPy reader, and the torch path (our header check, then the safetensors library)."""
-    from smolvlm_fast.weights.safetensors import iter_safetensors_file
-    from smolvlm_fast.weights.safetensors_numpy import read_safetensors
+    from smolvlm_fast.formats.safetensors import iter_safetensors_file
+    from smolvlm_fast.formats.safetensors import read_safetensors
 
     read_safetensors(path)
     if torch_path:

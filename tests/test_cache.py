@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 
-from smolvlm_fast.cache import (BlockAllocator, CacheFull, FeatureCache, PagedCache, block_digest, schedule_step,
-                                step_metadata)
+from smolvlm_fast.engine.cache import BlockAllocator, CacheFull, FeatureCache, PagedCache, block_digest, schedule_step, step_metadata
 
 
 def test_slots_follow_the_block_table():

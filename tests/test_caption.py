@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from smolvlm_fast import InputError, SamplingParams
-from smolvlm_fast.caption import Captioner, caption_folder, errors_path, find_images, parse_tags, read_done
+from smolvlm_fast.serving.caption import Captioner, caption_folder, errors_path, find_images, parse_tags, read_done
 from smolvlm_fast.cli import main
-from smolvlm_fast.llm import LLM
+from smolvlm_fast.serving.llm import LLM
 
 MAX_NEW_TOKENS = 5
 GOOD = ["beach.jpg", "cats/ginger.PNG", "cats/kittens/small.webp", "moving.gif", "old/scan.bmp",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smolvlm_fast.ops import numpy_ops
+from smolvlm_fast.cpu import ops as numpy_ops
 
 cpu = pytest.importorskip("smolvlm_fast._cpu", reason="the C++ extension is not built (pip install -e .)")
 

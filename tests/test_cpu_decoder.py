@@ -1,12 +1,13 @@
-"""The fused C++ decoder step (smolvlm_fast.cpu_decoder, csrc/cpu/decoder_step.cpp) against the NumPy model's own
+"""The fused C++ decoder step (smolvlm_fast.cpu.decoder, csrc/cpu/decoder_step.cpp) against the NumPy model's own
 free-function decoder: same weights, same cache, same metadata; prefill (whole, in chunks, after a cached prefix,
 mixed with decoding sequences, with image features) and decode; float32, int4, Q8_0 and the real GGUF's mix."""
 import numpy as np
 import pytest
 
-from smolvlm_fast import cpu_decoder
-from smolvlm_fast.cache import PagedCache, schedule_step
-from smolvlm_fast.model_numpy import NumpyModel, row_slice
+from smolvlm_fast.cpu import decoder as cpu_decoder
+from smolvlm_fast.engine.cache import PagedCache, schedule_step
+from smolvlm_fast.models.smolvlm_numpy import NumpyModel
+from smolvlm_fast.cpu.weights import row_slice
 
 pytestmark = pytest.mark.skipif(not cpu_decoder.available(), reason="smolvlm_fast._cpu has no fused decode step")
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smolvlm_fast import quant
+from smolvlm_fast.cpu import linear as cpu_linear
 
-_cpu = quant._cpu
+from smolvlm_fast.formats import int4 as int4_format
+
+_cpu = cpu_linear._cpu
 RNG = np.random.default_rng()
 
 
 def has_int8_path() -> bool:
     if _cpu is None:
         return False
-    w = quant.quantize_int4(RNG.standard_normal((4, 32)).astype(np.float32), 32)
+    w = int4_format.quantize_int4(RNG.standard_normal((4, 32)).astype(np.float32), 32)
     return bool(_cpu.int4_gemm(np.ones((1, 32), np.float32), w.qweight, w.scales, w.mins, 32,
                                np.empty((1, 4), np.float32), True))
 
@@ -22,7 +24,7 @@ def has_int8_path() -> bool:
 pytestmark = pytest.mark.skipif(not has_int8_path(), reason="no C++ int4 x int8 kernel (needs AVX512-VNNI)")
 
 
-def int8_reference(x: np.ndarray, w: quant.Int4Weight) -> np.ndarray:
+def int8_reference(x: np.ndarray, w: int4_format.Int4Weight) -> np.ndarray:
     """x [M, K] rounded as the kernel rounds it (per 32-block: q = rint(x * (127 / max|x|)), s = max|x| / 127),
     then exactly x_rounded @ dequantize(w).T in float64."""
     M, K = x.shape
@@ -32,7 +34,7 @@ def int8_reference(x: np.ndarray, w: quant.Int4Weight) -> np.ndarray:
     q = np.rint(blocks * inv)  # float32 products, rounded half to even as the kernel's cvtps2dq
     s = (amax / np.float32(127)).astype(np.float32)
     x_rounded = (q.astype(np.float64) * s).reshape(M, K)
-    return x_rounded @ quant.dequantize(w).astype(np.float64).T
+    return x_rounded @ int4_format.dequantize(w).astype(np.float64).T
 
 
 @pytest.mark.parametrize("N,K,group_size,symmetric", [
@@ -41,7 +43,7 @@ def int8_reference(x: np.ndarray, w: quant.Int4Weight) -> np.ndarray:
 ])
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 9])
 def test_int4_int8_matches_its_arithmetic(N, K, group_size, symmetric, M):
-    w = quant.quantize_int4(RNG.standard_normal((N, K)).astype(np.float32), group_size, symmetric)
+    w = int4_format.quantize_int4(RNG.standard_normal((N, K)).astype(np.float32), group_size, symmetric)
     x = RNG.standard_normal((M, K)).astype(np.float32) * RNG.uniform(0.1, 10, (M, 1)).astype(np.float32)
     x[0, :32] = 0  # an all-zero block: scale 0, no division by zero
     out = np.full((M, N), np.nan, np.float32)
@@ -50,7 +52,7 @@ def test_int4_int8_matches_its_arithmetic(N, K, group_size, symmetric, M):
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-5 * np.abs(expect).max())
     # and it is a different result from the float32 product, close to it
-    dense = quant.dequantize(w)
+    dense = int4_format.dequantize(w)
     exact = x @ dense.T
     assert not np.array_equal(out, exact)
     # the rounding error is relative to the size of the terms summed, not to the sum: a few outputs (N = 5) may
@@ -59,9 +61,9 @@ def test_int4_int8_matches_its_arithmetic(N, K, group_size, symmetric, M):
 
 
 def test_fused_with_int8_activations_stays_close(tiny_llama):
-    from smolvlm_fast import cpu_decoder
+    from smolvlm_fast.cpu import decoder as cpu_decoder
     from tests.test_cpu_decoder import run_steps
-    from smolvlm_fast.model_numpy import NumpyModel
+    from smolvlm_fast.models.smolvlm_numpy import NumpyModel
 
     if not cpu_decoder.available():
         pytest.skip("no fused decode step")

@@ -13,7 +13,9 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize as gguf_quantize
 
-from smolvlm_fast import quant
+from smolvlm_fast.cpu import linear as cpu_linear
+
+from smolvlm_fast.formats import int4 as int4_format
 
 cpu = pytest.importorskip("smolvlm_fast._cpu", reason="the C++ extension is not built (pip install -e .)")
 
@@ -25,14 +27,14 @@ KINDS = ["asym32", "asym64", "asym128", "sym32", "sym64", "sym128", "q8"]
 def make_weight(kind: str, N: int, K: int):
     w = RNG.standard_normal((N, K), dtype=np.float32) * RNG.uniform(0.01, 0.1, (N, 1)).astype(np.float32)
     if kind == "q8":
-        return quant.q8_from_gguf(gguf_quantize(w, Q.Q8_0))
-    return quant.quantize_int4(w, group_size=int(kind.lstrip("asym")), symmetric=kind.startswith("sym"))
+        return int4_format.q8_from_gguf(gguf_quantize(w, Q.Q8_0))
+    return int4_format.quantize_int4(w, group_size=int(kind.lstrip("asym")), symmetric=kind.startswith("sym"))
 
 
 def kernel(x: np.ndarray, w) -> np.ndarray:
     """The fused kernel called directly, into a NaN-poisoned output."""
     out = np.full((x.shape[0], w.N), np.nan, np.float32)
-    if isinstance(w, quant.Int4Weight):
+    if isinstance(w, int4_format.Int4Weight):
         cpu.int4_gemm(x, w.qweight, w.scales, w.mins, w.group_size, out)
     else:
         cpu.q8_gemm(x, w.q, w.scales, out)
@@ -40,7 +42,7 @@ def kernel(x: np.ndarray, w) -> np.ndarray:
 
 
 def reference(x: np.ndarray, w) -> np.ndarray:
-    return x.astype(np.float64) @ quant.dequantize(w).astype(np.float64).T
+    return x.astype(np.float64) @ int4_format.dequantize(w).astype(np.float64).T
 
 
 def close(ours: np.ndarray, expect: np.ndarray, tol: float = 1e-5):
@@ -67,7 +69,7 @@ def test_gemm_matches_numpy(kind, M, N, K):
     expect = reference(x, w)
     close(kernel(x, w), expect)
     with np.errstate(all="ignore"):
-        numpy_fallback = np.asarray(x @ quant.dequantize(w).T)
+        numpy_fallback = np.asarray(x @ int4_format.dequantize(w).T)
     close(numpy_fallback, expect)
 
 
@@ -78,7 +80,7 @@ def test_linear_on_the_kernels(kind, M):
     w = make_weight(kind, 300, 576)
     x = RNG.standard_normal((M, 576), dtype=np.float32)
     bias = RNG.standard_normal(300, dtype=np.float32)
-    close(quant.linear(x, w, bias), reference(x, w) + bias)
+    close(cpu_linear.linear(x, w, bias), reference(x, w) + bias)
 
 
 @pytest.mark.parametrize("kind", ["asym32", "asym128", "sym32", "sym64"])
@@ -86,14 +88,14 @@ def test_int4_dequantize(kind):
     w = make_weight(kind, 50, 1536)
     out = np.full((50, 1536), np.nan, np.float32)
     cpu.int4_dequantize(w.qweight, w.scales, w.mins, w.group_size, out)
-    close(out, quant.dequantize_int4(w), 1e-6)  # d * q + m may round once (FMA) instead of twice
+    close(out, int4_format.dequantize_int4(w), 1e-6)  # d * q + m may round once (FMA) instead of twice
 
 
 def test_q8_dequantize():
     w = make_weight("q8", 50, 576)
     out = np.full((50, 576), np.nan, np.float32)
     cpu.q8_dequantize(w.q, w.scales, out)
-    np.testing.assert_array_equal(out, quant.dequantize_q8(w))
+    np.testing.assert_array_equal(out, int4_format.dequantize_q8(w))
 
 
 def test_odd_shapes():
@@ -237,7 +239,7 @@ def test_q8_and_dequantize_reject_bad_arguments():
 
 # ---------------------------------------------------------------- paged decode attention
 
-from smolvlm_fast.ops import numpy_ops  # noqa: E402
+from smolvlm_fast.cpu import ops as numpy_ops  # noqa: E402
 from tests.test_cpu_attention import paged_case as paged_attention_case  # noqa: E402
 
 

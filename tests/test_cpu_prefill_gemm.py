@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smolvlm_fast import quant
+from smolvlm_fast.cpu import linear as cpu_linear
+
 from tests.test_cpu_kernels import cases, close, kernel, make_weight, reference
 
-cpu = quant._cpu
+cpu = cpu_linear._cpu
 pytestmark = pytest.mark.skipif(cpu is None or not hasattr(cpu, "f32_gemm"), reason="C++ kernels not built")
 RNG = np.random.default_rng()
 

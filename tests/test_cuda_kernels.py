@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from smolvlm_fast import ops, quant
-from smolvlm_fast.int4_linear import Int4Tensors
+from smolvlm_fast import ops
+from smolvlm_fast.formats import int4 as int4_format
+from smolvlm_fast.models.int4_linear import Int4Tensors
 from smolvlm_fast.ops import cuda, reference
 
 from .test_kernel_cross_attention import make_inputs as cross_inputs
@@ -79,7 +80,7 @@ def test_wrappers_pass_the_kernels_checks(monkeypatch):
     bf16 = torch.bfloat16
     calls = []
     for symmetric in (False, True):
-        w = Int4Tensors.from_numpy(quant.quantize_int4(np.random.randn(40, 576).astype(np.float32), group_size=64,
+        w = Int4Tensors.from_numpy(int4_format.quantize_int4(np.random.randn(40, 576).astype(np.float32), group_size=64,
                                                        symmetric=symmetric))
         calls.append(lambda w=w: cuda.int4_gemm(torch.randn(3, 576, dtype=bf16), w, torch.randn(40, dtype=bf16)))
         calls.append(lambda w=w: cuda.int4_gemm(torch.randn(9, 576, dtype=torch.float16), w, split_k=4))
@@ -121,7 +122,7 @@ def test_cuda_is_the_default_on_cuda_tensors():
 def make_int4(M, N, K, group_size, symmetric, dtype, bias=True):
     w = RNG.standard_normal((N, K), dtype=np.float32) * RNG.uniform(0.01, 0.1, (N, 1)).astype(np.float32)
     w[RNG.random((N, K)) < 0.003] *= 15  # a few outliers, as real weights have
-    weight = Int4Tensors.from_numpy(quant.quantize_int4(w, group_size=group_size, symmetric=symmetric), "cuda")
+    weight = Int4Tensors.from_numpy(int4_format.quantize_int4(w, group_size=group_size, symmetric=symmetric), "cuda")
     x = torch.randn(M, K, device="cuda").to(dtype)
     b = torch.randn(N, device="cuda").to(dtype) if bias else None
     return x, weight, b

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smolvlm_fast import AutoModelForCausalLM, AutoModelForVision2Seq, CheckpointError, InputError, SamplingParams
-from smolvlm_fast.engine import Request, generate
+from smolvlm_fast.engine.sequence import Request
+from smolvlm_fast.engine.engine import generate
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from smolvlm_fast.errors import CheckpointError
-from smolvlm_fast.weights.gguf import BYTE_TO_CHAR, SUPPORTED_TYPES, load_gguf, load_gguf_tokenizer, open_gguf, raw_rows
+from smolvlm_fast.formats.gguf import BYTE_TO_CHAR, SUPPORTED_TYPES, load_gguf, load_gguf_tokenizer, open_gguf, raw_rows
 
 from tests.conftest_gguf import smollm2_gguf  # noqa: F401  (until tests/conftest.py imports it)
 

@@ -16,10 +16,10 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 
 from smolvlm_fast.errors import CheckpointError
-from smolvlm_fast.weights import hub
-from smolvlm_fast.weights.gguf import INT64_MAX, MAX_ARRAY_ELEMENTS
-from smolvlm_fast.weights.safetensors import iter_safetensors, iter_safetensors_file
-from smolvlm_fast.weights.safetensors_numpy import load_checkpoint_numpy, read_safetensors
+from smolvlm_fast.formats import hub
+from smolvlm_fast.formats.gguf import INT64_MAX, MAX_ARRAY_ELEMENTS
+from smolvlm_fast.formats.safetensors import iter_safetensors, iter_safetensors_file
+from smolvlm_fast.formats.safetensors import load_checkpoint_numpy, read_safetensors
 from tests.hostile_files import (MISSED_BY_CHECKS, gguf_fields, gguf_kvs, gguf_tensors,
                                  read_gguf_everything, safetensors_bytes, safetensors_parts)
 

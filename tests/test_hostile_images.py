@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import EpsImagePlugin, Image, ImageFile
 
-from smolvlm_fast import images
+from smolvlm_fast.inputs import images
 from smolvlm_fast.errors import InputError
-from smolvlm_fast.images import load_image
-from smolvlm_fast.llm import LLM
-from smolvlm_fast.processor import ImageConfig, Processor, image_to_frames, tile_multiple_size
+from smolvlm_fast.inputs.images import load_image
+from smolvlm_fast.serving.llm import LLM
+from smolvlm_fast.inputs.processor import ImageConfig, Processor, image_to_frames, tile_multiple_size
 from tests.hostile_images import EPS, LIMIT, NOT_ALLOWED, header_only_png, hostile_images, palette_transparent
 
 HOSTILE = hostile_images()
@@ -170,7 +170,7 @@ def test_palette_transparency(folder):
 def test_caption_command_skips_the_bad_and_captions_the_rest(tiny_idefics3, folder, tmp_path, capsys):
     import json
 
-    from smolvlm_fast.caption import errors_path
+    from smolvlm_fast.serving.caption import errors_path
     from smolvlm_fast.cli import main
 
     out = tmp_path / "captions.jsonl"
@@ -196,7 +196,7 @@ def client(tiny_idefics3):
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
 
-    from smolvlm_fast.server import create_app
+    from smolvlm_fast.serving.server.app import create_app
 
     llm = LLM(tiny_idefics3, backend="numpy", max_num_batched_tokens=256)
     with TestClient(create_app(llm, model_name="tiny")) as client:

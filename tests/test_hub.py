@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from smolvlm_fast.errors import CheckpointError
-from smolvlm_fast.weights import hub
+from smolvlm_fast.formats import hub
 
 FAKE_GGUF = b"GGUF stand-in for the SmolLM2 model"
 

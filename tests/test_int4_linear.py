@@ -18,8 +18,8 @@ from torch import nn
 from smolvlm_fast import AutoModelForCausalLM, AutoModelForVision2Seq, AutoProcessor, ops
 from smolvlm_fast.cli import main
 from smolvlm_fast.errors import InputError
-from smolvlm_fast.int4_linear import Int4Linear, Int4Tensors, quantize_model
-from smolvlm_fast.model_numpy import GATE_UP, QKV
+from smolvlm_fast.models.int4_linear import Int4Linear, Int4Tensors, quantize_model
+from smolvlm_fast.cpu.weights import GATE_UP, QKV
 from smolvlm_fast.ops import reference
 
 TORCH = {"backend": "torch", "device": "cpu", "dtype": "float32"}
@@ -96,8 +96,8 @@ def test_dtype_casts_leave_the_int4_weight_alone():
 
 
 def test_from_numpy_round_trip():
-    from smolvlm_fast import quant
-    w = quant.quantize_int4(np.random.default_rng(0).standard_normal((8, 96), dtype=np.float32), group_size=32)
+    from smolvlm_fast.formats import int4 as int4_format
+    w = int4_format.quantize_int4(np.random.default_rng(0).standard_normal((8, 96), dtype=np.float32), group_size=32)
     back = Int4Tensors.from_numpy(w).to_numpy()
     assert back.qweight.tobytes() == w.qweight.tobytes() and back.scales.tobytes() == w.scales.tobytes()
     assert back.mins.tobytes() == w.mins.tobytes() and (back.N, back.K, back.group_size) == (8, 96, 32)

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from smolvlm_fast import ops, quant
-from smolvlm_fast.int4_linear import Int4Tensors
+from smolvlm_fast import ops
+from smolvlm_fast.formats import int4 as int4_format
+from smolvlm_fast.models.int4_linear import Int4Tensors
 from smolvlm_fast.kernels.int4_gemm import choose_split_k, decode_block_k, int4_gemm
 from smolvlm_fast.ops import reference
 
@@ -32,7 +33,7 @@ def make_weight(N: int, K: int, group_size: int, symmetric: bool, device="cpu") 
     """Round-to-nearest int4 of normal weights whose rows differ in scale, with a few outliers."""
     w = RNG.standard_normal((N, K), dtype=np.float32) * RNG.uniform(0.01, 0.1, (N, 1)).astype(np.float32)
     w[RNG.random((N, K)) < 0.003] *= 15
-    return Int4Tensors.from_numpy(quant.quantize_int4(w, group_size=group_size, symmetric=symmetric), device)
+    return Int4Tensors.from_numpy(int4_format.quantize_int4(w, group_size=group_size, symmetric=symmetric), device)
 
 
 def make_inputs(M, N, K, group_size, symmetric, bias, device="cpu", dtype=torch.float32):
@@ -109,9 +110,9 @@ def test_through_ops_and_empty_input():
 
 def test_reference_dequantizes_like_numpy():
     for symmetric in (False, True):
-        q = quant.quantize_int4(RNG.standard_normal((24, 576), dtype=np.float32), group_size=64, symmetric=symmetric)
+        q = int4_format.quantize_int4(RNG.standard_normal((24, 576), dtype=np.float32), group_size=64, symmetric=symmetric)
         deq = reference.dequantize_int4(Int4Tensors.from_numpy(q))
-        np.testing.assert_array_equal(deq.numpy(), quant.dequantize_int4(q))
+        np.testing.assert_array_equal(deq.numpy(), int4_format.dequantize_int4(q))
 
 
 def test_bad_arguments():

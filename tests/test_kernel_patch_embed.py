@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from smolvlm_fast import ops
 from smolvlm_fast.kernels.patch_embed import dwsep_patch_embed, patch_embed
-from smolvlm_fast.model_torch import bucketed_position_ids
+from smolvlm_fast.models.smolvlm_torch import bucketed_position_ids
 from smolvlm_fast.ops import reference
 
 from .kernel_checks import assert_matches_fp32, poison_allocations, run_into_nan  # noqa: F401  (autouse)

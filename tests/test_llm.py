@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from smolvlm_fast import AutoModelForVision2Seq, AutoProcessor, InputError, SamplingParams
-from smolvlm_fast.engine import Request
-from smolvlm_fast.llm import LLM, RequestOutput
+from smolvlm_fast.engine.sequence import Request
+from smolvlm_fast.serving.llm import LLM, RequestOutput
 
 GREEDY = SamplingParams(max_new_tokens=6)
 

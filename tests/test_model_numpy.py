@@ -2,7 +2,6 @@
 in fp32 and 16 greedy tokens identical to transformers' generate for the parity cases; fp16/bf16 checkpoints loaded
 with our reader equal to torch's loading; GGUF int4/q8 weights kept quantized; sequences decoded together equal
 each alone. The rows of a batch are packed (their real tokens only) over the paged cache, as the engine does."""
-import json
 import subprocess
 import sys
 
@@ -10,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from smolvlm_fast.cache import PagedCache, schedule_step
+from smolvlm_fast.engine.cache import PagedCache, schedule_step
 from smolvlm_fast.errors import InputError
-from smolvlm_fast.model_numpy import DECODER_LINEARS, GATE_UP, QKV, NumpyModel
-from smolvlm_fast.processor import Processor
+from smolvlm_fast.cpu.weights import DECODER_LINEARS, GATE_UP, QKV
+from smolvlm_fast.models.smolvlm_numpy import NumpyModel
+from smolvlm_fast.inputs.processor import Processor
 
 from .fixtures import load_hf_processor
 from .test_model_parity import cases, prompts
@@ -132,8 +132,8 @@ def chunking(request, monkeypatch):
     """The forward in one piece, or with its MLP and attention split into chunks of a few tokens (as long prompts
     are done)."""
     if request.param == "chunked":
-        from smolvlm_fast import model_numpy
-        from smolvlm_fast.ops import numpy_ops
+        from smolvlm_fast.models import smolvlm_numpy as model_numpy
+        from smolvlm_fast.cpu import ops as numpy_ops
         monkeypatch.setattr(model_numpy, "MLP_ROWS", 5)
         monkeypatch.setattr(numpy_ops, "MAX_SCORES", 4 * 30)
 
@@ -192,8 +192,9 @@ NO_TORCH = r"""
 import sys
 sys.modules["torch"] = None  # `import torch` raises ImportError from here on
 import numpy as np
-from smolvlm_fast.cache import PagedCache, schedule_step
-from smolvlm_fast.model_numpy import DECODER_LINEARS, GATE_UP, QKV, NumpyModel
+from smolvlm_fast.engine.cache import PagedCache, schedule_step
+from smolvlm_fast.cpu.weights import DECODER_LINEARS, GATE_UP, QKV
+from smolvlm_fast.models.smolvlm_numpy import NumpyModel
 
 model = NumpyModel.from_checkpoint(sys.argv[1])
 cache = PagedCache(2, 16)
@@ -221,14 +222,15 @@ def test_gguf_weights_stay_quantized(tmp_path, qtype):
     weights dequantized to float32 (the torch path's GGUF loading)."""
     from gguf import GGMLQuantizationType as Q
 
-    from smolvlm_fast import quant
-    from smolvlm_fast.weights.gguf import load_gguf
+
+    from smolvlm_fast.formats import int4 as int4_format
+    from smolvlm_fast.formats.gguf import load_gguf
 
     from .test_gguf import write_gguf
     path = tmp_path / "tiny.gguf"
     write_gguf(path, getattr(Q, qtype))
     model = NumpyModel.from_checkpoint(path)
-    kind = {"Q4_0": quant.Int4Weight, "Q4_1": quant.Int4Weight, "Q8_0": quant.Q8Weight, "F16": np.ndarray}[qtype]
+    kind = {"Q4_0": int4_format.Int4Weight, "Q4_1": int4_format.Int4Weight, "Q8_0": int4_format.Q8Weight, "F16": np.ndarray}[qtype]
     assert isinstance(model.weights["model.layers.0.mlp.down_proj.weight"], kind)
     dense = NumpyModel(model.config, load_gguf(path).tensors)
     ids = np.random.default_rng(0).integers(0, model.config.text.vocab_size, 20)
@@ -242,12 +244,12 @@ def test_gguf_weights_stay_quantized(tmp_path, qtype):
 def test_quantize_int4_at_load(tiny_llama):
     """quantize="int4" makes every decoder linear an Int4Weight (group 64 here; lm_head stays float), and the model
     computes what the same int4 weights dequantized to float32 give."""
-    from smolvlm_fast import quant
+    from smolvlm_fast.formats import int4 as int4_format
     model = NumpyModel.from_checkpoint(tiny_llama, quantize="int4")
     names = [f"model.layers.{i}.{n}" for i in range(2) for n in DECODER_LINEARS + (QKV, GATE_UP)]
-    assert all(isinstance(model.weights[n], quant.Int4Weight) and model.weights[n].group_size == 64 for n in names)
+    assert all(isinstance(model.weights[n], int4_format.Int4Weight) and model.weights[n].group_size == 64 for n in names)
     assert isinstance(model.weights["lm_head.weight"], np.ndarray)
-    dense = NumpyModel(model.config, {name: quant.dequantize(w) for name, w in model.weights.items()})
+    dense = NumpyModel(model.config, {name: int4_format.dequantize(w) for name, w in model.weights.items()})
     ids = np.random.default_rng(0).integers(3, 300, 12)
     logits = []
     for m in (model, dense):

@@ -8,7 +8,7 @@ import json, sys
 sys.modules["torch"] = None
 import numpy as np
 from smolvlm_fast import AutoModelForCausalLM
-from smolvlm_fast.engine import Request, generate
+from smolvlm_fast.engine.engine import Request, generate
 from smolvlm_fast.config import SamplingParams
 
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], backend="numpy")

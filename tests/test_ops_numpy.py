@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from smolvlm_fast.cache import PagedCache, schedule_step
-from smolvlm_fast.ops import numpy_ops as npo
+from smolvlm_fast.engine.cache import PagedCache, schedule_step
+from smolvlm_fast.cpu import ops as npo
 from smolvlm_fast.ops import reference as ref
 
 RNG = np.random.default_rng()

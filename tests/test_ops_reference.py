@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from smolvlm_fast import ops
-from smolvlm_fast.cache import PagedCache, schedule_step
+from smolvlm_fast.engine.cache import PagedCache, schedule_step
 
 
 def dense_attention(q, k, v, mask):

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from smolvlm_fast import AutoModelForCausalLM, SamplingParams
-from smolvlm_fast.engine import Request, generate
+from smolvlm_fast.engine.sequence import Request
+from smolvlm_fast.engine.engine import generate
 
 
 @pytest.mark.parametrize("block_size", [4, 16])

@@ -8,7 +8,7 @@ from PIL import Image
 
 import smolvlm_fast
 from smolvlm_fast import InputError, ops
-from smolvlm_fast.int4_linear import Int4Linear
+from smolvlm_fast.models.int4_linear import Int4Linear
 from smolvlm_fast.patch import attention_forward
 
 from .fixtures import load_hf_processor

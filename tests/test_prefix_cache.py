@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from smolvlm_fast import SamplingParams
-from smolvlm_fast.llm import LLM
+from smolvlm_fast.serving.llm import LLM
 
 SYSTEM = ("You are a careful assistant. Look at the picture, name every object in it, say where each one is, "
           "and answer in two short sentences.")

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from smolvlm_fast.errors import InputError
-from smolvlm_fast.images import load_image
-from smolvlm_fast.processor import Processor
+from smolvlm_fast.inputs.images import load_image
+from smolvlm_fast.inputs.processor import Processor
 from tests.fixtures import IMAGE_SEQ_LEN, load_hf_processor
 
 MODEL_TYPES = ["idefics3", "smolvlm"]
@@ -349,6 +349,6 @@ def test_bad_image_inputs(image, message):
 
 def test_package_imports_without_transformers_or_torch():
     code = ("import sys, smolvlm_fast; before = 'torch' in sys.modules; "
-            "import smolvlm_fast.tokenizer, smolvlm_fast.processor, smolvlm_fast.images; "
+            "import smolvlm_fast.inputs.tokenizer, smolvlm_fast.inputs.processor, smolvlm_fast.inputs.images; "
             "assert 'transformers' not in sys.modules; assert before or 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""The int4 format (smolvlm_fast/quant.py): packing, round-to-nearest error bounds, lossless GGUF Q4_0 / Q4_1 /
+"""The int4 format (smolvlm_fast/formats/int4.py): packing, round-to-nearest error bounds, lossless GGUF Q4_0 / Q4_1 /
 Q8_0 conversion against gguf.quants, embedding rows, and `linear` on its NumPy fallback against float products.
 The C++ kernels have their own tests (test_cpu_kernels.py)."""
 from __future__ import annotations
@@ -12,8 +12,10 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from smolvlm_fast import quant
-from smolvlm_fast.quant import Int4Weight, Q8Weight
+from smolvlm_fast.cpu import linear as cpu_linear
+
+from smolvlm_fast.formats import int4 as int4_format
+from smolvlm_fast.formats.int4 import Int4Weight, Q8Weight
 
 RNG = np.random.default_rng()
 
@@ -28,11 +30,11 @@ def weights(n: int, k: int) -> np.ndarray:
 @pytest.fixture
 def numpy_only(monkeypatch):
     """linear() as it runs where the C++ extension is not built."""
-    monkeypatch.setattr(quant, "_cpu", None)
+    monkeypatch.setattr(cpu_linear, "_cpu", None)
 
 
 def test_module_never_imports_torch():
-    tree = ast.parse(Path(quant.__file__).read_text())
+    tree = ast.parse(Path(int4_format.__file__).read_text())
     imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
     imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert "torch" not in imported
@@ -40,13 +42,13 @@ def test_module_never_imports_torch():
 
 def test_pack_layout_is_ggufs():
     q = RNG.integers(0, 16, (3, 64), dtype=np.uint8)
-    packed = quant.pack_int4(q)
+    packed = int4_format.pack_int4(q)
     assert packed.shape == (3, 32) and packed.dtype == np.uint8
     for b in range(2):  # byte j of block b: element 32b + j low, 32b + j + 16 high
         block = packed[:, 16 * b:16 * (b + 1)]
         np.testing.assert_array_equal(block & 0x0F, q[:, 32 * b:32 * b + 16])
         np.testing.assert_array_equal(block >> 4, q[:, 32 * b + 16:32 * (b + 1)])
-    np.testing.assert_array_equal(quant.unpack_int4(packed), q)
+    np.testing.assert_array_equal(int4_format.unpack_int4(packed), q)
 
 
 @pytest.mark.parametrize("K", [576, 1536])
@@ -57,13 +59,13 @@ def test_round_trip_within_half_a_step(K, group_size, symmetric):
         pytest.skip("covered by test_group_size_must_divide_k")
     N = 48
     w = weights(N, K)
-    q = quant.quantize_int4(w, group_size=group_size, symmetric=symmetric)
+    q = int4_format.quantize_int4(w, group_size=group_size, symmetric=symmetric)
     G = K // group_size
     assert (q.N, q.K, q.group_size, q.symmetric) == (N, K, group_size, symmetric)
     assert q.qweight.shape == (N, K // 2) and q.qweight.dtype == np.uint8
     assert q.scales.shape == (N, G) and q.scales.dtype == np.float16
     assert (q.mins is None) if symmetric else (q.mins.shape == (N, G) and q.mins.dtype == np.float16)
-    deq = quant.dequantize_int4(q)
+    deq = int4_format.dequantize_int4(q)
     assert deq.dtype == np.float32 and deq.shape == (N, K)
     step = np.repeat(np.abs(q.scales.astype(np.float32)), group_size, axis=1)
     err = np.abs(w - deq)
@@ -72,19 +74,19 @@ def test_round_trip_within_half_a_step(K, group_size, symmetric):
     assert (err / step).mean() < 0.3
 
 
-@pytest.mark.parametrize("group_size", quant.GROUP_SIZES)
+@pytest.mark.parametrize("group_size", int4_format.GROUP_SIZES)
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 def test_each_element_gets_its_nearest_level(group_size, symmetric):
     """Round to nearest: given the group's scale (and min), no other of the 16 levels is closer to the weight."""
     N, K = 16, 384
     w = weights(N, K)
-    q = quant.quantize_int4(w, group_size=group_size, symmetric=symmetric)
+    q = int4_format.quantize_int4(w, group_size=group_size, symmetric=symmetric)
     d = q.scales.astype(np.float32)[:, :, None, None]  # [N, groups, 1, 1]
     base = -8 * d if symmetric else q.mins.astype(np.float32)[:, :, None, None]
     levels = d * np.arange(16, dtype=np.float32) + base  # [N, groups, 1, 16]
     g = w.reshape(N, K // group_size, group_size, 1)
     closest = np.abs(g - levels).min(axis=-1).reshape(N, K)
-    err = np.abs(w - quant.dequantize_int4(q))
+    err = np.abs(w - int4_format.dequantize_int4(q))
     assert (err <= closest + 1e-6 * np.abs(w)).all()
 
 
@@ -92,24 +94,24 @@ def test_constant_and_zero_groups():
     w = np.zeros((2, 64), np.float32)
     w[1] = 0.37
     for symmetric in (False, True):
-        deq = quant.dequantize_int4(quant.quantize_int4(w, group_size=32, symmetric=symmetric))
+        deq = int4_format.dequantize_int4(int4_format.quantize_int4(w, group_size=32, symmetric=symmetric))
         np.testing.assert_allclose(deq, w, atol=1e-3)
         assert np.isfinite(deq).all()
 
 
 def test_group_size_must_divide_k():
     with pytest.raises(ValueError, match="576 is not a positive multiple of group_size 128"):
-        quant.quantize_int4(weights(4, 576), group_size=128)
+        int4_format.quantize_int4(weights(4, 576), group_size=128)
     with pytest.raises(ValueError, match="group_size must be one of"):
-        quant.quantize_int4(weights(4, 576), group_size=48)
+        int4_format.quantize_int4(weights(4, 576), group_size=48)
     with pytest.raises(ValueError, match="not finite"):
-        quant.quantize_int4(np.full((2, 64), np.nan, np.float32))
+        int4_format.quantize_int4(np.full((2, 64), np.nan, np.float32))
     with pytest.raises(ValueError, match="2-D float"):
-        quant.quantize_int4(np.ones(64, np.float32))
+        int4_format.quantize_int4(np.ones(64, np.float32))
 
 
 def test_weight_classes_check_their_arrays():
-    q = quant.quantize_int4(weights(8, 64), group_size=32)
+    q = int4_format.quantize_int4(weights(8, 64), group_size=32)
     with pytest.raises(ValueError, match="scales must be a C-contiguous float16"):
         Int4Weight(8, 64, 32, False, q.qweight, q.scales.astype(np.float32), q.mins)
     with pytest.raises(ValueError, match="qweight"):
@@ -128,11 +130,11 @@ def test_weight_classes_check_their_arrays():
 @pytest.mark.parametrize("K", [576, 1536])
 def test_int4_from_gguf_is_lossless(qtype, K):
     raw = gguf_quantize(weights(40, K), qtype)  # uint8 [N, K / 32 * bytes per block]
-    w = quant.int4_from_gguf(raw, qtype)
+    w = int4_format.int4_from_gguf(raw, qtype)
     assert (w.N, w.K, w.group_size, w.symmetric) == (40, K, 32, qtype == Q.Q4_0)
-    np.testing.assert_array_equal(quant.dequantize_int4(w), gguf_dequantize(raw, qtype))
-    assert quant.int4_from_gguf(raw, int(qtype)).qweight.tobytes() == w.qweight.tobytes()
-    assert quant.from_gguf(raw, qtype.name).scales.tobytes() == w.scales.tobytes()
+    np.testing.assert_array_equal(int4_format.dequantize_int4(w), gguf_dequantize(raw, qtype))
+    assert int4_format.int4_from_gguf(raw, int(qtype)).qweight.tobytes() == w.qweight.tobytes()
+    assert int4_format.from_gguf(raw, qtype.name).scales.tobytes() == w.scales.tobytes()
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
@@ -145,44 +147,44 @@ def test_int4_from_gguf_random_blocks(qtype):
     if qtype == Q.Q4_1:
         blocks[:, :, 2:4] = (RNG.standard_normal((N, nb)) * 0.3).astype(np.float16).view(np.uint8).reshape(N, nb, 2)
     raw = blocks.reshape(N, nb * size)
-    w = quant.int4_from_gguf(raw, qtype)
-    np.testing.assert_array_equal(quant.dequantize_int4(w), gguf_dequantize(raw, qtype))
+    w = int4_format.int4_from_gguf(raw, qtype)
+    np.testing.assert_array_equal(int4_format.dequantize_int4(w), gguf_dequantize(raw, qtype))
 
 
 def test_q8_from_gguf_is_lossless():
     raw = gguf_quantize(weights(40, 576), Q.Q8_0)
-    w = quant.q8_from_gguf(raw)
+    w = int4_format.q8_from_gguf(raw)
     assert w.q.dtype == np.int8 and w.q.shape == (40, 576) and w.scales.shape == (40, 18)
     expect = gguf_dequantize(raw, Q.Q8_0)
-    np.testing.assert_array_equal(quant.dequantize_q8(w), expect)
-    assert isinstance(quant.from_gguf(raw, Q.Q8_0), Q8Weight)
+    np.testing.assert_array_equal(int4_format.dequantize_q8(w), expect)
+    assert isinstance(int4_format.from_gguf(raw, Q.Q8_0), Q8Weight)
     ids = np.array([3, 0, 39, 3])
-    np.testing.assert_array_equal(quant.embedding_rows(w, ids), expect[ids])
+    np.testing.assert_array_equal(int4_format.embedding_rows(w, ids), expect[ids])
 
 
 def test_gguf_bad_input():
     raw = gguf_quantize(weights(4, 64), Q.Q4_1)
     with pytest.raises(ValueError, match=r"uint8 \[N, K / 32 \* 20\]"):
-        quant.int4_from_gguf(raw[:, :30], Q.Q4_1)
+        int4_format.int4_from_gguf(raw[:, :30], Q.Q4_1)
     with pytest.raises(ValueError, match="uint8"):
-        quant.int4_from_gguf(raw.astype(np.int16), Q.Q4_1)
+        int4_format.int4_from_gguf(raw.astype(np.int16), Q.Q4_1)
     with pytest.raises(ValueError, match="not Q4_0 or Q4_1"):
-        quant.int4_from_gguf(gguf_quantize(weights(4, 64), Q.Q8_0), Q.Q8_0)
+        int4_format.int4_from_gguf(gguf_quantize(weights(4, 64), Q.Q8_0), Q.Q8_0)
     with pytest.raises(ValueError, match="unsupported GGML type"):
-        quant.from_gguf(raw, "Q5_0")
+        int4_format.from_gguf(raw, "Q5_0")
 
 
 def test_embedding_rows():
     w = weights(50, 128)
     ids = RNG.integers(0, 50, 7)
-    q4 = quant.quantize_int4(w, group_size=64)
-    np.testing.assert_array_equal(quant.embedding_rows(q4, ids), quant.dequantize_int4(q4)[ids])
-    np.testing.assert_array_equal(quant.embedding_rows(w, ids), w[ids])
-    assert quant.embedding_rows(q4, np.array([], np.int64)).shape == (0, 128)
+    q4 = int4_format.quantize_int4(w, group_size=64)
+    np.testing.assert_array_equal(int4_format.embedding_rows(q4, ids), int4_format.dequantize_int4(q4)[ids])
+    np.testing.assert_array_equal(int4_format.embedding_rows(w, ids), w[ids])
+    assert int4_format.embedding_rows(q4, np.array([], np.int64)).shape == (0, 128)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\)"):
-        quant.embedding_rows(q4, np.array([1, 50]))
+        int4_format.embedding_rows(q4, np.array([1, 50]))
     with pytest.raises(ValueError, match="1-D integer"):
-        quant.embedding_rows(q4, np.array([[1]]))
+        int4_format.embedding_rows(q4, np.array([[1]]))
 
 
 # ---------------------------------------------------------------- linear, NumPy fallback
@@ -190,20 +192,20 @@ def test_embedding_rows():
 def quantized(kind: str, N: int, K: int):
     w = weights(N, K)
     if kind == "q8":
-        return quant.q8_from_gguf(gguf_quantize(w, Q.Q8_0))
-    return quant.quantize_int4(w, group_size=int(kind.lstrip("asym")), symmetric=kind.startswith("sym"))
+        return int4_format.q8_from_gguf(gguf_quantize(w, Q.Q8_0))
+    return int4_format.quantize_int4(w, group_size=int(kind.lstrip("asym")), symmetric=kind.startswith("sym"))
 
 
 @pytest.mark.parametrize("kind", ["asym32", "asym64", "sym32", "sym128", "q8"])
 @pytest.mark.parametrize("M", [1, 5, 40])
 def test_linear_numpy_fallback(numpy_only, kind, M, monkeypatch):
-    monkeypatch.setattr(quant, "_CHUNK_ELEMENTS", 3000)  # several chunks of rows, the last one short
+    monkeypatch.setattr(cpu_linear, "_CHUNK_ELEMENTS", 3000)  # several chunks of rows, the last one short
     N, K = 200, 1536 if kind == "sym128" else 576
     w = quantized(kind, N, K)
     x = RNG.standard_normal((M, K), dtype=np.float32)
     bias = RNG.standard_normal(N, dtype=np.float32)
-    ref = x.astype(np.float64) @ quant.dequantize(w).astype(np.float64).T + bias
-    y = quant.linear(x, w, bias)
+    ref = x.astype(np.float64) @ int4_format.dequantize(w).astype(np.float64).T + bias
+    y = cpu_linear.linear(x, w, bias)
     assert y.dtype == np.float32 and y.shape == (M, N)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
@@ -211,15 +213,15 @@ def test_linear_numpy_fallback(numpy_only, kind, M, monkeypatch):
 def test_linear_shapes_and_float_weights(numpy_only):
     w = weights(24, 64)
     x = RNG.standard_normal((2, 3, 64), dtype=np.float32)
-    np.testing.assert_allclose(quant.linear(x, w), x @ w.T, rtol=1e-6, atol=1e-6)
-    q = quant.quantize_int4(w, group_size=32)
-    y = quant.linear(x, q)
+    np.testing.assert_allclose(cpu_linear.linear(x, w), x @ w.T, rtol=1e-6, atol=1e-6)
+    q = int4_format.quantize_int4(w, group_size=32)
+    y = cpu_linear.linear(x, q)
     assert y.shape == (2, 3, 24)
-    np.testing.assert_allclose(y, x @ quant.dequantize_int4(q).T, rtol=1e-5, atol=1e-6)
-    assert quant.linear(x[0, 0], q).shape == (24,)
-    assert quant.linear(np.zeros((0, 64), np.float32), q).shape == (0, 24)
-    np.testing.assert_allclose(quant.linear(x[:, :, ::-1].copy()[:, :, ::-1], q), y, rtol=1e-6)  # strided input
+    np.testing.assert_allclose(y, x @ int4_format.dequantize_int4(q).T, rtol=1e-5, atol=1e-6)
+    assert cpu_linear.linear(x[0, 0], q).shape == (24,)
+    assert cpu_linear.linear(np.zeros((0, 64), np.float32), q).shape == (0, 24)
+    np.testing.assert_allclose(cpu_linear.linear(x[:, :, ::-1].copy()[:, :, ::-1], q), y, rtol=1e-6)  # strided input
     with pytest.raises(ValueError, match=r"expects \[\.\.\., 64\]"):
-        quant.linear(np.ones((2, 32), np.float32), q)
+        cpu_linear.linear(np.ones((2, 32), np.float32), q)
     with pytest.raises(ValueError, match="bias"):
-        quant.linear(x, q, np.ones(5, np.float32))
+        cpu_linear.linear(x, q, np.ones(5, np.float32))

@@ -12,7 +12,7 @@ from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
 from smolvlm_fast.errors import CheckpointError
-from smolvlm_fast.weights.safetensors_numpy import load_checkpoint_numpy, read_safetensors
+from smolvlm_fast.formats.safetensors import load_checkpoint_numpy, read_safetensors
 
 RNG = np.random.default_rng(0)
 

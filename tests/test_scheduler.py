@@ -6,10 +6,10 @@ import pytest
 from PIL import Image
 
 from smolvlm_fast import InputError, SamplingParams
-from smolvlm_fast.cache import PagedCache
-from smolvlm_fast.engine import ImageInput, ImageSpan, Request, Sequence
-from smolvlm_fast.llm import LLM
-from smolvlm_fast.scheduler import Scheduler, SchedulerConfig
+from smolvlm_fast.engine.cache import PagedCache
+from smolvlm_fast.engine.sequence import ImageInput, ImageSpan, Request, Sequence
+from smolvlm_fast.serving.llm import LLM
+from smolvlm_fast.engine.scheduler import Scheduler, SchedulerConfig
 
 # ---------------------------------------------------------------- the policy, without a model
 

@@ -22,8 +22,8 @@ openai = pytest.importorskip("openai")
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
 from smolvlm_fast import SamplingParams  # noqa: E402
-from smolvlm_fast.llm import LLM  # noqa: E402
-from smolvlm_fast.server import ApiError, Limits, create_app, fetch_remote  # noqa: E402
+from smolvlm_fast.serving.llm import LLM  # noqa: E402
+from smolvlm_fast.serving.server.app import ApiError, Limits, create_app, fetch_remote  # noqa: E402
 from tests.server_harness import running  # noqa: E402
 
 MODEL = "tiny-smolvlm"
@@ -254,7 +254,7 @@ def test_remote_images_are_never_fetched_from_private_addresses():
 
 
 def test_allowed_image_domains_match_the_hosts_and_their_subdomains_only():
-    from smolvlm_fast.server import domain_allowed
+    from smolvlm_fast.serving.server.app import domain_allowed
 
     allowed = ("example.com", "cdn.example.org")
     for host in ("example.com", "img.Example.COM", "example.com.", "a.b.cdn.example.org"):
@@ -268,7 +268,7 @@ def test_a_remote_image_is_fetched_within_the_limits(tmp_path, monkeypatch):
     import functools
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    from smolvlm_fast import server as server_module
+    from smolvlm_fast.serving.server import app as server_module
 
     image = png(picture(5))
     (tmp_path / "cat.png").write_bytes(image)
@@ -316,7 +316,8 @@ def test_a_text_model_on_the_torch_backend(tiny_llama):
 
 
 def test_the_serve_command_passes_its_flags(monkeypatch, tmp_path):
-    from smolvlm_fast import cli, server as server_module
+    from smolvlm_fast import cli
+    from smolvlm_fast.serving.server import app as server_module
 
     seen = {}
     monkeypatch.setattr(server_module, "serve", lambda model, **kwargs: seen.update(model=model, **kwargs))

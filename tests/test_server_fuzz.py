@@ -22,8 +22,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from smolvlm_fast import SamplingParams  # noqa: E402
 from smolvlm_fast.errors import InputError  # noqa: E402
-from smolvlm_fast.llm import LLM  # noqa: E402
-from smolvlm_fast.server import MAX_STOP_CHARS, MAX_STOP_STRINGS, Limits, create_app  # noqa: E402
+from smolvlm_fast.serving.llm import LLM  # noqa: E402
+from smolvlm_fast.serving.server.app import MAX_STOP_CHARS, MAX_STOP_STRINGS, Limits, create_app  # noqa: E402
 from tests.server_harness import data_url, png, running, wait_until_idle  # noqa: E402
 
 MODEL = "tiny-smolvlm"

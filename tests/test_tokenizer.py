@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from smolvlm_fast.errors import CheckpointError, InputError
-from smolvlm_fast.tokenizer import Tokenizer
+from smolvlm_fast.inputs.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello world!",

@@ -2,7 +2,6 @@
 `pytest -m gpu`) gives the tokens and logits of the reference ops."""
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from smolvlm_fast import AutoModelForVision2Seq, AutoProcessor, ops

@@ -13,9 +13,10 @@ from PIL import Image
 
 from smolvlm_fast import CheckpointError, InputError, LLM, ModelConfig, SamplingParams, init_random, ops
 from smolvlm_fast.auto import load_torch_model
-from smolvlm_fast.cache import PagedCache
-from smolvlm_fast.engine import Request, generate, prefill
-from smolvlm_fast.processor import Processor
+from smolvlm_fast.engine.cache import PagedCache
+from smolvlm_fast.engine.sequence import Request
+from smolvlm_fast.engine.engine import generate, prefill
+from smolvlm_fast.inputs.processor import Processor
 
 
 def xattn_config(arch="phi", stem="dwsep", groups=1, rotary=0.5, cross=(0, 1), tie=False) -> dict:
@@ -214,7 +215,7 @@ def test_server_answers_with_an_image(phi_checkpoint):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from smolvlm_fast.server import create_app
+    from smolvlm_fast.serving.server.app import create_app
 
     llm = LLM(str(phi_checkpoint), backend="torch")
     buf = io.BytesIO()

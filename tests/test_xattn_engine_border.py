@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from smolvlm_fast import InputError, SamplingParams, init_random
-from smolvlm_fast.engine import Engine, ImageInput, Request
-from smolvlm_fast.model_numpy import NumpyModel
+from smolvlm_fast.engine.engine import Engine
+from smolvlm_fast.engine.sequence import ImageInput, Request
+from smolvlm_fast.models.smolvlm_numpy import NumpyModel
 from tests.test_xattn import xattn_config
 
 

@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from smolvlm_fast import cpu_decoder, quant
-from smolvlm_fast.cache import PagedCache, schedule_step
+from smolvlm_fast.cpu import decoder as cpu_decoder
+from smolvlm_fast.formats import int4 as int4_format
+from smolvlm_fast.engine.cache import PagedCache, schedule_step
 from smolvlm_fast.config import ModelConfig
 from smolvlm_fast.errors import InputError
-from smolvlm_fast.model_numpy import NumpyModel, stem_embeddings
-from smolvlm_fast.ops.numpy_ops import apply_rope, rope_table
-from smolvlm_fast.weights.layout import tensor_shapes
+from smolvlm_fast.models.smolvlm_numpy import NumpyModel
+from smolvlm_fast.models.vision_numpy import stem_embeddings
+from smolvlm_fast.cpu.ops import apply_rope, rope_table
+from smolvlm_fast.formats.layout import tensor_shapes
 
 RTOL = 1e-4
 IMAGE_TOKEN, SIZE, PATCH = 5, 32, 8
@@ -182,8 +184,8 @@ def test_packed_batch_equals_each_alone(tmp_path, arch, image_first):
 def test_chunked_prefill_equals_whole(tmp_path, arch, monkeypatch):
     """A long prompt's MLPs (Phi's, Llama's and the cross layers') run MLP_ROWS tokens at a time and its attention
     (self and cross) in query chunks under MAX_SCORES: with both tiny, the logits stay those of one piece."""
-    from smolvlm_fast import model_numpy
-    from smolvlm_fast.ops import numpy_ops
+    from smolvlm_fast.models import smolvlm_numpy as model_numpy
+    from smolvlm_fast.cpu import ops as numpy_ops
 
     rng = np.random.default_rng()
     model, _, _ = build(tmp_path, arch=arch)
@@ -356,9 +358,9 @@ def test_quantize_int4(tmp_path, arch):
     names = ["model.text_model.layers.2." + n for n in names + ["self_attn.qkv_proj.weight"]]
     names += ["model.text_model.cross_layers.1.cross_attn." + n for n in ("q_proj.weight", "k_proj.weight")]
     names += ["model.text_model.cross_layers.0.mlp." + n for n in ("gate_up_proj.weight", "down_proj.weight")]
-    assert all(isinstance(w[n], quant.Int4Weight) for n in names)
+    assert all(isinstance(w[n], int4_format.Int4Weight) for n in names)
     assert isinstance(w.get("lm_head.weight"), np.ndarray)
-    dense = NumpyModel(model.config, {n: quant.dequantize(t) for n, t in w.items()})
+    dense = NumpyModel(model.config, {n: int4_format.dequantize(t) for n, t in w.items()})
     features, cross = features_and_kv(model, rng)
     ids = prompt(rng)
     assert_close(full_logits(model, ids, cross), full_logits(dense, ids, dense.cross_kv(features)))

@@ -14,10 +14,12 @@ wrong slice of the KV caches or a final norm too many or too few moves the logit
 import numpy as np
 import pytest
 
-from smolvlm_fast import cpu_decoder, init_random
-from smolvlm_fast.cache import schedule_step
+from smolvlm_fast.cpu import decoder as cpu_decoder
+from smolvlm_fast import init_random
+from smolvlm_fast.engine.cache import schedule_step
 from smolvlm_fast.config import ModelConfig
-from smolvlm_fast.model_numpy import NumpyModel, Step, decoder_layer, text_prefix
+from smolvlm_fast.models.smolvlm_numpy import NumpyModel, Step, decoder_layer
+from smolvlm_fast.cpu.weights import text_prefix
 from tests.test_xattn_numpy import PATCH, SIZE, Run, assert_varied, pixels
 
 pytestmark = pytest.mark.skipif(not cpu_decoder.available(), reason="smolvlm_fast._cpu has no fused decode step")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 # ---------------------------------------------------------------- small ops
 
 def rms_norm(x, weight, eps, residual=None):
@@ -164,7 +163,7 @@ def cross_attention(q, k, v, *, kv_lens=None, scale=None):
 # ---------------------------------------------------------------- int4 weights
 
 def dequantize_int4(w) -> torch.Tensor:
-    """An int4 weight (int4_linear.Int4Tensors; layout in smolvlm_fast/quant.py) as float32 [N, K]."""
+    """An int4 weight (int4_linear.Int4Tensors; layout in smolvlm_fast/formats/int4.py) as float32 [N, K]."""
     N, K, G = w.N, w.K, w.group_size
     blocks = w.qweight.reshape(N, K // 32, 1, 16)  # byte j of a block: element j low, element j + 16 high
     q = torch.cat([blocks & 0x0F, blocks >> 4], dim=2).view(N, K // G, G).float()  # [N, groups, G]

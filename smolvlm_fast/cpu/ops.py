@@ -9,11 +9,7 @@ import math
 
 import numpy as np
 
-try:  # the C++ kernels (csrc/cpu/): paged attention, layer_norm, gelu_tanh; None (or an older build without them)
-    # -> the NumPy code below
-    from .. import _cpu
-except ImportError:
-    _cpu = None
+from .native import _cpu  # None when the extension is not built: the NumPy code runs instead
 
 MAX_SCORES = 1 << 20  # attention scores computed at a time (4 MB of float32): long prompts go in query chunks
 

@@ -1,5 +1,5 @@
 """The int4 weight format (and GGUF's Q8_0, kept as it is), in NumPy only: quantize, dequantize, GGUF
-conversion, and `linear`, the one matrix product the PyTorch-free model calls.
+conversion, (the product that reads it is cpu/linear.py).
 
 Int4Weight layout (the one place it is written down; the C++, Triton and CUDA kernels read it as is):
 
@@ -22,16 +22,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-try:
-    from . import _cpu
-except ImportError:  # not built (or built for another CPU): the NumPy fallback below is used
-    _cpu = None
-
 GROUP_SIZES = (32, 64, 128)
+
+
 BLOCK = 32                     # elements per packed block (and per GGUF block)
+
+
 GGML_Q4_0, GGML_Q4_1, GGML_Q8_0 = 2, 3, 8   # gguf.GGMLQuantizationType values
+
+
 _GGUF_BLOCK_BYTES = {GGML_Q4_0: 18, GGML_Q4_1: 20, GGML_Q8_0: 34}
-_CHUNK_ELEMENTS = 1 << 20      # weight elements dequantized at a time for BLAS (4 MB of float32), without the C++
+
+
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,6 @@ def _check_array(name: str, a, dtype, shape) -> None:
         got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
         raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype)} array of shape {shape}, got {got}")
 
-
-# ---------------------------------------------------------------- packing
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
     """uint8 [N, K] of values 0..15 -> uint8 [N, K // 2] in the block layout above."""
@@ -195,8 +195,6 @@ def dequantize(w: np.ndarray | Int4Weight | Q8Weight, rows: slice | np.ndarray |
     return (w if rows is None else w[rows]).astype(np.float32, copy=False)
 
 
-# ---------------------------------------------------------------- GGUF
-
 def _ggml_type(ggml_type) -> int:
     """gguf.GGMLQuantizationType, its int value, or its name ("Q4_1")."""
     if isinstance(ggml_type, str):
@@ -255,81 +253,3 @@ def embedding_rows(w: np.ndarray | Int4Weight | Q8Weight, ids) -> np.ndarray:
     if ids.size and (ids.min() < 0 or ids.max() >= n):
         raise ValueError(f"embedding_rows: token ids must be in [0, {n}), got {ids.min()}..{ids.max()}")
     return dequantize(w, ids.astype(np.intp))
-
-
-# ---------------------------------------------------------------- the product
-
-def cpu_kernels_available() -> bool:
-    return _cpu is not None
-
-
-def set_num_threads(n: int) -> None:
-    """Threads the C++ kernels use (default: SMOLVLM_FAST_NUM_THREADS, else the cores this process may use)."""
-    if _cpu is not None:
-        _cpu.set_num_threads(int(n))
-
-
-def get_num_threads() -> int:
-    return _cpu.get_num_threads() if _cpu is not None else 1
-
-
-DECODE_ROWS = 16  # float32 products with at most this many rows of x run in C++ (see linear)
-
-
-def linear(x: np.ndarray, w: np.ndarray | Int4Weight | Q8Weight, bias: np.ndarray | None = None) -> np.ndarray:
-    """y = x @ W.T (+ bias) in float32: x [..., K] -> [..., N]. Quantized weights: the C++ kernels (decode tiles for
-    a few rows of x, a GEMM over dequantized L2-sized panels for many); without them, a chunk of weight rows at a
-    time dequantized and multiplied by BLAS, so memory stays flat."""
-    x = np.asarray(x)
-    N, K = w.shape
-    if x.shape[-1:] != (K,):
-        raise ValueError(f"linear: x has shape {x.shape}, the weight expects [..., {K}]")
-    if bias is not None and np.shape(bias) != (N,):
-        raise ValueError(f"linear: bias has shape {np.shape(bias)}, expected ({N},)")
-    if x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous:
-        x2 = x  # the decode step's case: no copy, no reshape (a call costs a few microseconds)
-    else:
-        x2 = np.ascontiguousarray(x.reshape(-1, K), dtype=np.float32)  # [M, K]
-    if isinstance(w, (Int4Weight, Q8Weight)):
-        y = _quantized_matmul(x2, w)
-    elif (_cpu is not None and x2.shape[0] <= DECODE_ROWS and isinstance(w, np.ndarray) and w.dtype == np.float32
-          and w.flags.c_contiguous):
-        # A decode-sized product on the C++ pool, not OpenBLAS: OpenBLAS's threads spin for a while after each call,
-        # and on a small machine they then take the cores from the fused decoder's threads (37 ms -> 17 ms a token
-        # for SmolVLM-256M fp32 on 2 cores once the LM head stopped calling into OpenBLAS).
-        y = np.empty((x2.shape[0], N), dtype=np.float32)
-        _cpu.f32_gemm(x2, w, y)
-    else:
-        y = x2 @ np.asarray(w, dtype=np.float32).T
-    if bias is not None:
-        y += bias
-    return y if x.ndim == 2 else y.reshape(*x.shape[:-1], N)
-
-
-def _quantized_matmul(x: np.ndarray, w: Int4Weight | Q8Weight) -> np.ndarray:
-    M = x.shape[0]
-    out = np.empty((M, w.N), dtype=np.float32)
-    if M == 0:
-        return out
-    if _cpu is not None:
-        if isinstance(w, Int4Weight):
-            _cpu.int4_gemm(x, w.qweight, w.scales, w.mins, w.group_size, out)
-        else:
-            _cpu.q8_gemm(x, w.q, w.scales, out)
-        return out
-    rows = min(w.N, max(1, _CHUNK_ELEMENTS // w.K))
-    for n0 in range(0, w.N, rows):
-        n1 = min(w.N, n0 + rows)
-        np.matmul(x, dequantize(w, slice(n0, n1)).T, out=out[:, n0:n1])
-    return out
-
-
-def cpu_linear_spec(w: np.ndarray | Int4Weight | Q8Weight, bias: np.ndarray | None = None) -> tuple:
-    """A weight as the C++ decode step (_cpu.Decoder) takes it: ("int4", qweight, scales, mins, group_size, bias),
-    ("q8", q, scales, bias) or ("f32", w, bias), arrays as they are (float weights made float32 and contiguous)."""
-    f32 = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
-    if isinstance(w, Int4Weight):
-        return ("int4", w.qweight, w.scales, w.mins, w.group_size, f32)
-    if isinstance(w, Q8Weight):
-        return ("q8", w.q, w.scales, f32)
-    return ("f32", np.ascontiguousarray(w, dtype=np.float32), f32)

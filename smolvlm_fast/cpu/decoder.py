@@ -15,13 +15,10 @@ import os
 
 import numpy as np
 
-from .config import ModelConfig
-from .quant import cpu_linear_spec
-
-try:
-    from . import _cpu
-except ImportError:  # not built: NumpyModel keeps to its NumPy decode
-    _cpu = None
+from ..config import ModelConfig
+from .linear import cpu_linear_spec
+from .weights import GATE_UP, QKV, QKV_BIAS
+from .native import _cpu  # None when the extension is not built: the NumPy code runs instead
 
 
 def available() -> bool:
@@ -42,8 +39,6 @@ def build_decoder(weights: dict, config: ModelConfig, prefix: str, int8_activati
     handed to C++ once: a _cpu.Decoder of `layers` (default all), ending in the final norm or (final_norm=False)
     in the whole hidden state. Llama blocks only (partial rotary included: step() takes a [positions, rotary_dim]
     table); Phi blocks and cross-attention layers stay in model_numpy."""
-    from .model_numpy import GATE_UP, QKV, QKV_BIAS  # model_numpy imports this module
-
     t = config.text
     specs = []
     for i in range(t.num_hidden_layers) if layers is None else layers:

@@ -26,7 +26,7 @@ from gguf.quants import dequantize
 from ..errors import CheckpointError
 
 if TYPE_CHECKING:
-    from ..tokenizer import Tokenizer
+    from ..inputs.tokenizer import Tokenizer
 
 GGUF_MAGIC = b"GGUF"
 Q = GGMLQuantizationType
@@ -422,7 +422,7 @@ def load_tensor(t: ReaderTensor, config: dict, path: Path) -> np.ndarray:
 
 def read_tokenizer(meta: dict, path: Path) -> Tokenizer:
     """The tokenizer the metadata describes, built the way transformers converts a GGUF tokenizer."""
-    from ..tokenizer import Tokenizer
+    from ..inputs.tokenizer import Tokenizer
 
     backend = build_backend(meta, path)
     tokens = meta["tokenizer.ggml.tokens"]

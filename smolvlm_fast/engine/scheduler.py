@@ -21,10 +21,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .cache import PagedCache, StepMetadata, step_metadata
+from ..models.batch import StepMetadata
+from .cache import PagedCache, step_metadata
 
 if TYPE_CHECKING:
-    from .engine import Sequence
+    from .sequence import Sequence
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import SamplingParams
+from ..config import SamplingParams
 
 
 def apply_repetition_penalty(logits, seen_ids, penalty):

@@ -7,140 +7,61 @@ allocated outside and handed in; the step's attention metadata comes from cache.
 """
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import cpu_decoder
-from .cache import StepMetadata, cross_spans
-from .config import ModelConfig, TextConfig, VisionConfig
-from .errors import CheckpointError, InputError, check_image_tokens
-from .ops.numpy_ops import (cross_attention, dwsep_patch_embed, gelu_tanh, kv_cache_zeros, layer_norm,
-                            paged_attention, paged_plan, patch_embed, rms_norm, rope_attention, rope_factors,
-                            rope_table, rotate, silu_and_mul, write_kv_cache)
-from .quant import Int4Weight, Q8Weight, dequantize, embedding_rows, from_gguf, linear, quantize_int4
-from .weights.layout import check_complete, check_tensor, tensor_shapes
-
+from ..config import ModelConfig, TextConfig
+from ..cpu import decoder as cpu_decoder
+from ..cpu.linear import linear
+from ..cpu.ops import (
+    cross_attention,
+    gelu_tanh,
+    kv_cache_zeros,
+    layer_norm,
+    paged_attention,
+    paged_plan,
+    rms_norm,
+    rope_factors,
+    rope_table,
+    rotate,
+    silu_and_mul,
+    write_kv_cache,
+)
+from ..cpu.weights import (
+    GATE_UP,
+    QKV,
+    QKV_BIAS,
+    load_gguf_weights,
+    load_safetensors_weights,
+    quantize_weights,
+    stack_projections,
+    text_prefix,
+)
+from ..errors import InputError, check_image_tokens
+from ..formats.int4 import embedding_rows
+from .batch import StepMetadata, cross_spans
+from .vision_numpy import image_features_per_row
 
 # ---------------------------------------------------------------- vision encoder (SigLIP, variable size)
 
-VISION = "model.vision_model."
 
 
-def bucketed_position_ids(patch_mask: np.ndarray, patches_per_side: int) -> np.ndarray:
-    """patch_mask [N, h, w] bool -> [N, h*w] int64: fractional patch coordinates bucketed onto the learned grid
-    (float32 as transformers computes them); padding patches get 0."""
-    N, h, w = patch_mask.shape
-    boundaries = np.arange(1 / patches_per_side, 1.0, 1 / patches_per_side).astype(np.float32)  # [n - 1]
-    rows = patch_mask[:, :, 0].sum(1).astype(np.float32)  # [N] patches down the real image
-    cols = patch_mask[:, 0, :].sum(1).astype(np.float32)  # [N] patches across it
-    with np.errstate(divide="ignore", invalid="ignore"):
-        frac_h = np.arange(h, dtype=np.float32)[None] * (np.float32(1) / rows)[:, None]  # [N, h]
-        frac_w = np.arange(w, dtype=np.float32)[None] * (np.float32(1) / cols)[:, None]  # [N, w]
-    limit = np.float32(1.0 - 1e-6)
-    bucket_h = np.searchsorted(boundaries, np.minimum(frac_h, limit), side="right")  # [N, h]
-    bucket_w = np.searchsorted(boundaries, np.minimum(frac_w, limit), side="right")  # [N, w]
-    ids = (bucket_h[:, :, None] * patches_per_side + bucket_w[:, None, :]).reshape(N, -1)  # [N, h*w]
-    return np.where(patch_mask.reshape(N, -1), ids, 0)
 
 
-def vision_embeddings(w: dict, cfg: VisionConfig, pixels: np.ndarray, patch_mask: np.ndarray) -> np.ndarray:
-    """pixels [N, C, H, W], patch_mask [N, H/P, W/P] -> [N, (H/P)*(W/P), D]."""
-    p = VISION + "embeddings."
-    position_ids = bucketed_position_ids(patch_mask, cfg.patches_per_side)  # [N, h*w]
-    return patch_embed(pixels, w[p + "patch_embedding.weight"], w[p + "patch_embedding.bias"],
-                       w[p + "position_embedding.weight"], position_ids)  # [N, h*w, D]
 
 
-def vision_layer(w: dict, p: str, cfg: VisionConfig, x: np.ndarray, key_mask: np.ndarray | None) -> np.ndarray:
-    """One pre-LN SigLIP layer: x [B, N, D] -> [B, N, D]."""
-    B, N, D = x.shape
-    H, eps = cfg.num_attention_heads, cfg.layer_norm_eps
-    h = layer_norm(x, w[p + "layer_norm1.weight"], w[p + "layer_norm1.bias"], eps).reshape(B * N, D)  # [B*N, D]
-    q, k, v = (linear(h, w[p + f"self_attn.{n}.weight"], w[p + f"self_attn.{n}.bias"]).reshape(B, N, H, D // H)
-               for n in ("q_proj", "k_proj", "v_proj"))  # 3 x [B, N, H, Dh]
-    attn = rope_attention(q, k, v, causal=False, key_mask=key_mask).reshape(B * N, D)  # [B*N, D]
-    x = x + linear(attn, w[p + "self_attn.out_proj.weight"], w[p + "self_attn.out_proj.bias"]).reshape(B, N, D)
-    h = layer_norm(x, w[p + "layer_norm2.weight"], w[p + "layer_norm2.bias"], eps).reshape(B * N, D)  # [B*N, D]
-    h = linear(h, w[p + "mlp.fc1.weight"])  # [B*N, I]
-    h = gelu_tanh(h, bias=w[p + "mlp.fc1.bias"], out=h)  # the bias added inside, in place: no second [B*N, I]
-    x += linear(h, w[p + "mlp.fc2.weight"], w[p + "mlp.fc2.bias"]).reshape(B, N, D)  # [B, N, D]
-    return x
 
 
-def stem_embeddings(w: dict, cfg: VisionConfig, pixels: np.ndarray) -> np.ndarray:
-    """The factorized variant's fixed-size embeddings: pixels [N, C, S, S] -> [N, (S/P)^2, D], by its patch stem
-    (conv, grouped conv or depthwise-separable), + the position embedding in row-major patch order."""
-    p = VISION + "embeddings."
-    pos = w[p + "position_embedding.weight"]  # [(S/P)^2, D]
-    if cfg.patch_stem == "dwsep":
-        q = p + "patch_embedding."
-        return dwsep_patch_embed(pixels, w[q + "depthwise.weight"], w[q + "depthwise.bias"],
-                                 w[q + "pointwise.weight"], w[q + "pointwise.bias"], pos, None)  # [N, (S/P)^2, D]
-    groups = cfg.groups if cfg.patch_stem == "grouped" else 1
-    return patch_embed(pixels, w[p + "patch_embedding.weight"], w[p + "patch_embedding.bias"], pos, None,
-                       groups=groups)  # [N, (S/P)^2, D]
 
 
-def vision_encoder(w: dict, cfg: VisionConfig, pixels: np.ndarray, patch_mask: np.ndarray,
-                   fixed_size: bool = False) -> np.ndarray:
-    """pixels [N, C, H, W] (any multiple of the patch size), patch_mask [N, H/P, W/P] bool -> [N, S, D].
-    fixed_size (the factorized variant): image_size square pixels through its stem, every patch real."""
-    if fixed_size:
-        x, key_mask = stem_embeddings(w, cfg, pixels), None  # [N, S, D]
-    else:
-        x = vision_embeddings(w, cfg, pixels, patch_mask)  # [N, S, D]
-        key_mask = None if patch_mask.all() else patch_mask.reshape(len(patch_mask), -1)  # [N, S]
-    for i in range(cfg.num_hidden_layers):
-        x = vision_layer(w, f"{VISION}encoder.layers.{i}.", cfg, x, key_mask)  # [N, S, D]
-    return layer_norm(x, w[VISION + "post_layernorm.weight"], w[VISION + "post_layernorm.bias"], cfg.layer_norm_eps)
 
 
-def pixel_shuffle(x: np.ndarray, scale: int) -> np.ndarray:
-    """[N, S, D] -> [N, S/scale^2, D*scale^2], grouping scale x scale neighbouring patches (transformers' order)."""
-    N, S, D = x.shape
-    side = int(S**0.5)
-    x = x.reshape(N, side, side // scale, D * scale).transpose(0, 2, 1, 3)  # [N, side/s, side, D*s]
-    x = x.reshape(N, side // scale, side // scale, D * scale * scale).transpose(0, 2, 1, 3)  # [N, side/s, side/s, D*s^2]
-    return x.reshape(N, S // scale**2, D * scale**2)
 
 
-def connector(w: dict, config: ModelConfig, hidden: np.ndarray) -> np.ndarray:
-    """Vision hidden states [N, S, Dv] -> image features [N * S/s^2, D_text]."""
-    x = pixel_shuffle(hidden, config.scale_factor)  # [N, S/s^2, Dv*s^2]
-    return linear(x.reshape(-1, x.shape[-1]), w["model.connector.modality_projection.proj.weight"])  # [N*S/s^2, D]
 
 
-def image_features_per_row(w: dict, config: ModelConfig, pixel_values,
-                           pixel_attention_mask=None) -> list[np.ndarray | None]:
-    """pixel_values [B, n, C, H, W] (all-zero padding images allowed) -> per batch row, its image features
-    [n_real * image_seq_len, D] or None, exactly as transformers' get_image_features selects and masks them."""
-    pixel_values = np.asarray(pixel_values, dtype=np.float32)
-    if pixel_values.ndim != 5:
-        raise InputError(f"pixel_values must be [batch, images, channels, height, width], got {pixel_values.shape}")
-    B, n, C, H, W = pixel_values.shape
-    P = config.vision.patch_size
-    if C != config.vision.num_channels:
-        raise InputError(f"pixel_values have {C} channels, the vision encoder takes {config.vision.num_channels}")
-    config.check_image_size(H, W)  # the factorized variant: image_size x image_size only
-    if H < P or W < P:
-        raise InputError(f"pixel_values of {H}x{W} are smaller than one {P}x{P} patch")
-    flat = pixel_values.reshape(B * n, C, H, W)  # [B*n, C, H, W]
-    real = flat.reshape(B * n, -1).any(1)  # [B*n]: padding images are all zero
-    if pixel_attention_mask is None:
-        mask = np.ones((int(real.sum()), H, W), dtype=bool)
-    else:
-        mask = np.asarray(pixel_attention_mask).reshape(B * n, H, W)[real].astype(bool)  # [N, H, W]
-    h, w_ = H // P, W // P
-    patch_mask = mask[:, :h * P, :w_ * P].reshape(-1, h, P, w_, P).any(axis=(2, 4))  # [N, h, w]
-    if not real.any():
-        return [None] * B
-    hidden = vision_encoder(w, config.vision, flat[real], patch_mask, fixed_size=config.is_xattn)  # [N, S, Dv]
-    features = connector(w, config, hidden)  # [N*seq, D]
-    per_row = real.reshape(B, n).sum(1) * config.image_seq_len  # [B]
-    return [f if len(f) else None for f in np.split(features, np.cumsum(per_row)[:-1])]
 
 
 # ---------------------------------------------------------------- decoder (Llama or Phi blocks, gated cross-attention)
@@ -167,8 +88,6 @@ class Step:
                    *rope_factors(cos_sin, i32["positions"]), plan)
 
 
-def text_prefix(config: ModelConfig) -> str:
-    return "model.text_model." if config.is_vlm else "model."
 
 
 def embed(w: dict, config: ModelConfig, input_ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
@@ -187,8 +106,6 @@ def embed(w: dict, config: ModelConfig, input_ids: np.ndarray, image_features: n
     return x
 
 
-QKV, QKV_BIAS, GATE_UP = "self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias", "mlp.gate_up_proj.weight"
-MLP_ROWS = 256  # tokens per MLP pass
 
 
 def decoder_layer(w: dict, p: str, t: TextConfig, x: np.ndarray, residual: np.ndarray | None, step: Step,
@@ -438,142 +355,24 @@ class NumpyModel:
 # ---------------------------------------------------------------- loading
 
 
-def load_safetensors_weights(model_dir: Path, config: ModelConfig) -> dict:
-    """The checkpoint's tensors as float32 (float32 ones stay views of the memory-mapped file)."""
-    from .weights.safetensors_numpy import load_checkpoint_numpy
-
-    expected = tensor_shapes(config)
-    weights = {}
-    for name, array in load_checkpoint_numpy(model_dir).items():
-        if name not in expected:
-            continue  # e.g. rotary inv_freq buffers or a tied lm_head copy
-        check_tensor(name, array.shape, expected, str(model_dir))
-        if array.dtype.kind != "f":
-            raise CheckpointError(f"{model_dir}: tensor {name} has dtype {array.dtype}, expected a float type")
-        weights[name] = array.astype(np.float32, copy=False)
-    check_complete(set(weights), expected, str(model_dir))
-    return weights
 
 
-def load_gguf_weights(path: Path) -> tuple[ModelConfig, dict]:
-    """A GGUF file's config and weights under HF names: Q4_0/Q4_1 stay int4, Q8_0 stays q8, F32/F16 -> float32."""
-    from .weights import gguf as g
-
-    reader = g.open_gguf(path)
-    raw_config = g.read_config(g.read_metadata(reader), reader, path)
-    config = ModelConfig.from_dict(raw_config, source=str(path))
-    expected = tensor_shapes(config)
-    weights = {}
-    for t in reader.tensors:
-        name = g.hf_name(t.name)
-        if name is None or name not in expected:
-            raise CheckpointError(f"{path}: unexpected tensor {t.name} (not part of a llama model with this config)")
-        check_tensor(name, g.hf_shape(t), expected, f"{path} ({t.name})")
-        weights[name] = _gguf_weight(t, raw_config, path)
-        _drop_pages(reader, t.data_offset, t.n_bytes)
-    check_complete(set(weights), expected, str(path))
-    return config, weights
 
 
-def _drop_pages(reader, offset: int, size: int) -> None:
-    """Let go of the file pages a converted tensor was read from, so loading never holds the file and its converted
-    copy in resident memory at once (they stay in the page cache; reading them again just faults them back in)."""
-    mapped = getattr(reader.data, "_mmap", None)  # np.memmap's mmap.mmap
-    if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
-    mapped.madvise(mmap.MADV_DONTNEED, start, offset + size - start)
 
 
-def _gguf_weight(t, raw_config: dict, path: Path):
-    from .weights import gguf as g
-
-    if t.tensor_type in (g.Q.Q4_0, g.Q.Q4_1, g.Q.Q8_0):
-        return from_gguf(*g.raw_rows(t, raw_config, path))  # stays 4-bit / 8-bit
-    return g.load_tensor(t, raw_config, path).astype(np.float32, copy=False)
 
 
-DECODER_LINEARS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                   "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
-PHI_LINEARS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-               "self_attn.dense.weight", "mlp.fc1.weight", "mlp.fc2.weight")
-CROSS_LINEARS = ("cross_attn.q_proj.weight", "cross_attn.k_proj.weight", "cross_attn.v_proj.weight",
-                 "cross_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 
 
-def decoder_linears(config: ModelConfig) -> list[str]:
-    """Every linear weight of the text decoder (its blocks and cross-attention layers) by name; not the lm_head."""
-    prefix, t = text_prefix(config), config.text
-    block = PHI_LINEARS if t.architecture == "phi" else DECODER_LINEARS
-    names = [f"{prefix}layers.{i}.{suffix}" for i in range(t.num_hidden_layers) for suffix in block]
-    return names + [f"{prefix}cross_layers.{j}.{suffix}" for j in range(len(config.cross_attention_layers))
-                    for suffix in CROSS_LINEARS]
 
 
-def quantize_weights(weights: dict, config: ModelConfig, method: str) -> dict:
-    """quantize="int4": the decoder's float linear weights to int4 (group 64, or 32 where K % 64 != 0; a weight
-    whose K is no multiple of 32 stays float)."""
-    if method != "int4":
-        raise InputError(f"quantize={method!r} is not supported (only 'int4')")
-    out = dict(weights)
-    for name in decoder_linears(config):
-        w = weights[name]
-        if isinstance(w, np.ndarray) and w.shape[1] % 32 == 0:
-            out[name] = quantize_int4(w, group_size=64 if w.shape[1] % 64 == 0 else 32)
-    return out
 
 
-def stack_projections(weights: dict, config: ModelConfig) -> dict:
-    """Add each decoder layer's q/k/v rows stacked as self_attn.qkv_proj (and its bias) and gate/up rows as
-    mlp.gate_up_proj (Llama blocks and cross-attention layers): one product instead of three and two. The
-    checkpoint's names stay, as views of the stack."""
-    weights = dict(weights)
-    prefix = text_prefix(config)
-    gate_up = {GATE_UP: ["mlp.gate_proj.weight", "mlp.up_proj.weight"]}
-    layers = [(f"{prefix}cross_layers.{j}.", dict(gate_up)) for j in range(len(config.cross_attention_layers))]
-    for i in range(config.text.num_hidden_layers):
-        p = f"{prefix}layers.{i}."
-        groups = {QKV: ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]}
-        if config.text.architecture == "llama":
-            groups |= gate_up
-        if p + "self_attn.q_proj.bias" in weights:
-            groups[QKV_BIAS] = ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
-        layers.append((p, groups))
-    for p, groups in layers:
-        for stacked, names in groups.items():
-            if p + stacked in weights:
-                continue
-            weights[p + stacked] = stack_rows([weights[p + n] for n in names])
-            start = 0
-            for name in names:
-                rows = weights[p + name].shape[0]
-                weights[p + name] = row_slice(weights[p + stacked], start, start + rows)
-                start += rows
-    return weights
 
 
-def stack_rows(parts: list):
-    """Weights [N_i, K] of one kind -> [sum N_i, K] of that kind; mixed kinds (a GGUF with Q8_0 v next to Q4 q and k)
-    are stacked as float32."""
-    first = parts[0]
-    if all(isinstance(w, np.ndarray) for w in parts):
-        return np.concatenate([np.asarray(w, dtype=np.float32) for w in parts])
-    same = lambda attr: all(type(w) is type(first) and getattr(w, attr) == getattr(first, attr) for w in parts)
-    if isinstance(first, Int4Weight) and same("K") and same("group_size") and same("symmetric"):
-        return Int4Weight(sum(w.N for w in parts), first.K, first.group_size, first.symmetric,
-                          np.concatenate([w.qweight for w in parts]), np.concatenate([w.scales for w in parts]),
-                          None if first.symmetric else np.concatenate([w.mins for w in parts]))
-    if isinstance(first, Q8Weight) and same("K"):
-        return Q8Weight(sum(w.N for w in parts), first.K, np.concatenate([w.q for w in parts]),
-                        np.concatenate([w.scales for w in parts]))
-    return np.concatenate([dequantize(w) for w in parts])
 
 
-def row_slice(w, start: int, stop: int):
-    """Rows [start, stop) of a weight, as a view of it."""
-    if isinstance(w, Int4Weight):
-        return Int4Weight(stop - start, w.K, w.group_size, w.symmetric, w.qweight[start:stop], w.scales[start:stop],
-                          None if w.mins is None else w.mins[start:stop])
-    if isinstance(w, Q8Weight):
-        return Q8Weight(stop - start, w.K, w.q[start:stop], w.scales[start:stop])
-    return w[start:stop]
+
+
+MLP_ROWS = 256  # tokens per MLP pass

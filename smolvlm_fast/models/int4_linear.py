@@ -1,7 +1,7 @@
 """int4 weights on the PyTorch path: the packed tensors on the device, the module that stands in for nn.Linear,
 and the functions that swap it in from outside the model (gpt-fast's style: the model classes know nothing of it).
 
-The format is quant.Int4Weight's (layout in smolvlm_fast/quant.py), moved to torch with torch.from_numpy: the
+The format is quant.Int4Weight's (layout in smolvlm_fast/formats/int4.py), moved to torch with torch.from_numpy: the
 NumPy quantizer and the GGUF Q4_0 / Q4_1 conversion are the only producers, so both backends hold the same bits.
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import ops, quant
+from .. import ops
+from ..formats import int4 as quant
 
 DECODER_PREFIX = "text.layers."           # qkv_proj, o_proj, gate_up_proj, down_proj of every decoder layer
 VISION_PREFIXES = ("vision.", "connector")  # the SigLIP layers' qkv, out_proj, fc1, fc2 and the connector
@@ -132,8 +133,8 @@ def load_gguf_int4(path: str | Path, device="cpu", dtype=torch.float32, *, visio
 
     The float model is built first with zero placeholders where the int4 layers go (model_torch's loader wants
     every tensor), then those layers are swapped: nothing is dequantized and requantized."""
-    from .model_numpy import load_gguf_weights
-    from .model_torch import build_model
+    from ..cpu.weights import load_gguf_weights
+    from .smolvlm_torch import build_model
 
     path = Path(path)
     config, weights = load_gguf_weights(path)  # Q4_0 / Q4_1 as quant.Int4Weight, Q8_0 as quant.Q8Weight
@@ -153,7 +154,7 @@ def load_gguf_int4(path: str | Path, device="cpu", dtype=torch.float32, *, visio
 def fused_int4_weights(weights: dict, config) -> dict[str, quant.Int4Weight]:
     """{module name of model_torch.SmolVLM: int4 weight} for the decoder layers whose every part (q, k and v for
     qkv_proj, gate and up for gate_up_proj) is int4 of one group size and kind, the parts' rows stacked in order."""
-    from .model_torch import _parameter_for
+    from .smolvlm_torch import _parameter_for
 
     parts: dict[str, dict[int, object]] = {}
     for name, w in weights.items():
@@ -175,7 +176,7 @@ def fused_int4_weights(weights: dict, config) -> dict[str, quant.Int4Weight]:
 
 def _module_of(hf_name: str, config) -> str | None:
     """The model_torch module a Hugging Face weight name lands in ("text.layers.0.qkv_proj"), or None."""
-    from .model_torch import _parameter_for
+    from .smolvlm_torch import _parameter_for
 
     name, _ = _parameter_for(hf_name, config)
     return name.removesuffix(".weight") if name is not None and name.endswith(".weight") else None

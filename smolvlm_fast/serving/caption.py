@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import SamplingParams
-from .errors import InputError, SmolVLMError
-from .images import load_image
+from ..config import SamplingParams
+from ..errors import InputError, SmolVLMError
+from ..inputs.images import load_image
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import ops
-from .cache import StepMetadata, cross_spans
-from .config import ModelConfig, TextConfig, VisionConfig
-from .errors import InputError, check_image_tokens
-from .weights.layout import check_complete, check_tensor, tensor_shapes
+from .. import ops
+from ..config import ModelConfig, TextConfig, VisionConfig
+from ..errors import InputError, check_image_tokens
+from ..formats.layout import check_complete, check_tensor, tensor_shapes
+from .batch import StepMetadata, cross_spans
 
 
 @dataclass

@@ -47,12 +47,12 @@ from PIL import Image
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from .config import SamplingParams
-from .engine import Request as EngineRequest
-from .images import ALLOWED_FORMATS
-from .engine import check_request
-from .errors import InputError, SmolVLMError
-from .llm import LLM, RequestOutput
+from ...config import SamplingParams
+from ...engine.engine import check_request
+from ...engine.sequence import Request as EngineRequest
+from ...errors import InputError, SmolVLMError
+from ...inputs.images import ALLOWED_FORMATS
+from ..llm import LLM, RequestOutput
 
 log = logging.getLogger("smolvlm_fast.server")
 

@@ -27,10 +27,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError
 from .images import load_image
-from .tokenizer import (BatchFeature, Tokenizer, as_template_dict, normalize_conversations, read_chat_templates,
-                        to_tensor)
+from .tokenizer import (
+    BatchFeature,
+    Tokenizer,
+    as_template_dict,
+    normalize_conversations,
+    read_chat_templates,
+    to_tensor,
+)
 
 MAX_IMAGE_SIZE = 4096  # transformers caps both edges here after the longest-edge resize
 MAX_GRID = 6  # <row_r_col_c> tokens exist for r, c in 1..6

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import SamplingParams
-from .engine import Engine, EngineStats, ImageInput, Request, Sequence, check_request
-from .errors import InputError, SmolVLMError
+from ..config import SamplingParams
+from ..engine.engine import Engine, EngineStats, check_request
+from ..engine.sequence import ImageInput, Request, Sequence
+from ..errors import InputError, SmolVLMError
 
 
 @dataclass
@@ -201,7 +202,7 @@ class LLM:
         raise InputError(f"a prompt must be a string, token ids, chat messages or a dict, got {type(prompt).__name__}")
 
     def encode_chat(self, messages) -> tuple[list[int], list[ImageInput]]:
-        from .processor import conversation_images, image_url_blocks_as_images
+        from ..inputs.processor import conversation_images, image_url_blocks_as_images
 
         if self.processor is None:
             raise InputError("chat prompts need a tokenizer: pass tokenizer= to LLM")
@@ -214,7 +215,7 @@ class LLM:
     def encode_text(self, text: str, images: list) -> tuple[list[int], list[ImageInput]]:
         """Text with one <image> marker per image -> token ids (each marker expanded as the processor does) and
         one ImageInput per image, its frames and a hash of its pixels."""
-        from .processor import Processor, check_image_counts, expand_image_tokens
+        from ..inputs.processor import Processor, check_image_counts, expand_image_tokens
 
         if self.tokenizer is None:
             raise InputError("text prompts need a tokenizer: pass tokenizer= to LLM, or pass token ids")
@@ -234,7 +235,7 @@ class LLM:
         return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos))), inputs
 
     def _check_can_take(self, images: list) -> None:
-        from .processor import Processor
+        from ..inputs.processor import Processor
 
         if images and not isinstance(self.processor, Processor):
             raise InputError("this is a text-only model (no image processor); it cannot take images")
@@ -355,7 +356,7 @@ class EngineLoop:
 
 def load(model, backend, device, dtype, quantize, tokenizer):
     """(model, processor or tokenizer or None, generation config) from a path, an auto model or a bare model."""
-    from .auto import AutoProcessor, SmolVLMForConditionalGeneration, checkpoint_location
+    from ..auto import AutoProcessor, SmolVLMForConditionalGeneration, checkpoint_location
 
     if isinstance(model, (str, Path)):
         auto = SmolVLMForConditionalGeneration.from_pretrained(model, backend=backend, device=device, dtype=dtype,

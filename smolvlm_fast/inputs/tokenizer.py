@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
-from .errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError
 
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")

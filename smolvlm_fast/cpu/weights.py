@@ -1,0 +1,168 @@
+"""The PyTorch-free path's weights: loading a checkpoint (safetensors or GGUF) into a dict under the Hugging Face
+names, int4 quantization at load, and the stacked q/k/v and gate/up projections that the NumPy layers and the C++
+decoder (cpu/decoder.py) both read, under the names defined here."""
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import CheckpointError, InputError
+from ..formats.int4 import Int4Weight, Q8Weight, dequantize, from_gguf, quantize_int4
+from ..formats.layout import check_complete, check_tensor, tensor_shapes
+
+
+def text_prefix(config: ModelConfig) -> str:
+    return "model.text_model." if config.is_vlm else "model."
+
+
+QKV, QKV_BIAS, GATE_UP = "self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias", "mlp.gate_up_proj.weight"
+
+
+
+
+def load_safetensors_weights(model_dir: Path, config: ModelConfig) -> dict:
+    """The checkpoint's tensors as float32 (float32 ones stay views of the memory-mapped file)."""
+    from ..formats.safetensors import load_checkpoint_numpy
+
+    expected = tensor_shapes(config)
+    weights = {}
+    for name, array in load_checkpoint_numpy(model_dir).items():
+        if name not in expected:
+            continue  # e.g. rotary inv_freq buffers or a tied lm_head copy
+        check_tensor(name, array.shape, expected, str(model_dir))
+        if array.dtype.kind != "f":
+            raise CheckpointError(f"{model_dir}: tensor {name} has dtype {array.dtype}, expected a float type")
+        weights[name] = array.astype(np.float32, copy=False)
+    check_complete(set(weights), expected, str(model_dir))
+    return weights
+
+
+def load_gguf_weights(path: Path) -> tuple[ModelConfig, dict]:
+    """A GGUF file's config and weights under HF names: Q4_0/Q4_1 stay int4, Q8_0 stays q8, F32/F16 -> float32."""
+    from ..formats import gguf as g
+
+    reader = g.open_gguf(path)
+    raw_config = g.read_config(g.read_metadata(reader), reader, path)
+    config = ModelConfig.from_dict(raw_config, source=str(path))
+    expected = tensor_shapes(config)
+    weights = {}
+    for t in reader.tensors:
+        name = g.hf_name(t.name)
+        if name is None or name not in expected:
+            raise CheckpointError(f"{path}: unexpected tensor {t.name} (not part of a llama model with this config)")
+        check_tensor(name, g.hf_shape(t), expected, f"{path} ({t.name})")
+        weights[name] = _gguf_weight(t, raw_config, path)
+        _drop_pages(reader, t.data_offset, t.n_bytes)
+    check_complete(set(weights), expected, str(path))
+    return config, weights
+
+
+def _drop_pages(reader, offset: int, size: int) -> None:
+    """Let go of the file pages a converted tensor was read from, so loading never holds the file and its converted
+    copy in resident memory at once (they stay in the page cache; reading them again just faults them back in)."""
+    mapped = getattr(reader.data, "_mmap", None)  # np.memmap's mmap.mmap
+    if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, start, offset + size - start)
+
+
+def _gguf_weight(t, raw_config: dict, path: Path):
+    from ..formats import gguf as g
+
+    if t.tensor_type in (g.Q.Q4_0, g.Q.Q4_1, g.Q.Q8_0):
+        return from_gguf(*g.raw_rows(t, raw_config, path))  # stays 4-bit / 8-bit
+    return g.load_tensor(t, raw_config, path).astype(np.float32, copy=False)
+
+
+DECODER_LINEARS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                   "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
+PHI_LINEARS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+               "self_attn.dense.weight", "mlp.fc1.weight", "mlp.fc2.weight")
+
+
+CROSS_LINEARS = ("cross_attn.q_proj.weight", "cross_attn.k_proj.weight", "cross_attn.v_proj.weight",
+                 "cross_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
+def decoder_linears(config: ModelConfig) -> list[str]:
+    """Every linear weight of the text decoder (its blocks and cross-attention layers) by name; not the lm_head."""
+    prefix, t = text_prefix(config), config.text
+    block = PHI_LINEARS if t.architecture == "phi" else DECODER_LINEARS
+    names = [f"{prefix}layers.{i}.{suffix}" for i in range(t.num_hidden_layers) for suffix in block]
+    return names + [f"{prefix}cross_layers.{j}.{suffix}" for j in range(len(config.cross_attention_layers))
+                    for suffix in CROSS_LINEARS]
+
+
+def quantize_weights(weights: dict, config: ModelConfig, method: str) -> dict:
+    """quantize="int4": the decoder's float linear weights to int4 (group 64, or 32 where K % 64 != 0; a weight
+    whose K is no multiple of 32 stays float)."""
+    if method != "int4":
+        raise InputError(f"quantize={method!r} is not supported (only 'int4')")
+    out = dict(weights)
+    for name in decoder_linears(config):
+        w = weights[name]
+        if isinstance(w, np.ndarray) and w.shape[1] % 32 == 0:
+            out[name] = quantize_int4(w, group_size=64 if w.shape[1] % 64 == 0 else 32)
+    return out
+
+
+def stack_projections(weights: dict, config: ModelConfig) -> dict:
+    """Add each decoder layer's q/k/v rows stacked as self_attn.qkv_proj (and its bias) and gate/up rows as
+    mlp.gate_up_proj (Llama blocks and cross-attention layers): one product instead of three and two. The
+    checkpoint's names stay, as views of the stack."""
+    weights = dict(weights)
+    prefix = text_prefix(config)
+    gate_up = {GATE_UP: ["mlp.gate_proj.weight", "mlp.up_proj.weight"]}
+    layers = [(f"{prefix}cross_layers.{j}.", dict(gate_up)) for j in range(len(config.cross_attention_layers))]
+    for i in range(config.text.num_hidden_layers):
+        p = f"{prefix}layers.{i}."
+        groups = {QKV: ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]}
+        if config.text.architecture == "llama":
+            groups |= gate_up
+        if p + "self_attn.q_proj.bias" in weights:
+            groups[QKV_BIAS] = ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+        layers.append((p, groups))
+    for p, groups in layers:
+        for stacked, names in groups.items():
+            if p + stacked in weights:
+                continue
+            weights[p + stacked] = stack_rows([weights[p + n] for n in names])
+            start = 0
+            for name in names:
+                rows = weights[p + name].shape[0]
+                weights[p + name] = row_slice(weights[p + stacked], start, start + rows)
+                start += rows
+    return weights
+
+
+def stack_rows(parts: list):
+    """Weights [N_i, K] of one kind -> [sum N_i, K] of that kind; mixed kinds (a GGUF with Q8_0 v next to Q4 q and k)
+    are stacked as float32."""
+    first = parts[0]
+    if all(isinstance(w, np.ndarray) for w in parts):
+        return np.concatenate([np.asarray(w, dtype=np.float32) for w in parts])
+    same = lambda attr: all(type(w) is type(first) and getattr(w, attr) == getattr(first, attr) for w in parts)
+    if isinstance(first, Int4Weight) and same("K") and same("group_size") and same("symmetric"):
+        return Int4Weight(sum(w.N for w in parts), first.K, first.group_size, first.symmetric,
+                          np.concatenate([w.qweight for w in parts]), np.concatenate([w.scales for w in parts]),
+                          None if first.symmetric else np.concatenate([w.mins for w in parts]))
+    if isinstance(first, Q8Weight) and same("K"):
+        return Q8Weight(sum(w.N for w in parts), first.K, np.concatenate([w.q for w in parts]),
+                        np.concatenate([w.scales for w in parts]))
+    return np.concatenate([dequantize(w) for w in parts])
+
+
+def row_slice(w, start: int, stop: int):
+    """Rows [start, stop) of a weight, as a view of it."""
+    if isinstance(w, Int4Weight):
+        return Int4Weight(stop - start, w.K, w.group_size, w.symmetric, w.qweight[start:stop], w.scales[start:stop],
+                          None if w.mins is None else w.mins[start:stop])
+    if isinstance(w, Q8Weight):
+        return Q8Weight(stop - start, w.K, w.q[start:stop], w.scales[start:stop])
+    return w[start:stop]
