@@ -1,6 +1,6 @@
 """int4 weight-only GEMM: y [M, N] = x [M, K] @ dequantize(w).T (+ bias), fp32 accumulation, y in x's dtype.
 
-Layout (written down once, in smolvlm_fast/quant.py): qweight uint8 [N, K/2] holds K/32 blocks of 16 bytes per row,
+Layout (written down once, in smolvlm_fast/formats/int4.py): qweight uint8 [N, K/2] holds K/32 blocks of 16 bytes per row,
 byte j of a block holding element j in its low nibble and element j + 16 in its high nibble (GGUF's order); scales
 fp16 [N, K/G]; mins fp16 [N, K/G] when asymmetric (w = d*q + m), none when symmetric (w = d*(q - 8)); G = 32/64/128.
 

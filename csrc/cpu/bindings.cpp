@@ -543,7 +543,7 @@ PYBIND11_MODULE(_cpu, m) {
     if (!cpu_supports_build())
         throw py::import_error(std::string("smolvlm_fast._cpu was built for ") + smolvlm_cpu::simd_name() +
                                ", which this CPU lacks: rebuild it here (pip install -e .)");
-    m.doc() = "CPU kernels for int4 (Int4Weight) and int8 (GGUF Q8_0) weights (layouts in smolvlm_fast/quant.py) "
+    m.doc() = "CPU kernels for int4 (Int4Weight) and int8 (GGUF Q8_0) weights (layouts in smolvlm_fast/formats/int4.py) "
               "and decode attention over the paged KV cache";
     m.def("int4_gemm", &int4_gemm, py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("mins"),
           py::arg("group_size"), py::arg("out"), py::arg("int8_x") = false,

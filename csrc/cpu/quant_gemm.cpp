@@ -6,7 +6,7 @@
 // reuses each chunk of weights from cache for every tile of x.
 // AVX-512 unpacks int4 by table lookup: per group, table[i] = d * i + m (i = 0..15), and vpermps picks
 // table[q] for 16 nibbles at once, giving the dequantized weights in two instructions. AVX2 converts and
-// scales instead; the scalar fallback is plain loops. Layouts: smolvlm_fast/quant.py.
+// scales instead; the scalar fallback is plain loops. Layouts: smolvlm_fast/formats/int4.py.
 #include "quant_gemm.h"
 
 #include <pthread.h>

@@ -1,5 +1,5 @@
 // CPU matrix products with int4 (Int4Weight), int8 (GGUF Q8_0) and float32 weights: out[M, N] = x[M, K] @ W[N, K]^T,
-// accumulated in float32 (x is never quantized, except by int4_gemm_int8). Layouts: smolvlm_fast/quant.py's docstring.
+// accumulated in float32 (x is never quantized, except by int4_gemm_int8). Layouts: smolvlm_fast/formats/int4.py's docstring.
 // The caller (bindings.cpp) checks every argument; these functions trust them.
 #pragma once
 
