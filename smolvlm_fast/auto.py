@@ -1,7 +1,8 @@
 """The transformers-shaped front door: AutoModelForVision2Seq & co. and the model object they return.
 
-Two backends run the same generation loop: "torch" (model_torch, CPU or CUDA) and "numpy" (model_numpy, no
-PyTorch at all). torch is imported only when the torch backend is used.
+Two backends run the same generation loop: "torch" (models/smolvlm_torch, CPU or CUDA) and "numpy"
+(models/smolvlm_numpy, no PyTorch at all), picked here at load time; what differs between them is in
+engine/backend.py. torch is imported only when the torch backend is used.
 """
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig, SamplingParams
-from .engine.engine import check_requests, new_cache, prefill
+from .engine.backend import as_numpy, backend_named, backend_of
+from .engine.checks import check_requests
 from .engine.engine import generate as run_generation
+from .engine.engine import new_cache, prefill
 from .engine.sequence import Request
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, SmolVLMError
 from .formats.hub import resolve_model
 
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
@@ -55,7 +58,7 @@ def dtype_name(dtype, checkpoint_dtype: str | None = None) -> str | None:
 
 def checkpoint_location(path, gguf_file=None) -> Path:
     """The local checkpoint directory, or the .gguf file to read."""
-    root = resolve_model(path)
+    root = resolve_model(path, gguf_file=gguf_file)  # a hub id: fetch the named GGUF too
     if gguf_file is not None:
         if Path(gguf_file).suffix.lower() != ".gguf":
             raise CheckpointError(f"{gguf_file}: gguf_file must be a .gguf file (only GGUF and safetensors load)")
@@ -73,9 +76,11 @@ def load_torch_model(location: Path, device, dtype: str | None, quantize: str | 
     import torch
 
     from .formats.safetensors import iter_safetensors
-    from .models.smolvlm_torch import build_model
+    from .models.loader import build_model
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        check_cuda(torch, device)
     dtype = getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     options = quantize_options or {}
     if location.suffix == ".gguf" and quantize == "int4":
@@ -97,6 +102,19 @@ def load_torch_model(location: Path, device, dtype: str | None, quantize: str | 
     return model, _read_generation_config(location), None
 
 
+def check_cuda(torch, device) -> None:
+    """A clear error at load, naming what is missing, where a CUDA device was asked for and cannot be had."""
+    if torch.version.cuda is None:
+        raise SmolVLMError(f"device {str(device)!r} needs CUDA, but this torch ({torch.__version__}) was built without "
+                           "it: install a CUDA build of torch, or use device='cpu'")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise SmolVLMError(f"device {str(device)!r}: torch has CUDA {torch.version.cuda} but sees no GPU (a driver "
+                           "missing, or CUDA_VISIBLE_DEVICES hides them); use device='cpu'")
+    if device.index is not None and device.index >= count:
+        raise SmolVLMError(f"device {str(device)!r}: only {count} GPU(s) are visible (cuda:0 to cuda:{count - 1})")
+
+
 def load_numpy_model(location: Path, device, dtype: str | None, quantize: str | None):
     """(model, generation config, tokenizer or None) on the PyTorch-free backend (CPU, float32)."""
     from .models.smolvlm_numpy import NumpyModel
@@ -116,8 +134,10 @@ def load_numpy_model(location: Path, device, dtype: str | None, quantize: str | 
 class SmolVLMForConditionalGeneration:
     """What `AutoModelForVision2Seq.from_pretrained` returns: transformers' calling conventions over our model."""
 
-    def __init__(self, model, backend: str, generation_config: dict | None = None, tokenizer=None, block_size: int = 16):
-        self.model, self.backend, self.block_size, self.tokenizer = model, backend, block_size, tokenizer
+    def __init__(self, model, backend: str | None = None, generation_config: dict | None = None, tokenizer=None,
+                 block_size: int = 16):
+        self.model, self.block_size, self.tokenizer = model, block_size, tokenizer
+        self._backend = backend_named(backend) if backend is not None else backend_of(model)
         self.generation_config = generation_config or {}
 
     # -- loading
@@ -129,9 +149,9 @@ class SmolVLMForConditionalGeneration:
         """quantize="int4": the decoder's linear layers in int4 (group 64, or 32 where 64 does not divide K; GGUF
         Q4_0 / Q4_1 weights as they are). quantize_vision / quantize_lm_head (torch backend) add the vision encoder
         with the connector, and the output projection."""
-        backend = backend or ("torch" if torch_available() else "numpy")
-        if backend not in ("torch", "numpy"):
-            raise InputError(f"backend must be 'torch' or 'numpy', got {backend!r}")
+        if backend is None and not torch_available() and str(device or "cpu").startswith("cuda"):
+            raise SmolVLMError(f"device {device!r} needs PyTorch with CUDA, and torch is not installed")
+        backend = backend_named(backend or ("torch" if torch_available() else "numpy")).name
         if quantize not in (None, "int4"):
             raise InputError(f"quantize must be None or 'int4', got {quantize!r}")
         if (quantize_vision or quantize_lm_head) and (quantize is None or backend == "numpy"):
@@ -150,16 +170,21 @@ class SmolVLMForConditionalGeneration:
 
     # -- transformers conventions
     @property
+    def backend(self) -> str:
+        """"torch" or "numpy"."""
+        return self._backend.name
+
+    @property
     def config(self) -> ModelConfig:
         return self.model.config
 
     @property
     def device(self):
-        return getattr(self.model, "device", "cpu")
+        return self.model.device
 
     @property
     def dtype(self):
-        return getattr(self.model, "dtype", np.float32)
+        return self.model.dtype
 
     def eval(self):
         return self
@@ -169,22 +194,22 @@ class SmolVLMForConditionalGeneration:
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None) -> ModelOutput:
         """Logits for every position of a (padded) batch; padding positions get zeros."""
-        with self._no_grad():
+        with self._backend.inference():
             requests, keep = self._requests(input_ids, attention_mask, pixel_values, pixel_attention_mask,
                                             SamplingParams(max_new_tokens=0))
             check_requests(self.model, requests)
             cache, kv = new_cache(self.model, [len(r.prompt_ids) for r in requests], self.block_size)
             hidden, _ = prefill(self.model, cache, kv, requests, list(range(len(requests))))
             rows = self.model.compute_logits(hidden)  # [T, V]
-            return ModelOutput(logits=_scatter_rows(rows, keep))
+            return ModelOutput(logits=self._backend.scatter_rows(rows, keep))
 
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,
                  streamer=None, tokenizer=None, **generation_kwargs):
         """Prompt + new ids per row, as transformers returns them (finished rows padded with pad_token_id)."""
         params = self._sampling_params(generation_kwargs)
-        with self._no_grad():
+        with self._backend.inference():
             requests, _ = self._requests(input_ids, attention_mask, pixel_values, pixel_attention_mask, params)
-            prompt = self._as_backend(_ids_as_numpy(input_ids))
+            prompt = self._backend.from_numpy(_ids_as_numpy(input_ids))
             if streamer is not None:
                 if len(requests) != 1:
                     raise InputError("streaming needs a batch of one prompt")
@@ -196,22 +221,9 @@ class SmolVLMForConditionalGeneration:
             seqs = run_generation(self.model, requests, decode=decode, block_size=self.block_size)
         if streamer is not None:
             streamer.end()
-        return self._as_backend(self._pad_outputs(_ids_as_numpy(input_ids), [s.output_ids for s in seqs]))
+        return self._backend.from_numpy(self._pad_outputs(_ids_as_numpy(input_ids), [s.output_ids for s in seqs]))
 
     # -- helpers
-    def _no_grad(self):
-        if self.backend == "torch":
-            import torch
-            return torch.inference_mode()
-        from contextlib import nullcontext
-        return nullcontext()
-
-    def _as_backend(self, ids: np.ndarray):
-        if self.backend == "torch":
-            import torch
-            return torch.as_tensor(ids)
-        return ids
-
     def _requests(self, input_ids, attention_mask, pixel_values, pixel_attention_mask, params):
         ids = _ids_as_numpy(input_ids)
         keep = np.ones(ids.shape, dtype=bool) if attention_mask is None else _ids_as_numpy(attention_mask).astype(bool)
@@ -225,9 +237,9 @@ class SmolVLMForConditionalGeneration:
         if pixel_values is not None:
             if not self.config.is_vlm:
                 raise InputError("this is a text-only model; it cannot take images (use a SmolVLM checkpoint)")
-            if self.backend == "numpy":
-                pixel_values = _as_numpy(pixel_values, np.float32)
-                pixel_attention_mask = None if pixel_attention_mask is None else _as_numpy(pixel_attention_mask, bool)
+            pixel_values = self._backend.model_input(pixel_values, np.float32)
+            if pixel_attention_mask is not None:
+                pixel_attention_mask = self._backend.model_input(pixel_attention_mask, bool)
             features = self.model.image_features_per_row(pixel_values, pixel_attention_mask)
         requests = [Request(row[m].tolist(), params, f) for row, m, f in zip(ids, keep, features)]
         return requests, keep
@@ -262,28 +274,10 @@ def _with_backend(loaded, backend):
     return model, backend, generation, tokenizer
 
 
-def _as_numpy(x, dtype) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype)
-
-
 def _ids_as_numpy(x) -> np.ndarray:
     """input_ids / attention_mask (tensor, array or nested list) as a 2-D int64 array."""
-    ids = _as_numpy(x, np.int64)
+    ids = as_numpy(x, np.int64)
     return ids[None] if ids.ndim == 1 else ids
-
-
-def _scatter_rows(rows, keep: np.ndarray):
-    """[T, V] rows -> [B, S, V] with the rows at the kept positions and zeros elsewhere (either backend)."""
-    if isinstance(rows, np.ndarray):
-        out = np.zeros((*keep.shape, rows.shape[-1]), dtype=rows.dtype)
-        out[keep] = rows
-        return out
-    import torch
-    out = torch.zeros(*keep.shape, rows.shape[-1], dtype=rows.dtype, device=rows.device)
-    out[torch.as_tensor(keep, device=rows.device)] = rows
-    return out
 
 
 def _gguf_generation_config(config: dict) -> dict:

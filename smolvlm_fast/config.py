@@ -79,6 +79,11 @@ class ModelConfig:
         return self.vision is not None
 
     @property
+    def text_prefix(self) -> str:
+        """The checkpoint's name prefix of the decoder's tensors (a VLM nests its text model)."""
+        return "model.text_model." if self.is_vlm else "model."
+
+    @property
     def is_xattn(self) -> bool:
         """Images reach the text through cross-attention layers instead of spliced <image> tokens."""
         return self.model_type == XATTN_MODEL_TYPE

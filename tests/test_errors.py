@@ -100,3 +100,18 @@ def test_bad_sampling_params(kwargs):
 def test_unknown_dtype(tiny_llama):
     with pytest.raises(InputError, match="dtype 'float8'"):
         AutoModelForCausalLM.from_pretrained(tiny_llama, dtype="float8")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_clear_error(tiny_llama, monkeypatch):
+    """device="cuda" (or --device cuda) where torch has no CUDA, or sees no GPU, names what is missing at load."""
+    from smolvlm_fast import LLM, SmolVLMError
+
+    missing = "built without" if torch.version.cuda is None else "sees no GPU"
+    with pytest.raises(SmolVLMError, match=missing):
+        AutoModelForCausalLM.from_pretrained(tiny_llama, device="cuda")
+    with pytest.raises(SmolVLMError, match=missing):
+        LLM(tiny_llama, device="cuda:0")
+    monkeypatch.setattr(torch.version, "cuda", "12.4")  # a CUDA build on a machine without a GPU
+    with pytest.raises(SmolVLMError, match="sees no GPU"):
+        AutoModelForCausalLM.from_pretrained(tiny_llama, device="cuda")

@@ -160,3 +160,88 @@ def test_openai_image_url_blocks_are_images(vlm, tmp_path):
     a, b = vlm.generate([ours, openai], GREEDY)
     assert a.error is None and b.error is None
     assert a.prompt_token_ids == b.prompt_token_ids and a.token_ids == b.token_ids
+
+
+# ---------------------------------------------------------------- what the server reads
+
+
+def test_capacity_check_and_gauges(tiny_idefics3):
+    llm = LLM(tiny_idefics3, backend="numpy", num_blocks=8, block_size=16, ignore_eos=True)
+    assert llm.capacity == 8 * 16
+    llm.check(llm.make_request("Hello", GREEDY))
+    with pytest.raises(InputError, match="KV cache"):
+        llm.check(llm.make_request("Hello", SamplingParams(max_new_tokens=llm.capacity)))
+    with pytest.raises(InputError, match="empty"):
+        llm.check(Request([], GREEDY))
+    with pytest.raises(InputError, match="token ids"):
+        llm.check(Request([10**6], GREEDY))
+    stats = llm.stats
+    assert (stats.running, stats.waiting, stats.kv_blocks_total, stats.kv_blocks_free) == (0, 0, 8, 8)
+    seqs = [llm.engine.add_request(llm.make_request(p, GREEDY)) for p in ("Hello there", "Once upon a time")]
+    assert (llm.stats.running, llm.stats.waiting) == (0, 2)
+    llm.engine.step()
+    stats = llm.stats
+    assert stats.running == 2 and stats.waiting == 0 and stats.kv_blocks_free == 8 - 2
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    assert all(s.finished for s in seqs)
+    stats, allocator = llm.stats, llm.engine.cache.allocator
+    assert stats.running == 0 and stats.kv_blocks_free == 8
+    assert stats.kv_blocks_cached == allocator.num_cached > 0  # a full block (prompt + output) stays findable
+
+
+def test_max_image_pixels_reads_and_binds_the_processor(tiny_idefics3, tiny_llama, tmp_path):
+    llm = LLM(tiny_idefics3, backend="numpy")
+    assert llm.max_image_pixels == 40_000_000  # the processor's default cap
+    llm.max_image_pixels = 100
+    assert llm.max_image_pixels == llm.processor.max_image_pixels == 100
+    path = tmp_path / "big.png"
+    picture(11).save(path)  # 90 x 60 pixels
+    out = llm.generate([{"prompt": "User:<image>What?", "images": [str(path)]}], GREEDY)[0]
+    assert out.finish_reason == "error" and "max_image_pixels" in out.error
+    text_only = LLM(tiny_llama, backend="numpy")
+    assert text_only.max_image_pixels is None
+    text_only.max_image_pixels = 100  # nothing to bind: no error
+    assert text_only.max_image_pixels is None
+
+
+# ---------------------------------------------------------------- the KV cache's default size
+
+
+def test_kv_cache_defaults_to_a_fraction_of_free_memory(tiny_llama, monkeypatch, caplog):
+    from smolvlm_fast.engine import memory
+    from smolvlm_fast.engine.backend import NumpyBackend
+
+    model = LLM(tiny_llama, backend="numpy", num_blocks=1).model
+    per_block = memory.block_bytes(model, NumpyBackend(), 16)
+    monkeypatch.setattr(NumpyBackend, "free_memory", lambda self, m: (40 * per_block, "host"))
+    with caplog.at_level("INFO", logger="smolvlm_fast.engine"):
+        llm = LLM(model, backend="numpy")
+    assert llm.stats.kv_blocks_total == int(40 * memory.HOST_FRACTION)  # 25% of what is free
+    line = caplog.records[-1].getMessage()
+    assert "10 blocks of 16 tokens = 160 tokens" in line and "25% of the" in line and "host" in line
+    context_blocks = -(-model.config.text.max_position_embeddings // 16)
+    monkeypatch.setattr(NumpyBackend, "free_memory", lambda self, m: (1 << 50, "host"))
+    assert LLM(model, max_num_seqs=3).stats.kv_blocks_total == 3 * context_blocks  # capped at 3 whole contexts
+    monkeypatch.setattr(NumpyBackend, "free_memory", lambda self, m: (None, "host"))
+    assert LLM(model, max_num_seqs=10**6).stats.kv_blocks_total == memory.FALLBACK_BYTES // per_block
+    assert LLM(model, kv_cache_bytes=5 * per_block).stats.kv_blocks_total == 5  # overridable both ways
+    assert LLM(model, num_blocks=7).capacity == 7 * 16
+
+
+def test_free_host_memory_is_read():
+    from smolvlm_fast.engine.backend import host_available_bytes
+
+    free = host_available_bytes()
+    assert free is None or free > 0
+
+
+def test_a_plain_string_is_not_chat_templated(vlm):
+    """A string goes to the tokenizer as it is; a chat message list goes through the checkpoint's chat template."""
+    question = "What is in the picture?"
+    assert vlm.make_request(question).prompt_ids == vlm.tokenizer.encode(question)
+    text = vlm.processor.apply_chat_template(chat(question), add_generation_prompt=True, tokenize=False)
+    bos = vlm.tokenizer.bos_token
+    assert text != question and question in text
+    assert vlm.make_request(chat(question)).prompt_ids == vlm.tokenizer.encode(
+        text, add_special_tokens=not (bos and text.startswith(bos)))

@@ -12,6 +12,7 @@ import torch
 from smolvlm_fast.engine.cache import PagedCache, schedule_step
 from smolvlm_fast.errors import InputError
 from smolvlm_fast.cpu.weights import DECODER_LINEARS, GATE_UP, QKV
+from smolvlm_fast.models.batch import SequenceImages
 from smolvlm_fast.models.smolvlm_numpy import NumpyModel
 from smolvlm_fast.inputs.processor import Processor
 
@@ -35,9 +36,8 @@ def new_cache(model, token_counts, block_size):
 def prefill(model, cache, kv, rows, features):
     """Every row's prompt in one packed step -> (hidden [T, D], metadata)."""
     meta = schedule_step(cache, {i: len(r) for i, r in enumerate(rows)})
-    real = [f for f in features if f is not None]
-    hidden = model.forward(np.concatenate(rows), meta, kv, np.concatenate(real) if real else None)
-    return hidden, meta
+    images = [None if f is None else SequenceImages.of(f) for f in features]
+    return model.forward(np.concatenate(rows), meta, kv, images), meta
 
 
 def greedy(model, rows, features=None, max_new_tokens=16, block_size=16):

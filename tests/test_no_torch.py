@@ -36,6 +36,10 @@ tokenizer = model.tokenizer
 inputs = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                        add_generation_prompt=True, return_tensors="np")
 results["gguf"] = model.generate(**inputs, max_new_tokens=8).tolist()
+from smolvlm_fast import LLM, SamplingParams  # the engine, its backend object and the KV-cache sizing: no torch
+llm = LLM(args["vlm"]["fp32"], ignore_eos=True)
+chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]}]
+results["llm"] = llm.generate(chat, SamplingParams(max_new_tokens=8))[0].token_ids
 assert "torch" not in [m.split(".")[0] for m, v in sys.modules.items() if v is not None]
 print(json.dumps(results))
 """
@@ -62,6 +66,9 @@ def test_whole_path_runs_without_torch(tiny_idefics3, tiny_bf16, smollm2_gguf):
             add_generation_prompt=True)
         inputs = processor(text=text, images=[Image.fromarray(image)], return_tensors="pt")
         assert results[key] == model.generate(**inputs, max_new_tokens=8).tolist(), key
+        if key == "fp32":
+            free = model.generate(**inputs, max_new_tokens=8, eos_token_id=[])[0]
+            assert results["llm"] == free[inputs["input_ids"].shape[1]:].tolist()  # LLM, without torch
     model = AutoModelForCausalLM.from_pretrained(smollm2_gguf, backend="torch", dtype="float32", device="cpu")
     inputs = model.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                                  add_generation_prompt=True, return_tensors="pt")

@@ -22,6 +22,7 @@ from smolvlm_fast.formats import int4 as int4_format
 from smolvlm_fast.engine.cache import PagedCache, schedule_step
 from smolvlm_fast.config import ModelConfig
 from smolvlm_fast.errors import InputError
+from smolvlm_fast.models.batch import SequenceImages
 from smolvlm_fast.models.smolvlm_numpy import NumpyModel
 from smolvlm_fast.models.vision_numpy import stem_embeddings
 from smolvlm_fast.cpu.ops import apply_rope, rope_table
@@ -71,9 +72,8 @@ def write_checkpoint(path, config: dict, tensors: dict):
     return path
 
 
-def build(tmp_path, seed=None, **kwargs) -> tuple[NumpyModel, dict, dict]:
-    """A random checkpoint of the variant on disk, loaded: (model, config dict, tensors)."""
-    rng = np.random.default_rng(seed)
+def build(tmp_path, rng, **kwargs) -> tuple[NumpyModel, dict, dict]:
+    """A random checkpoint of the variant on disk (weights drawn from rng), loaded: (model, config dict, tensors)."""
     config = xattn_config(**kwargs)
     tensors = random_tensors(config, rng)
     return NumpyModel.from_checkpoint(write_checkpoint(tmp_path / "ckpt", config, tensors)), config, tensors
@@ -103,8 +103,8 @@ class Run:
         """new: seq id -> its new token ids, packed in that order; cross: seq id -> cross_kv (or absent) ->
         the logits of every packed token [T, V]."""
         meta = schedule_step(self.cache, {s: len(ids) for s, ids in new.items()})
-        hidden = self.model.forward(np.concatenate([np.asarray(ids) for ids in new.values()]), meta, self.kv,
-                                    cross_kv=[cross.get(s) for s in new])
+        images = [None if cross.get(s) is None else SequenceImages(kept=cross[s]) for s in new]
+        hidden = self.model.forward(np.concatenate([np.asarray(ids) for ids in new.values()]), meta, self.kv, images)
         return self.model.compute_logits(hidden)
 
 
@@ -133,11 +133,10 @@ def features_and_kv(model, rng, n_images=1):
 
 
 @pytest.mark.parametrize("arch, stem, groups", [("phi", "dwsep", 1), ("llama", "grouped", 3), ("llama", "conv", 1)])
-def test_decode_equals_recomputing_the_prefix(tmp_path, arch, stem, groups):
+def test_decode_equals_recomputing_the_prefix(tmp_path, arch, stem, groups, rng):
     """Prompt prefilled in two chunks, then 8 greedy decode steps, all with the cross K/V computed once; each
     step's logits equal a fresh prefill of the whole sequence so far (its last row)."""
-    rng = np.random.default_rng()
-    model, _, _ = build(tmp_path, arch=arch, stem=stem, groups=groups, scale=2 if stem == "conv" else 1)
+    model, _, _ = build(tmp_path, rng, arch=arch, stem=stem, groups=groups, scale=2 if stem == "conv" else 1)
     _, cross = features_and_kv(model, rng, n_images=2)
     ids = prompt(rng, n_images=2, length=13)
     run = Run(model)
@@ -157,11 +156,10 @@ def test_decode_equals_recomputing_the_prefix(tmp_path, arch, stem, groups):
 
 @pytest.mark.parametrize("arch", ["phi", "llama"])
 @pytest.mark.parametrize("image_first", [True, False])
-def test_packed_batch_equals_each_alone(tmp_path, arch, image_first):
+def test_packed_batch_equals_each_alone(tmp_path, arch, image_first, rng):
     """One sequence with an image and one text-only, prefilled and decoded together, give the logits each
     gives alone."""
-    rng = np.random.default_rng()
-    model, _, _ = build(tmp_path, arch=arch, stem="grouped", groups=3)
+    model, _, _ = build(tmp_path, rng, arch=arch, stem="grouped", groups=3)
     _, cross = features_and_kv(model, rng)
     seqs = {0: prompt(rng, length=9), 1: rng.integers(6, 100, 14)}
     kvs = {0: cross, 1: None}
@@ -181,14 +179,13 @@ def test_packed_batch_equals_each_alone(tmp_path, arch, image_first):
 
 
 @pytest.mark.parametrize("arch", ["phi", "llama"])
-def test_chunked_prefill_equals_whole(tmp_path, arch, monkeypatch):
+def test_chunked_prefill_equals_whole(tmp_path, arch, monkeypatch, rng):
     """A long prompt's MLPs (Phi's, Llama's and the cross layers') run MLP_ROWS tokens at a time and its attention
     (self and cross) in query chunks under MAX_SCORES: with both tiny, the logits stay those of one piece."""
     from smolvlm_fast.models import smolvlm_numpy as model_numpy
     from smolvlm_fast.cpu import ops as numpy_ops
 
-    rng = np.random.default_rng()
-    model, _, _ = build(tmp_path, arch=arch)
+    model, _, _ = build(tmp_path, rng, arch=arch)
     _, cross = features_and_kv(model, rng, n_images=2)
     ids = prompt(rng, n_images=2, length=23)
     whole = full_logits(model, ids, cross)
@@ -217,9 +214,8 @@ def direct_conv(x, weight, bias, groups):
 
 
 @pytest.mark.parametrize("stem, groups", [("conv", 1), ("grouped", 3), ("dwsep", 1)])
-def test_patch_stems_equal_a_direct_convolution(tmp_path, stem, groups):
-    rng = np.random.default_rng()
-    model, _, w = build(tmp_path, stem=stem, groups=groups)
+def test_patch_stems_equal_a_direct_convolution(tmp_path, stem, groups, rng):
+    model, _, w = build(tmp_path, rng, stem=stem, groups=groups)
     x = pixels(rng, 2)[0]  # [2, C, S, S]
     ours = stem_embeddings(model.weights, model.config.vision, x)  # [2, N, D]
     p = "model.vision_model.embeddings."
@@ -235,11 +231,10 @@ def test_patch_stems_equal_a_direct_convolution(tmp_path, stem, groups):
 
 
 @pytest.mark.parametrize("scale", [1, 2])
-def test_image_features_rows(tmp_path, scale):
+def test_image_features_rows(tmp_path, scale, rng):
     """(S/P)^2 / scale^2 rows of text-hidden-size features per real image; all-zero padding images give none;
     an image's features do not depend on its batch neighbours."""
-    rng = np.random.default_rng()
-    model, _, _ = build(tmp_path, stem="conv", scale=scale)
+    model, _, _ = build(tmp_path, rng, stem="conv", scale=scale)
     batch = pixels(rng, 2).repeat(2, axis=0)  # [2, 2, C, S, S]
     batch[1, 1] = 0
     first, second = model.image_features_per_row(batch)
@@ -253,9 +248,8 @@ def test_image_features_rows(tmp_path, scale):
 # ---------------------------------------------------------------- (d) partial rotary
 
 
-def test_partial_rope_rotates_the_leading_features_only():
+def test_partial_rope_rotates_the_leading_features_only(rng):
     """rope_table(R) with R < head_dim: rotate-half on features [0, R) of each head, the rest untouched."""
-    rng = np.random.default_rng()
     T, H, Dh, R = 7, 3, 16, 8
     x = rng.standard_normal((T, H, Dh)).astype(np.float32)
     positions = rng.integers(0, 100, T)
@@ -270,12 +264,11 @@ def test_partial_rope_rotates_the_leading_features_only():
 
 
 @pytest.mark.parametrize("arch", ["phi", "llama"])
-def test_logits_follow_relative_positions(tmp_path, arch):
+def test_logits_follow_relative_positions(tmp_path, arch, rng):
     """RoPE (partial, factor 0.5) makes attention see position differences only: the same tokens prefilled
     after a cached prefix equal them prefilled alone at positions shifted by hand (StepMetadata positions);
     a rotary table of the wrong width would break this."""
-    rng = np.random.default_rng()
-    model, _, _ = build(tmp_path, arch=arch)
+    model, _, _ = build(tmp_path, rng, arch=arch)
     ids = rng.integers(6, 100, 9)
     ref = full_logits(model, ids, None)
     run = Run(model, block_size=4, num_blocks=8)
@@ -286,11 +279,10 @@ def test_logits_follow_relative_positions(tmp_path, arch):
 
 
 @pytest.mark.skipif(not cpu_decoder.available(), reason="smolvlm_fast._cpu has no fused decode step")
-def test_fused_llama_with_partial_rotary(tmp_path):
+def test_fused_llama_with_partial_rotary(tmp_path, rng):
     """Without cross layers a Llama variant runs in the C++ decoder, its partial rotary included, with the
     NumPy free functions' logits; Phi blocks or cross layers never take the C++ step."""
-    rng = np.random.default_rng()
-    model, config, tensors = build(tmp_path, arch="llama", cross=())
+    model, config, tensors = build(tmp_path, rng, arch="llama", cross=())
     assert model.fused
     numpy_model = NumpyModel(model.config, tensors, fused=False)
     seqs = {0: rng.integers(6, 100, 10), 1: rng.integers(6, 100, 3)}
@@ -298,19 +290,19 @@ def test_fused_llama_with_partial_rotary(tmp_path):
     assert_close(fused.step(seqs, {}), free.step(seqs, {}))
     for _ in range(4):
         assert_close(fused.step({0: [7], 1: [9]}, {}), free.step({0: [7], 1: [9]}, {}))
-    assert not build(tmp_path / "phi", arch="phi", cross=())[0].fused
-    assert build(tmp_path / "x", arch="llama")[0].fused  # Llama with cross layers: C++ segments (test_xattn_numpy_fused)
+    assert not build(tmp_path / "phi", rng, arch="phi", cross=())[0].fused
+    # Llama with cross layers: C++ segments (test_xattn_numpy_fused)
+    assert build(tmp_path / "x", rng, arch="llama")[0].fused
 
 
 # ---------------------------------------------------------------- (e) text-only requests
 
 
 @pytest.mark.parametrize("arch", ["phi", "llama"])
-def test_text_only_request_skips_the_cross_layers(tmp_path, arch):
+def test_text_only_request_skips_the_cross_layers(tmp_path, arch, rng):
     """A sequence without images gives what the same weights give with no cross layers at all; with an image
     (and only then) the cross layers change its logits."""
-    rng = np.random.default_rng()
-    model, config, tensors = build(tmp_path, arch=arch)
+    model, config, tensors = build(tmp_path, rng, arch=arch)
     plain_config = {**config, "cross_attention_layers": []}
     plain_tensors = {n: t for n, t in tensors.items() if ".cross_layers." not in n}
     plain = NumpyModel.from_checkpoint(write_checkpoint(tmp_path / "plain", plain_config, plain_tensors))
@@ -324,9 +316,24 @@ def test_text_only_request_skips_the_cross_layers(tmp_path, arch):
 # ---------------------------------------------------------------- (f) bad inputs, loading
 
 
-def test_bad_inputs(tmp_path):
-    rng = np.random.default_rng()
-    model, _, _ = build(tmp_path)
+def test_the_model_derives_its_image_kv_once(tmp_path, rng):
+    """Given a sequence's image features, the model computes their cross K/V at its first step and keeps them with
+    the sequence: the same logits as handing it the K/V, and the later steps reuse them."""
+    model, _, _ = build(tmp_path, rng)
+    features, cross = features_and_kv(model, rng)
+    ids = prompt(rng)
+    run, images = Run(model), SequenceImages.of(features)
+    meta = schedule_step(run.cache, {0: len(ids)})
+    derived = model.compute_logits(model.forward(ids, meta, run.kv, [images]))
+    assert_close(derived, full_logits(model, ids, cross))
+    kept = images.kept
+    assert all(np.array_equal(k, k2) and np.array_equal(v, v2) for (k, v), (k2, v2) in zip(kept, cross))
+    model.forward(np.array([7]), schedule_step(run.cache, {0: 1}), run.kv, [images])
+    assert images.kept is kept
+
+
+def test_bad_inputs(tmp_path, rng):
+    model, _, _ = build(tmp_path, rng)
     for shape in ((1, 1, 3, 2 * SIZE, 2 * SIZE), (1, 1, 3, SIZE, SIZE + PATCH), (1, 1, 1, SIZE, SIZE),
                   (3, SIZE, SIZE)):
         with pytest.raises(InputError):
@@ -337,20 +344,19 @@ def test_bad_inputs(tmp_path):
     run = Run(model)
     ids = prompt(rng)
     meta = schedule_step(run.cache, {0: len(ids)})
-    with pytest.raises(InputError, match="cross_kv, not image_features"):
-        model.forward(ids, meta, run.kv, image_features=features)
     with pytest.raises(InputError, match="2 entries for a step of 1"):
-        model.forward(ids, meta, run.kv, cross_kv=[cross, None])
+        model.forward(ids, meta, run.kv, [SequenceImages(kept=cross), None])
     with pytest.raises(InputError, match="1 layers, the model has 2 cross layers"):
-        model.forward(ids, meta, run.kv, cross_kv=[cross[:1]])
+        model.forward(ids, meta, run.kv, [SequenceImages(kept=cross[:1])])
+    with pytest.raises(InputError, match="image features must be"):  # the model derives its K/V from bad features
+        model.forward(ids, meta, run.kv, [SequenceImages.of(features[:, :10])])
 
 
 @pytest.mark.parametrize("arch", ["phi", "llama"])
-def test_quantize_int4(tmp_path, arch):
+def test_quantize_int4(tmp_path, arch, rng):
     """quantize="int4" makes every decoder linear int4, Phi's and the cross layers' included, and the model computes
     what the same weights dequantized give (lm_head and the vision encoder stay float)."""
-    rng = np.random.default_rng()
-    build(tmp_path, arch=arch)
+    build(tmp_path, rng, arch=arch)
     model = NumpyModel.from_checkpoint(tmp_path / "ckpt", quantize="int4")
     w = model.weights
     names = ["self_attn.dense.weight", "mlp.fc1.weight", "mlp.fc2.weight"] if arch == "phi" else \
@@ -371,14 +377,13 @@ def test_quantize_int4(tmp_path, arch):
 
 @pytest.mark.parametrize("arch, stem, groups, scale, tie", [("phi", "dwsep", 1, 1, True),
                                                             ("llama", "grouped", 3, 2, False)])
-def test_matches_the_pytorch_reference(tmp_path, arch, stem, groups, scale, tie):
+def test_matches_the_pytorch_reference(tmp_path, arch, stem, groups, scale, tie, rng):
     """tests/xattn_reference.py (written from docs/xattn.md alone, whole sequence recomputed every step): the same
     layout, full-prefill logits within 1e-4 of the largest, and 16 greedy tokens identical to ours decoded over the
     paged cache with the cross K/V computed once; a text-only prompt too."""
     torch = pytest.importorskip("torch")
     from . import xattn_reference
 
-    rng = np.random.default_rng()
     config = xattn_config(arch=arch, stem=stem, groups=groups, scale=scale, tie=tie)
     tensors = random_tensors(config, rng)
     assert {n: t.shape for n, t in tensors.items()} == xattn_reference.tensor_shapes(config)  # one layout, twice

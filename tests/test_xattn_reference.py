@@ -1,12 +1,10 @@
 """tests/xattn_reference.py against anchors that do not share its code: transformers' Mllama cross-attention layer,
 Llama / Phi-3 / Phi decoders (with the cross layers hooked in after the listed layers), the Idefics3 vision
-transformer and connector, and F.conv2d. Weights and inputs are fresh random draws each run (the seed is in
-every failure message). Tolerances, fp32: 1e-5 on one layer, 1e-4 on logits (the same sums in another order
-through up to ~10 layers)."""
+transformer and connector, and F.conv2d. Weights and inputs are fresh random draws each run, from the `seed`
+fixture (tests/conftest_seed.py, which seeds torch with it; the seed is in every failure message). Tolerances, fp32:
+1e-5 on one layer, 1e-4 on logits (the same sums in another order through up to ~10 layers)."""
 
 from __future__ import annotations
-
-import random
 
 import pytest
 import torch
@@ -20,13 +18,6 @@ from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecod
 from tests.xattn_reference import CONNECTOR, T, V, XAttnReference, pixel_shuffle, random_tensors
 
 STEM = V + "embeddings.patch_embedding."
-
-
-@pytest.fixture
-def seed() -> int:
-    s = random.randrange(2**31)
-    torch.manual_seed(s)
-    return s
 
 
 def make_config(arch="llama", stem="conv", partial=0.5, tie=False, cross=(0, 2), scale=2, image_size=32, groups=3):

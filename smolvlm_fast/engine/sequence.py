@@ -5,14 +5,23 @@ Its own module, as nano-vllm's engine/sequence.py, so the scheduler and the engi
 the other."""
 from __future__ import annotations
 
+import hashlib
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import SamplingParams
+from ..config import ModelConfig, SamplingParams
+from ..models.batch import SequenceImages
 from .cache import block_digest
+
+
+def image_digest(pixels: np.ndarray) -> bytes:
+    """The content hash that names an image for prefix caching and the feature cache: of its pixels as float32,
+    with their shape (two images with the same bytes in other shapes differ)."""
+    pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+    return hashlib.blake2b(pixels.tobytes() + str(pixels.shape).encode(), digest_size=32).digest()
 
 
 @dataclass
@@ -62,7 +71,7 @@ class Sequence:
     features: dict[int, object] = field(default_factory=dict)  # image index -> features, held while prefilling
     error: str | None = None
     attends_images: bool = False  # a cross-attention model: every token depends on all the request's images
-    cross_kv: object | None = None  # its image K/V per cross-attention layer, computed at the first step, kept to the end
+    model_images: SequenceImages | None = None  # its images as the model's forward takes them (None: it has none)
 
     @property
     def finished(self) -> bool:
@@ -75,6 +84,17 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    def place_images(self, spans: list[ImageSpan], config: ModelConfig) -> None:
+        """Where its images' features go, for the prefix-cache names and the chunk cuts: a spliced model fills the
+        prompt's <image> tokens with them; a cross-attention model attends to all of them from every token (its
+        <image> ids stay ordinary tokens)."""
+        self.images = spans
+        if config.is_xattn:
+            self.image_token_id, self.attends_images = None, True
+        else:
+            self.image_token_id = config.image_token_id
+            self.image_positions = [p for p, t in enumerate(self.request.prompt_ids) if t == config.image_token_id]
 
     def append_token(self, token: int) -> None:
         self.output_ids.append(token)

@@ -3,7 +3,8 @@ docs/xattn.md) and of text-only Llama models, in NumPy.
 
 Free functions, one per layer, each taking the weights dict under the checkpoint's own (Hugging Face) names.
 Every linear layer goes through `linear`, which takes float32 or quantized (int4 / q8) weights. The KV cache is
-allocated outside and handed in; the step's attention metadata comes from cache.StepMetadata.
+allocated outside and handed in; the step's attention metadata and its images per sequence come from
+models/batch.py. The vision encoder is in models/vision_numpy.py.
 """
 from __future__ import annotations
 
@@ -41,28 +42,8 @@ from ..cpu.weights import (
 )
 from ..errors import InputError, check_image_tokens
 from ..formats.int4 import embedding_rows
-from .batch import StepMetadata, cross_spans
+from .batch import StepMetadata, check_images, cross_spans, derived_per_sequence, spliced_features
 from .vision_numpy import image_features_per_row
-
-# ---------------------------------------------------------------- vision encoder (SigLIP, variable size)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 # ---------------------------------------------------------------- decoder (Llama or Phi blocks, gated cross-attention)
 
@@ -88,8 +69,6 @@ class Step:
                    *rope_factors(cos_sin, i32["positions"]), plan)
 
 
-
-
 def embed(w: dict, config: ModelConfig, input_ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
     """input_ids [T] -> [T, D]; image features [n, D], when given, replace the n <image> tokens in order.
 
@@ -98,14 +77,10 @@ def embed(w: dict, config: ModelConfig, input_ids: np.ndarray, image_features: n
     x = embedding_rows(w[text_prefix(config) + "embed_tokens.weight"], input_ids)  # [T, D]
     if image_features is None:
         return x
-    if config.is_xattn:
-        raise InputError("this model attends to images through cross-attention: pass cross_kv, not image_features")
     is_image = input_ids == config.image_token_id  # [T]
     check_image_tokens(int(is_image.sum()), len(image_features))
     x[is_image] = image_features
     return x
-
-
 
 
 def decoder_layer(w: dict, p: str, t: TextConfig, x: np.ndarray, residual: np.ndarray | None, step: Step,
@@ -178,11 +153,9 @@ class CrossSpan:
     v: np.ndarray  # [n_img, Hkv, Dh]
 
 
-def layer_spans(meta: StepMetadata, cross_kv: list | None, n_layers: int) -> list[list[CrossSpan]]:
-    """Per cross layer, the spans of the step's sequences that have images (cache.cross_spans: cross_kv holds one
+def layer_spans(meta: StepMetadata, cross_kv: list, n_layers: int) -> list[list[CrossSpan]]:
+    """Per cross layer, the spans of the step's sequences that have images (batch.cross_spans: cross_kv holds one
     entry per sequence, None for a text-only one)."""
-    if cross_kv is not None and len(cross_kv) != len(meta.seq_lens):
-        raise InputError(f"cross_kv has {len(cross_kv)} entries for a step of {len(meta.seq_lens)} sequences")
     spans = cross_spans(meta, cross_kv) or []
     for _, _, kv in spans:
         if len(kv) != n_layers:
@@ -260,6 +233,8 @@ def logits(w: dict, config: ModelConfig, hidden: np.ndarray) -> np.ndarray:
 class NumpyModel:
     """SmolVLM, its factorized variant or a text-only Llama over NumPy: weights by Hugging Face name, the forward
     in free functions."""
+    backend = "numpy"  # engine.backend's name for how this model's arrays are handled
+    device, dtype = "cpu", np.float32  # it computes on the CPU, in float32
 
     def __init__(self, config: ModelConfig, weights: dict, fused: bool | None = None,
                  int8_activations: bool | None = None):
@@ -312,13 +287,17 @@ class NumpyModel:
                 for j in range(len(self.config.cross_attention_layers))]
 
     def forward(self, input_ids: np.ndarray, meta: StepMetadata, kv_caches: list,
-                image_features: np.ndarray | None = None, cross_kv: list | None = None) -> np.ndarray:
+                images: list | None = None) -> np.ndarray:
         """Packed input_ids [T] -> hidden states [T, D]; writes the new tokens' K/V into kv_caches.
-        cross_kv (the factorized variant): per sequence of the step, None (no images) or its self.cross_kv(...)."""
-        t = self.config.text
-        x = embed(self.weights, self.config, np.asarray(input_ids), image_features)  # [T, D]
-        if cross_kv is not None and any(kv is not None for kv in cross_kv) and not self.config.is_xattn:
-            raise InputError("cross_kv is for models with cross-attention layers (model_type smolvlm_fast_xattn)")
+        images: per sequence of the step, its SequenceImages or None. Spliced into the <image> tokens, or (the
+        factorized variant) attended to through K/V computed at the sequence's first step and kept with it."""
+        t, images = self.config.text, check_images(meta, images)
+        if self.config.is_xattn:
+            x = embed(self.weights, self.config, np.asarray(input_ids))  # [T, D]
+            cross_kv = derived_per_sequence(images, lambda features: self.cross_kv(_concat(features)))
+        else:
+            x = embed(self.weights, self.config, np.asarray(input_ids), _concat(spliced_features(images)))  # [T, D]
+            cross_kv = None
         spans = layer_spans(meta, cross_kv, len(self.config.cross_attention_layers))
         if self.fused:
             return self.fused_decoder(x, meta, kv_caches, spans)  # [T, D]
@@ -352,27 +331,11 @@ class NumpyModel:
         return self.cos_sin
 
 
-# ---------------------------------------------------------------- loading
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+def _concat(features: list) -> np.ndarray | None:
+    """Arrays in order as one (None for none)."""
+    if len(features) <= 1:
+        return features[0] if features else None
+    return np.concatenate(features)
 
 
 MLP_ROWS = 256  # tokens per MLP pass

@@ -1,12 +1,11 @@
 """The PyTorch forward of SmolVLM (idefics3 / smolvlm) and of text-only Llama models.
 
-The model never sees requests: it gets packed token ids, positions and a `ForwardBatch` (slot mapping,
-block tables, sequence lengths) built by the engine, plus the KV cache tensors allocated outside it.
-Every hot op goes through `smolvlm_fast.ops`.
+The model never sees requests: it gets packed token ids, the step's StepMetadata (made a `ForwardBatch` of
+tensors here), the KV cache tensors allocated outside it and, per sequence, its images (models/batch.py).
+Every hot op goes through `smolvlm_fast.ops`. Loading a checkpoint into it: models/loader.py.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -15,8 +14,7 @@ from torch import nn
 from .. import ops
 from ..config import ModelConfig, TextConfig, VisionConfig
 from ..errors import InputError, check_image_tokens
-from ..formats.layout import check_complete, check_tensor, tensor_shapes
-from .batch import StepMetadata, cross_spans
+from .batch import StepMetadata, check_images, cross_spans, derived_per_sequence, spliced_features
 
 
 @dataclass
@@ -223,6 +221,13 @@ class CrossLayer(nn.Module):
         return h
 
 
+def _cat(features: list):
+    """Tensors in order as one (None for none)."""
+    if len(features) <= 1:
+        return features[0] if features else None
+    return torch.cat(features)
+
+
 def _offsets(spans):
     """Start of each span's rows among the gathered rows."""
     starts, total = [], 0
@@ -277,6 +282,7 @@ class TextModel(nn.Module):
 
 class SmolVLM(nn.Module):
     """SmolVLM (vision encoder + connector + Llama decoder), or a text-only Llama when config.vision is None."""
+    backend = "torch"  # engine.backend's name for how this model's arrays are handled
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -312,19 +318,22 @@ class SmolVLM(nn.Module):
         embeds = self.text.embed_tokens(input_ids)
         if image_features is None:
             return embeds
-        if self.config.is_xattn:
-            raise InputError("this model attends to images through cross-attention: pass cross_kv, not image_features")
         is_image = input_ids == self.config.image_token_id
         check_image_tokens(int(is_image.sum()), image_features.shape[0])
         return embeds.masked_scatter(is_image[:, None], image_features.to(embeds.dtype))
 
-    def forward(self, input_ids, meta: StepMetadata, kv_caches, image_features=None, cross_kv=None):
+    def forward(self, input_ids, meta: StepMetadata, kv_caches, images: list | None = None):
         """Packed input_ids [T] -> hidden states [T, D]; writes the new tokens' K/V into kv_caches.
-        cross_kv (cross-attention models): per sequence of the step, None or its cross_kv(image features)."""
+        images: per sequence of the step, its SequenceImages or None. Spliced into the <image> tokens, or (a
+        cross-attention model) attended to through K/V computed at the sequence's first step and kept with it."""
         ids = torch.as_tensor(input_ids, device=self.device)
-        spans = cross_spans(meta, cross_kv)
-        return self.text(self.embed(ids, image_features), ForwardBatch.from_metadata(meta, self.device), kv_caches,
-                         spans)
+        images = check_images(meta, images)
+        if self.config.is_xattn:
+            embeds = self.text.embed_tokens(ids)
+            spans = cross_spans(meta, derived_per_sequence(images, lambda features: self.cross_kv(_cat(features))))
+        else:
+            embeds, spans = self.embed(ids, _cat(spliced_features(images))), None
+        return self.text(embeds, ForwardBatch.from_metadata(meta, self.device), kv_caches, spans)
 
     def cross_kv(self, image_features):
         """A request's image features [n, D] -> per cross-attention layer its (k, v) [n, Hkv, Dh], kept with the
@@ -369,89 +378,3 @@ class SmolVLM(nn.Module):
         dtype = dtype or self.dtype
         return [(torch.empty(shape, dtype=dtype, device=self.device), torch.empty(shape, dtype=dtype, device=self.device))
                 for _ in range(t.num_hidden_layers)]
-
-
-# ---------------------------------------------------------------- loading
-
-def _parameter_for(hf_name: str, config: ModelConfig):
-    """Map a Hugging Face tensor name to (our parameter name, part index in a fused parameter or None)."""
-    text_prefix = "model.text_model." if config.is_vlm else "model."
-    fused = {"self_attn.q_proj": ("qkv_proj", 0), "self_attn.k_proj": ("qkv_proj", 1),
-             "self_attn.v_proj": ("qkv_proj", 2), "mlp.gate_proj": ("gate_up_proj", 0),
-             "mlp.up_proj": ("gate_up_proj", 1), "self_attn.o_proj": ("o_proj", None),
-             "mlp.down_proj": ("down_proj", None)}
-    vision_fused = {"self_attn.q_proj": ("qkv", 0), "self_attn.k_proj": ("qkv", 1), "self_attn.v_proj": ("qkv", 2),
-                    "self_attn.out_proj": ("out_proj", None), "mlp.fc1": ("fc1", None), "mlp.fc2": ("fc2", None)}
-    renames = {"model.vision_model.embeddings.patch_embedding.weight": "vision.patch_weight",
-               "model.vision_model.embeddings.patch_embedding.bias": "vision.patch_bias",
-               "model.vision_model.embeddings.position_embedding.weight": "vision.position_embedding",
-               "model.connector.modality_projection.proj.weight": "connector.weight",
-               f"{text_prefix}norm.weight": "text.norm", "lm_head.weight": "lm_head.weight",
-               f"{text_prefix}embed_tokens.weight": "text.embed_tokens.weight",
-               "lm_head.bias": "lm_head_bias" if config.text.tie_word_embeddings else "lm_head.bias"}
-    stem = "model.vision_model.embeddings.patch_embedding."
-    renames |= {f"{stem}depthwise.weight": "vision.dw_weight", f"{stem}depthwise.bias": "vision.dw_bias",
-                f"{stem}pointwise.weight": "vision.pw_weight", f"{stem}pointwise.bias": "vision.pw_bias"}
-    phi = config.text.architecture == "phi"
-    if phi:  # Phi-2's names for the same products
-        fused |= {"self_attn.dense": ("o_proj", None), "mlp.fc1": ("fc1", None), "mlp.fc2": ("fc2", None)}
-    if hf_name in renames:
-        return renames[hf_name], None
-    if hf_name.startswith("model.vision_model."):
-        name = hf_name.removeprefix("model.vision_model.").replace("encoder.layers.", "layers.")
-        table, prefix = vision_fused, "vision."
-    elif hf_name.startswith(text_prefix):
-        name, table, prefix = hf_name.removeprefix(text_prefix), fused, "text."
-        if name.endswith("layernorm.weight") and (not phi or name.startswith("cross_layers.")):  # RMSNorm weights
-            return prefix + name.removesuffix(".weight"), None
-    else:
-        return None, None
-    for hf_part, (ours, part) in table.items():
-        if f".{hf_part}." in f".{name}":
-            return prefix + name.replace(hf_part, ours), part
-    return prefix + name, None
-
-
-def load_weights(model: SmolVLM, tensors: Iterable[tuple[str, object]], source: str) -> None:
-    """Copy (hf_name, tensor) pairs into the model, checking names and shapes against the config."""
-    expected = tensor_shapes(model.config)
-    params = dict(model.named_parameters())
-    seen = set()
-    with torch.no_grad():
-        for hf_name, tensor in tensors:
-            if hf_name not in expected:
-                continue  # e.g. rotary inv_freq buffers or a tied lm_head copy
-            tensor = torch.as_tensor(tensor)
-            check_tensor(hf_name, tuple(tensor.shape), expected, source)
-            name, part = _parameter_for(hf_name, model.config)
-            target = params[name]
-            if part is not None:
-                size = tensor.shape[0]
-                offsets = _fused_offsets(model, name)
-                target = target[offsets[part]:offsets[part] + size]
-            target.copy_(tensor.to(target.dtype))
-            seen.add(hf_name)
-    check_complete(seen, expected, source)
-
-
-def _fused_offsets(model: SmolVLM, name: str) -> list[int]:
-    if name.startswith("vision."):
-        D = model.config.vision.hidden_size
-        return [0, D, 2 * D]
-    t = model.config.text
-    if "gate_up_proj" in name:
-        return [0, t.intermediate_size]
-    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-    return [0, q, q + kv]
-
-
-def build_model(config: ModelConfig, tensors, source: str, device="cpu", dtype=torch.float32) -> SmolVLM:
-    """An empty model on `device` in `dtype`, filled from (hf_name, tensor) pairs."""
-    with torch.device("meta"):
-        model = SmolVLM(config)
-    model = model.to_empty(device=device).to(dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    load_weights(model, tensors, source)
-    return model.eval()
-

@@ -139,8 +139,7 @@ class Captioner:
         """The output record of one image; raises SmolVLMError when the image cannot be read or the request fails."""
         start = time.perf_counter()
         # [H, W, 3] uint8, within the processor's pixel limit; decoding overlaps the engine's steps
-        max_pixels = getattr(self.llm.processor, "max_image_pixels", None)
-        image = await asyncio.to_thread(load_image, path, max_pixels=max_pixels)
+        image = await asyncio.to_thread(load_image, path, max_pixels=self.llm.max_image_pixels)
         asks = [self.ask(image, self.prompt)]
         if self.tags_prompt is not None:
             asks.append(self.ask(image, self.tags_prompt))

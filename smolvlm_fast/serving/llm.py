@@ -7,7 +7,9 @@ llm.stream(prompt)`, over the continuous-batching Engine.
 
 A prompt is a string, a list of token ids, a chat (a list of {"role", "content"} messages, images in the content
 blocks), a dict {"prompt": text with <image> markers, "images": [...]} or {"prompt_token_ids": [...]}, or an
-engine.Request. A bad prompt fails alone: its output carries the error, the others complete.
+engine.Request (serving/prompts.py turns each into token ids and images). A plain string is tokenized as it is,
+not chat-templated: an instruct model answers best when it gets a chat message list, which goes through the
+checkpoint's chat template. A bad prompt fails alone: its output carries the error, the others complete.
 
 Steps run in the calling thread for generate(); stream() starts a background thread that runs steps while any
 request is in flight, so that requests can be added and aborted from the asyncio event loop at any time.
@@ -15,21 +17,21 @@ request is in flight, so that requests can be added and aborted from the asyncio
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-
 from ..config import SamplingParams
-from ..engine.engine import Engine, EngineStats, check_request
+from ..engine.backend import backend_of
+from ..engine.engine import Engine, EngineStats
+from ..engine.memory import choose_num_blocks
 from ..engine.sequence import ImageInput, Request, Sequence
 from ..errors import InputError, SmolVLMError
+from .prompts import as_prompt_list, is_processor
+from .prompts import encode as encode_prompt
 
 
 @dataclass
@@ -46,24 +48,28 @@ class RequestOutput:
 
 
 class LLM:
-    """A model, its tokenizer or processor, and an Engine with a paged KV cache and prefix caching."""
+    """A model, its tokenizer or processor, and an Engine with a paged KV cache and prefix caching.
+
+    Prompts: see the module's docstring. A plain string prompt is not chat-templated (a chat message list is)."""
 
     def __init__(self, model, *, backend: str | None = None, device=None, dtype=None, quantize: str | None = None,
                  tokenizer=None, max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
-                 num_blocks: int | None = None, kv_cache_bytes: int = 1 << 30, block_size: int = 16,
+                 num_blocks: int | None = None, kv_cache_bytes: int | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, feature_cache_bytes: int = 256 << 20, ignore_eos: bool = False):
         """model: a checkpoint (path or hub name, loaded as AutoModelForVision2Seq loads it), an
-        AutoModelForVision2Seq model, or a bare model_torch / model_numpy model (pass tokenizer= for text).
-        num_blocks: KV-cache blocks of block_size tokens; by default as many as kv_cache_bytes hold, at most enough
-        for max_num_seqs sequences of the model's whole context. ignore_eos: stop only at max_new_tokens, stop
-        token ids and stop strings, not at the checkpoint's end-of-sequence tokens."""
+        AutoModelForVision2Seq model, or a bare models.smolvlm_torch / models.smolvlm_numpy model (pass tokenizer=
+        for text). num_blocks: KV-cache blocks of block_size tokens; by default as many as kv_cache_bytes hold, and
+        kv_cache_bytes by default a fraction of the memory free where the model runs (engine/memory.py), at most
+        enough for max_num_seqs sequences of the model's whole context; the size chosen is logged. ignore_eos:
+        stop only at max_new_tokens, stop token ids and stop strings, not at the checkpoint's end-of-sequence
+        tokens."""
         self.model, self.processor, generation = load(model, backend, device, dtype, quantize, tokenizer)
+        self.backend = backend_of(self.model)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         config = self.model.config
         eos = generation.get("eos_token_id", list(config.eos_token_ids))
         self.eos_token_ids = () if ignore_eos else tuple(eos if isinstance(eos, (list, tuple)) else [eos])
-        if num_blocks is None:
-            num_blocks = default_num_blocks(self.model, block_size, kv_cache_bytes, max_num_seqs)
+        num_blocks = choose_num_blocks(self.model, self.backend, block_size, max_num_seqs, num_blocks, kv_cache_bytes)
         decode = self.tokenizer.decode if self.tokenizer is not None else None
         self.engine = Engine(self.model, num_blocks=num_blocks, block_size=block_size,
                              max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
@@ -75,7 +81,33 @@ class LLM:
 
     @property
     def stats(self) -> EngineStats:
+        """Counters since the start, and gauges (running, waiting, kv_blocks_*) as of now."""
         return self.engine.stats
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the whole KV cache holds (a request's prompt + max_new_tokens must fit in it)."""
+        return self.engine.capacity
+
+    def check(self, request: Request) -> None:
+        """Raise InputError when the request can never run: its prompt out of the vocabulary, too long for the
+        context or the KV cache, or images it cannot take. The same check the engine makes when it is added."""
+        self.engine.check(request)
+
+    @property
+    def max_image_pixels(self) -> int | None:
+        """The processor's cap on one image file's pixels, width x height before resizing (None for a text-only
+        model, which takes no images)."""
+        from ..inputs.images import MAX_IMAGE_PIXELS
+
+        if not is_processor(self.processor):
+            return None
+        return self.processor.max_image_pixels or MAX_IMAGE_PIXELS  # the processor's None: the default cap
+
+    @max_image_pixels.setter
+    def max_image_pixels(self, value: int | None) -> None:
+        if is_processor(self.processor):  # a text-only model decodes no images: nothing to bind
+            self.processor.max_image_pixels = value
 
     def reset_prefix_cache(self) -> None:
         with self._lock:
@@ -91,7 +123,7 @@ class LLM:
         requests = [self._try_request(p, sp) for p, sp in zip(prompts, params)]
         if self._loop is not None:
             return self._generate_in_loop(requests)
-        with self._lock, self._inference():
+        with self._lock, self.backend.inference():
             seqs = [self._try_add(r) for r in requests]
             while self.engine.has_unfinished():
                 self._step()
@@ -145,7 +177,7 @@ class LLM:
         """The request's output after every new token (cumulative), the last one with finished=True. An invalid
         prompt raises InputError here; leaving the loop early (a client gone) aborts the request."""
         request = self.make_request(prompt, params, request_id)
-        check_request(self.model, request, self.engine.cache.capacity)
+        self.check(request)
         events: asyncio.Queue[RequestOutput] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self._engine_loop().submit(request, lambda out: loop.call_soon_threadsafe(events.put_nowait, out))
@@ -188,66 +220,8 @@ class LLM:
                        request_id=request_id or request.request_id or f"req-{next(self._ids)}")
 
     def encode(self, prompt) -> tuple[list[int], list[ImageInput]]:
-        """(prompt token ids, images) of a string, token ids, chat messages or a prompt dict."""
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return [int(t) for t in prompt["prompt_token_ids"]], []
-        if isinstance(prompt, dict) and "prompt" in prompt:
-            return self.encode_text(prompt["prompt"], list(prompt.get("images") or []))
-        if isinstance(prompt, str):
-            return self.encode_text(prompt, [])
-        if is_chat(prompt):
-            return self.encode_chat(prompt)
-        if isinstance(prompt, (list, tuple, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in prompt):
-            return [int(t) for t in prompt], []
-        raise InputError(f"a prompt must be a string, token ids, chat messages or a dict, got {type(prompt).__name__}")
-
-    def encode_chat(self, messages) -> tuple[list[int], list[ImageInput]]:
-        from ..inputs.processor import conversation_images, image_url_blocks_as_images
-
-        if self.processor is None:
-            raise InputError("chat prompts need a tokenizer: pass tokenizer= to LLM")
-        messages = image_url_blocks_as_images(messages)
-        images = conversation_images(messages)[0]
-        self._check_can_take(images)
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.encode_text(text, images)
-
-    def encode_text(self, text: str, images: list) -> tuple[list[int], list[ImageInput]]:
-        """Text with one <image> marker per image -> token ids (each marker expanded as the processor does) and
-        one ImageInput per image, its frames and a hash of its pixels."""
-        from ..inputs.processor import Processor, check_image_counts, expand_image_tokens
-
-        if self.tokenizer is None:
-            raise InputError("text prompts need a tokenizer: pass tokenizer= to LLM, or pass token ids")
-        if not isinstance(text, str):
-            raise InputError(f"a prompt's text must be a string, got {type(text).__name__}")
-        self._check_can_take(images)
-        inputs, expansions = [], []
-        if isinstance(self.processor, Processor):
-            check_image_counts([text], [images] if images else None, self.processor.image_token,
-                               self.processor.max_images)
-            for image in images:
-                image_input, expansion = self._process_image(image)
-                inputs.append(image_input)
-                expansions.append(expansion)
-            text = expand_image_tokens(text, self.processor.image_token, expansions)
-        bos = getattr(self.tokenizer, "bos_token", None)
-        return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos))), inputs
-
-    def _check_can_take(self, images: list) -> None:
-        from ..inputs.processor import Processor
-
-        if images and not isinstance(self.processor, Processor):
-            raise InputError("this is a text-only model (no image processor); it cannot take images")
-
-    def _process_image(self, image) -> tuple[ImageInput, str]:
-        """One image -> (its frames as an ImageInput, the text its <image> marker expands to)."""
-        pixel_values, pixel_mask, grids = self.processor.process_images([[image]])  # [1, n, C, m, m], [1, n, m, m]
-        pixels = pixel_values[0]
-        digest = hashlib.blake2b(pixels.tobytes() + str(pixels.shape).encode(), digest_size=32).digest()
-        rows, cols = grids[0][0]
-        expansion = self.processor.image_text(rows, cols)
-        return ImageInput(pixels, pixel_mask[0], content_hash=digest), expansion
+        """(prompt token ids, images) of a string, token ids, chat messages or a prompt dict (serving/prompts.py)."""
+        return encode_prompt(prompt, self.processor)
 
     # -- outputs
     def _output(self, seq: Sequence) -> RequestOutput:
@@ -270,13 +244,6 @@ class LLM:
         ids = list(request.prompt_ids) if request is not None else []
         request_id = request.request_id if request is not None else f"req-{next(self._ids)}"
         return RequestOutput(request_id, ids, [], "", True, "error", len(ids), 0, error)
-
-    def _inference(self):
-        """torch.inference_mode() for the torch backend (per thread), nothing for NumPy."""
-        if not hasattr(self.model, "parameters"):
-            return nullcontext()
-        import torch
-        return torch.inference_mode()
 
 
 class EngineLoop:
@@ -304,7 +271,7 @@ class EngineLoop:
         self._thread.join()
 
     def _run(self) -> None:
-        with self.llm._inference():
+        with self.llm.backend.inference():
             while not self._stopped:
                 self._drain(block=not self.llm.engine.has_unfinished())
                 if self.llm.engine.has_unfinished():
@@ -368,30 +335,8 @@ def load(model, backend, device, dtype, quantize, tokenizer):
         return auto.model, processor, auto.generation_config
     if isinstance(model, SmolVLMForConditionalGeneration):
         return model.model, tokenizer or model.tokenizer, model.generation_config
-    if not all(hasattr(model, name) for name in ("config", "forward", "allocate_kv_cache", "compute_logits")):
+    members = ("config", "backend", "forward", "allocate_kv_cache", "compute_logits")
+    if not all(hasattr(model, name) for name in members):
         raise InputError(f"LLM takes a checkpoint path, an AutoModelForVision2Seq model or a smolvlm_fast model, "
                          f"got {type(model).__name__}")
     return model, tokenizer, {}
-
-
-def default_num_blocks(model, block_size: int, kv_cache_bytes: int, max_num_seqs: int) -> int:
-    """As many blocks as kv_cache_bytes hold (K and V, every layer), but no more than max_num_seqs whole contexts."""
-    t = model.config.text
-    itemsize = 4 if not hasattr(model, "parameters") else next(model.parameters()).element_size()
-    block_bytes = 2 * t.num_hidden_layers * block_size * t.num_key_value_heads * t.head_dim * itemsize
-    most = max_num_seqs * -(-t.max_position_embeddings // block_size)
-    return max(1, min(kv_cache_bytes // block_bytes, most))
-
-
-def is_chat(prompt) -> bool:
-    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) and "role" in m
-                                                                      for m in prompt)
-
-
-def as_prompt_list(prompts) -> list:
-    """One prompt (a string, a dict, a Request, token ids or one chat) or a list of them -> a list of prompts."""
-    if isinstance(prompts, (str, dict, Request)) or is_chat(prompts):
-        return [prompts]
-    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, (int, np.integer)) for t in prompts):
-        return [prompts]
-    return list(prompts)

@@ -1,0 +1,86 @@
+"""A prompt in any form LLM takes -> (prompt token ids, one engine ImageInput per image).
+
+The forms: a string (tokenized as it is: not chat-templated), token ids, a chat (a list of {"role", "content"}
+messages, images in the content blocks; the chat template applies), a dict {"prompt": text with one <image> marker
+per image, "images": [...]} or {"prompt_token_ids": [...]}. The processor does the image work (Processor.encode:
+the marker count, the tiles, each marker's expansion, BOS); here each image gets its content hash, computed off the
+engine's thread.
+
+The processor or tokenizer functions take is an inputs.processor.Processor (a VLM), a tokenizer (a text-only
+model) or None (token ids only).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..engine.sequence import ImageInput, Request, image_digest
+from ..errors import InputError
+
+
+def encode(prompt, processor) -> tuple[list[int], list[ImageInput]]:
+    """(prompt token ids, images) of a string, token ids, chat messages or a prompt dict."""
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        return [int(t) for t in prompt["prompt_token_ids"]], []
+    if isinstance(prompt, dict) and "prompt" in prompt:
+        return encode_text(prompt["prompt"], list(prompt.get("images") or []), processor)
+    if isinstance(prompt, str):
+        return encode_text(prompt, [], processor)
+    if is_chat(prompt):
+        return encode_chat(prompt, processor)
+    if isinstance(prompt, (list, tuple, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+        return [int(t) for t in prompt], []
+    raise InputError(f"a prompt must be a string, token ids, chat messages or a dict, got {type(prompt).__name__}")
+
+
+def encode_chat(messages, processor) -> tuple[list[int], list[ImageInput]]:
+    """Chat messages through the checkpoint's chat template (with the generation prompt) -> ids and images."""
+    from ..inputs.conversation import conversation_images, image_url_blocks_as_images
+
+    if processor is None:
+        raise InputError("chat prompts need a tokenizer: pass tokenizer= to LLM")
+    messages = image_url_blocks_as_images(messages)
+    images = conversation_images(messages)[0]
+    _check_can_take(processor, images)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return encode_text(text, images, processor)
+
+
+def encode_text(text: str, images: list, processor) -> tuple[list[int], list[ImageInput]]:
+    """Text with one <image> marker per image -> token ids (each marker expanded as the processor does) and one
+    ImageInput per image, its frames and a hash of its pixels."""
+    if processor is None:
+        raise InputError("text prompts need a tokenizer: pass tokenizer= to LLM, or pass token ids")
+    _check_can_take(processor, images)
+    if not is_processor(processor):  # a text-only model's tokenizer
+        if not isinstance(text, str):
+            raise InputError(f"a prompt's text must be a string, got {type(text).__name__}")
+        bos = getattr(processor, "bos_token", None)
+        return processor.encode(text, add_special_tokens=not (bos and text.startswith(bos))), []
+    ids, per_image = processor.encode(text, images)
+    return ids, [ImageInput(pixels, mask, content_hash=image_digest(pixels)) for pixels, mask in per_image]
+
+
+def is_chat(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) and "role" in m
+                                                                      for m in prompt)
+
+
+def as_prompt_list(prompts) -> list:
+    """One prompt (a string, a dict, a Request, token ids or one chat) or a list of them -> a list of prompts."""
+    if isinstance(prompts, (str, dict, Request)) or is_chat(prompts):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, (int, np.integer)) for t in prompts):
+        return [prompts]
+    return list(prompts)
+
+
+def is_processor(processor) -> bool:
+    """A VLM's processor (it takes images), not a text-only model's tokenizer."""
+    from ..inputs.processor import Processor
+
+    return isinstance(processor, Processor)
+
+
+def _check_can_take(processor, images: list) -> None:
+    if images and not is_processor(processor):
+        raise InputError("this is a text-only model (no image processor); it cannot take images")
