@@ -1,4 +1,4 @@
-"""GGUF reading (weights/gguf.py): the real SmolLM2-135M-Instruct Q4_1 file against transformers' GGUF loader,
+"""GGUF reading (formats/gguf.py, gguf_reader.py, gguf_tokenizer.py): the real SmolLM2-135M-Instruct Q4_1 file against transformers' GGUF loader,
 and small GGUF files written here with gguf.GGUFWriter for each tensor type and each kind of bad file."""
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
+from smolvlm_fast.config import ModelConfig
 from smolvlm_fast.errors import CheckpointError
-from smolvlm_fast.formats.gguf import BYTE_TO_CHAR, SUPPORTED_TYPES, load_gguf, load_gguf_tokenizer, open_gguf, raw_rows
+from smolvlm_fast.formats import int4 as int4_format
+from smolvlm_fast.formats.gguf import load_gguf, load_gguf_tokenizer, load_gguf_weights, raw_rows
+from smolvlm_fast.formats.gguf_reader import SUPPORTED_TYPES, open_gguf
+from smolvlm_fast.formats.gguf_tokenizer import BYTE_TO_CHAR
 
 from tests.conftest_gguf import smollm2_gguf  # noqa: F401  (until tests/conftest.py imports it)
 
@@ -131,9 +135,10 @@ def test_q4_blocks_stay_whole(tmp_path, qtype):
     write_gguf(tmp_path / "tiny.gguf", qtype)
     ckpt = load_gguf(tmp_path / "tiny.gguf")
     reader = open_gguf(tmp_path / "tiny.gguf")
+    config = ModelConfig.from_dict(ckpt.config)
     for t in reader.tensors:
         if t.name in ("blk.1.attn_q.weight", "blk.1.attn_k.weight", "blk.1.ffn_down.weight"):
-            rows, got_type = raw_rows(t, ckpt.config, tmp_path / "tiny.gguf")
+            rows, got_type = raw_rows(reader, t, config)
             assert got_type == qtype and rows.dtype == np.uint8
             blocks = rows.reshape(rows.shape[0], -1, 18 if qtype == Q.Q4_0 else 20)
             d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)
@@ -144,6 +149,21 @@ def test_q4_blocks_stay_whole(tmp_path, qtype):
             else:
                 w = q * d + blocks[..., 2:4].copy().view(np.float16).astype(np.float32)
             np.testing.assert_allclose(w.reshape(rows.shape[0], -1), ckpt.tensors[to_hf(t.name)], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", SUPPORTED_TYPES, ids=lambda q: q.name)
+def test_one_weight_loop_keeps_or_dequantizes(tmp_path, qtype):
+    """keep_quantized=True (the NumPy and int4 paths) and False (the float torch path) walk the same tensors: the
+    same names, Q4 kept as int4, Q8_0 as q8, the rest float32, and the kept blocks decode to the float weights."""
+    write_gguf(tmp_path / "tiny.gguf", qtype)
+    dense = load_gguf(tmp_path / "tiny.gguf").tensors
+    _, kept = load_gguf_weights(tmp_path / "tiny.gguf", keep_quantized=True)
+    assert set(kept) == set(dense)
+    kept_as = {Q.Q4_0: int4_format.Int4Weight, Q.Q4_1: int4_format.Int4Weight, Q.Q8_0: int4_format.Q8Weight}
+    kind = kept_as.get(qtype, np.ndarray)
+    for name, w in kept.items():
+        assert isinstance(w, kind if dense[name].ndim == 2 else np.ndarray), name
+        np.testing.assert_allclose(int4_format.dequantize(w), dense[name], rtol=0, atol=1e-6, err_msg=name)
 
 
 def test_untied_output_and_config(tmp_path):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -17,10 +19,10 @@ from gguf import GGUFValueType as V
 
 from smolvlm_fast.errors import CheckpointError
 from smolvlm_fast.formats import hub
-from smolvlm_fast.formats.gguf import INT64_MAX, MAX_ARRAY_ELEMENTS
+from smolvlm_fast.formats.gguf_reader import INT64_MAX, MAX_ARRAY_ELEMENTS
 from smolvlm_fast.formats.safetensors import iter_safetensors, iter_safetensors_file
 from smolvlm_fast.formats.safetensors import load_checkpoint_numpy, read_safetensors
-from tests.hostile_files import (MISSED_BY_CHECKS, gguf_fields, gguf_kvs, gguf_tensors,
+from tests.hostile_files import (MERGES, MISSED_BY_CHECKS, TOKENS, RawArray, gguf_fields, gguf_kvs, gguf_tensors,
                                  read_gguf_everything, safetensors_bytes, safetensors_parts)
 
 
@@ -79,6 +81,7 @@ GGUF_CASES = {
                            r"'tokenizer.ggml.tokens': array length 4611686018427387904 needs at least"),
     "array string length 2**64-1": ({"kv:tokenizer.ggml.tokens[3].len": 2**64 - 1},
                                     r"'tokenizer.ggml.tokens'\[3\]: length \d+ needs"),
+    "array string not UTF-8": ({"kv:tokenizer.ggml.tokens[3]": b"\xff"}, r"'tokenizer.ggml.tokens'\[3\]: not valid UTF-8"),
     "value type 13": ({kv("general.architecture", "type"): 13}, r"'general.architecture': value type 13 is unknown"),
     "value type 2**32-1": ({kv("llama.block_count", "type"): 2**32 - 1}, r"'llama.block_count': value type \d+ is unknown"),
     "element type 99": ({kv("tokenizer.ggml.merges", "elem_type"): 99},
@@ -147,6 +150,41 @@ def test_hostile_gguf(tmp_path, case):
     path = tmp_path / "hostile.gguf"
     path.write_bytes(lie if isinstance(lie, bytes) else VALID.to_bytes(lie))
     assert_refused(read_gguf_everything, path, pattern)
+
+
+# what reading a file costs: the crafted arrays the rules allow at their largest, read by every consumer. gguf's
+# GGUFReader kept ~1 KB of Python objects per element (8 MB of empty strings cost 1.5 GB); ours keeps the numbers'
+# bytes and 8 bytes of offset per string. Measured as the peak resident memory of a fresh process (Python, NumPy and
+# the tokenizers library alike), past what reading the valid file first took.
+PEAK_SCRIPT = """
+import resource, sys
+from tests.hostile_files import read_gguf_everything
+read_gguf_everything(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+read_gguf_everything(sys.argv[2])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+ELEMENTS_LEFT = MAX_ARRAY_ELEMENTS - 2 * len(TOKENS) - len(MERGES)  # the valid file's tokens, types and merges
+BIGGEST_ARRAYS = {
+    "a million empty strings": (V.STRING, bytes(8 * ELEMENTS_LEFT)),  # 8 bytes each: a length of 0
+    "a million uint64s": (V.UINT64, bytes(8 * ELEMENTS_LEFT)),
+}
+
+
+@pytest.mark.skipif(sys.platform not in ("linux", "darwin"), reason="ru_maxrss")
+@pytest.mark.parametrize("case", list(BIGGEST_ARRAYS))
+def test_reading_costs_a_small_multiple_of_the_file(tmp_path, case):
+    etype, data = BIGGEST_ARRAYS[case]
+    valid, crafted = tmp_path / "valid.gguf", tmp_path / "crafted.gguf"
+    valid.write_bytes(VALID.to_bytes())
+    biggest = ("x.big", (V.ARRAY, etype), RawArray(ELEMENTS_LEFT, data))
+    crafted.write_bytes(gguf_fields(gguf_kvs() + [biggest]).to_bytes())
+    run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(valid), str(crafted)], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    growth = int(run.stdout) * (1 if sys.platform == "darwin" else 1024)  # Linux counts KiB
+    size = crafted.stat().st_size
+    assert growth <= 4 * size + 16 * 2**20, f"{growth / 2**20:.0f} MB resident reading a {size / 2**20:.0f} MB file"
 
 
 # --- safetensors --------------------------------------------------------------------------------------------------

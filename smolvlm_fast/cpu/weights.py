@@ -3,19 +3,18 @@ names, int4 quantization at load, and the stacked q/k/v and gate/up projections 
 decoder (cpu/decoder.py) both read, under the names defined here."""
 from __future__ import annotations
 
-import mmap
 from pathlib import Path
 
 import numpy as np
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, InputError
-from ..formats.int4 import Int4Weight, Q8Weight, dequantize, from_gguf, quantize_int4
+from ..formats.int4 import Int4Weight, Q8Weight, dequantize, quantize_int4
 from ..formats.layout import check_complete, check_tensor, tensor_shapes
 
 
 def text_prefix(config: ModelConfig) -> str:
-    return "model.text_model." if config.is_vlm else "model."
+    return config.text_prefix
 
 
 QKV, QKV_BIAS, GATE_UP = "self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias", "mlp.gate_up_proj.weight"
@@ -41,41 +40,11 @@ def load_safetensors_weights(model_dir: Path, config: ModelConfig) -> dict:
 
 
 def load_gguf_weights(path: Path) -> tuple[ModelConfig, dict]:
-    """A GGUF file's config and weights under HF names: Q4_0/Q4_1 stay int4, Q8_0 stays q8, F32/F16 -> float32."""
-    from ..formats import gguf as g
+    """A GGUF file's config and weights under HF names, as the C++ kernels take them: Q4_0/Q4_1 stay int4, Q8_0
+    stays q8, F32/F16 -> float32 (formats/gguf.py's one weight loop, keeping the quantized blocks)."""
+    from ..formats.gguf import load_gguf_weights as load
 
-    reader = g.open_gguf(path)
-    raw_config = g.read_config(g.read_metadata(reader), reader, path)
-    config = ModelConfig.from_dict(raw_config, source=str(path))
-    expected = tensor_shapes(config)
-    weights = {}
-    for t in reader.tensors:
-        name = g.hf_name(t.name)
-        if name is None or name not in expected:
-            raise CheckpointError(f"{path}: unexpected tensor {t.name} (not part of a llama model with this config)")
-        check_tensor(name, g.hf_shape(t), expected, f"{path} ({t.name})")
-        weights[name] = _gguf_weight(t, raw_config, path)
-        _drop_pages(reader, t.data_offset, t.n_bytes)
-    check_complete(set(weights), expected, str(path))
-    return config, weights
-
-
-def _drop_pages(reader, offset: int, size: int) -> None:
-    """Let go of the file pages a converted tensor was read from, so loading never holds the file and its converted
-    copy in resident memory at once (they stay in the page cache; reading them again just faults them back in)."""
-    mapped = getattr(reader.data, "_mmap", None)  # np.memmap's mmap.mmap
-    if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
-    mapped.madvise(mmap.MADV_DONTNEED, start, offset + size - start)
-
-
-def _gguf_weight(t, raw_config: dict, path: Path):
-    from ..formats import gguf as g
-
-    if t.tensor_type in (g.Q.Q4_0, g.Q.Q4_1, g.Q.Q8_0):
-        return from_gguf(*g.raw_rows(t, raw_config, path))  # stays 4-bit / 8-bit
-    return g.load_tensor(t, raw_config, path).astype(np.float32, copy=False)
+    return load(path, keep_quantized=True)
 
 
 DECODER_LINEARS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",

@@ -87,12 +87,12 @@ def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the checkpoint must contain, Hugging Face name -> shape."""
     t = config.text
     if not config.is_vlm:
-        shapes = text_tensor_shapes(t, "model.")
+        shapes = text_tensor_shapes(t, config.text_prefix)
     else:
         v = config.vision
-        shapes = text_tensor_shapes(t, "model.text_model.") | vision_tensor_shapes(v, "model.vision_model.")
+        shapes = text_tensor_shapes(t, config.text_prefix) | vision_tensor_shapes(v, "model.vision_model.")
         shapes["model.connector.modality_projection.proj.weight"] = (t.hidden_size, v.hidden_size * config.scale_factor**2)
-        shapes |= cross_tensor_shapes(t, len(config.cross_attention_layers), "model.text_model.")
+        shapes |= cross_tensor_shapes(t, len(config.cross_attention_layers), config.text_prefix)
     if not t.tie_word_embeddings:
         shapes["lm_head.weight"] = (t.vocab_size, t.hidden_size)
     if t.architecture == "phi":

@@ -133,11 +133,12 @@ def load_gguf_int4(path: str | Path, device="cpu", dtype=torch.float32, *, visio
 
     The float model is built first with zero placeholders where the int4 layers go (model_torch's loader wants
     every tensor), then those layers are swapped: nothing is dequantized and requantized."""
-    from ..cpu.weights import load_gguf_weights
-    from .smolvlm_torch import build_model
+    from ..formats.gguf import load_gguf_weights
+    from .loader import build_model
 
     path = Path(path)
-    config, weights = load_gguf_weights(path)  # Q4_0 / Q4_1 as quant.Int4Weight, Q8_0 as quant.Q8Weight
+    # Q4_0 / Q4_1 as quant.Int4Weight, Q8_0 as quant.Q8Weight, the rest float32
+    config, weights = load_gguf_weights(path, keep_quantized=True)
     packed = fused_int4_weights(weights, config)
 
     def tensors():
@@ -154,13 +155,13 @@ def load_gguf_int4(path: str | Path, device="cpu", dtype=torch.float32, *, visio
 def fused_int4_weights(weights: dict, config) -> dict[str, quant.Int4Weight]:
     """{module name of model_torch.SmolVLM: int4 weight} for the decoder layers whose every part (q, k and v for
     qkv_proj, gate and up for gate_up_proj) is int4 of one group size and kind, the parts' rows stacked in order."""
-    from .smolvlm_torch import _parameter_for
+    from .loader import parameter_for
 
     parts: dict[str, dict[int, object]] = {}
     for name, w in weights.items():
         module = _module_of(name, config)
         if module is not None and module.startswith(DECODER_PREFIX):
-            parts.setdefault(module, {})[_parameter_for(name, config)[1] or 0] = w
+            parts.setdefault(module, {})[parameter_for(name, config)[1] or 0] = w
     out = {}
     for module, by_part in parts.items():
         ws = [by_part[i] for i in sorted(by_part)]
@@ -176,7 +177,7 @@ def fused_int4_weights(weights: dict, config) -> dict[str, quant.Int4Weight]:
 
 def _module_of(hf_name: str, config) -> str | None:
     """The model_torch module a Hugging Face weight name lands in ("text.layers.0.qkv_proj"), or None."""
-    from .smolvlm_torch import _parameter_for
+    from .loader import parameter_for
 
-    name, _ = _parameter_for(hf_name, config)
+    name, _ = parameter_for(hf_name, config)
     return name.removesuffix(".weight") if name is not None and name.endswith(".weight") else None
