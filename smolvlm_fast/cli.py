@@ -70,10 +70,13 @@ def run_caption(args) -> int:
 
 def add_serve_command(commands) -> None:
     srv = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions with images)")
-    srv.add_argument("model", help="checkpoint directory, .gguf file or hub id")
+    srv.add_argument("model", nargs="?", default=None,
+                     help=f"checkpoint directory, .gguf file or hub id ({DEFAULT_MODEL_NOTE})")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL as given)")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the model name clients send and /v1/models lists (default: the .gguf file's stem, the "
+                          "checkpoint directory's name, or the hub id)")
     srv.add_argument("--backend", choices=("torch", "numpy"), default=None,
                      help="torch (CPU or CUDA) or numpy (no PyTorch needed); default: torch when installed")
     srv.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -87,35 +90,42 @@ def add_serve_command(commands) -> None:
     srv.add_argument("--allowed-image-domains", default="", metavar="HOSTS",
                      help="comma-separated hosts: fetch http(s) image URLs only from these and their subdomains "
                           "(public addresses only, checked at every redirect)")
-    limits = srv.add_argument_group("limits", "a request over one gets an OpenAI-style 400 error (413 for the body)")
-    for flag, field, kind, help in SERVE_LIMITS:
-        limits.add_argument(flag, dest=field, type=kind, default=None, metavar="N", help=help)
+    add_limit_flags(srv.add_argument_group("limits", "a request over one gets an OpenAI-style 400 error (413 for "
+                                                     "the body)"))
     srv.set_defaults(run=run_serve)
 
 
-SERVE_LIMITS = [  # flag, server.Limits field, type, help (the defaults are Limits')
-    ("--max-body-bytes", "max_body_bytes", int, "bytes in one request body, base64 images included (default: 32 MiB)"),
-    ("--max-images", "max_images", int, "images in one request (default: 8)"),
-    ("--max-image-bytes", "max_image_bytes", int, "bytes of one image file (default: 10 MiB)"),
-    ("--max-image-pixels", "max_image_pixels", int, "width x height of one image (default: 40 million)"),
-    ("--max-tokens", "max_tokens", int, "max_tokens of one request, and its value when none is asked (default: 4096)"),
-    ("--max-model-len", "max_model_len", int, "prompt + max_tokens of one request (default: the model's context)"),
-    ("--remote-timeout", "remote_timeout_s", float, "seconds to fetch one remote image (default: 10)"),
-]
+def add_limit_flags(group) -> None:
+    """One flag per field of the server's Limits: its name in dashes (or the field's own flag), type, default and
+    help, so that a new limit is a flag without a word here."""
+    import dataclasses
+    import typing
+
+    from .serving.server.limits import Limits
+
+    types = typing.get_type_hints(Limits)
+    for field in dataclasses.fields(Limits):
+        kind = next(t for t in typing.get_args(types[field.name]) or (types[field.name],) if t is not type(None))
+        flag = field.metadata["flag"] or "--" + field.name.replace("_", "-")
+        group.add_argument(flag, dest=field.name, type=kind, default=field.default, metavar="N",
+                           help=f"{field.metadata['help']} (default: {field.metadata['shown']})")
 
 
 def run_serve(args) -> int:
+    import dataclasses
+
+    from .serving.server.limits import Limits
     try:
-        from .serving.server.app import Limits, serve
+        from .serving.server.app import serve
     except ImportError as e:
         raise SmolVLMError(f"the server needs its extra: pip install 'smolvlm_fast[server]' ({e})") from None
-    limits = Limits(**{field: getattr(args, field) for _, field, _, _ in SERVE_LIMITS
-                       if getattr(args, field) is not None})
+    limits = Limits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Limits)})
     serve(args.model, host=args.host, port=args.port, model_name=args.served_model_name,
           allowed_local_dir=args.allowed_local_dir, allow_remote_urls=args.allow_remote_urls, limits=limits,
           allowed_domains=tuple(h.strip() for h in args.allowed_image_domains.split(",") if h.strip()),
           backend=args.backend, device=args.device, dtype=args.dtype, quantize=args.quantize)
     return 0
+
 
 class TimedStreamer:
     """Prints text as it arrives and notes when each token came."""

@@ -23,7 +23,9 @@ prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
 from smolvlm_fast import SamplingParams  # noqa: E402
 from smolvlm_fast.serving.llm import LLM  # noqa: E402
-from smolvlm_fast.serving.server.app import ApiError, Limits, create_app, fetch_remote  # noqa: E402
+from smolvlm_fast.serving.server.app import create_app  # noqa: E402
+from smolvlm_fast.serving.server.images import fetch_remote  # noqa: E402
+from smolvlm_fast.serving.server.protocol import ApiError, Limits  # noqa: E402
 from tests.server_harness import running  # noqa: E402
 
 MODEL = "tiny-smolvlm"
@@ -254,7 +256,7 @@ def test_remote_images_are_never_fetched_from_private_addresses():
 
 
 def test_allowed_image_domains_match_the_hosts_and_their_subdomains_only():
-    from smolvlm_fast.serving.server.app import domain_allowed
+    from smolvlm_fast.serving.server.images import domain_allowed
 
     allowed = ("example.com", "cdn.example.org")
     for host in ("example.com", "img.Example.COM", "example.com.", "a.b.cdn.example.org"):
@@ -268,7 +270,7 @@ def test_a_remote_image_is_fetched_within_the_limits(tmp_path, monkeypatch):
     import functools
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    from smolvlm_fast.serving.server import app as server_module
+    from smolvlm_fast.serving.server import images as server_module
 
     image = png(picture(5))
     (tmp_path / "cat.png").write_bytes(image)

@@ -4,7 +4,7 @@ the whole of it starts with "xn--" (https://xn--bcher-kva.de/ -> "bücher.de", b
 import httpx
 import pytest
 
-from smolvlm_fast.serving.server.app import domain_allowed
+from smolvlm_fast.serving.server.images import domain_allowed
 
 
 @pytest.mark.parametrize("url, allowed", [
@@ -19,7 +19,8 @@ def test_idn_allowed_domain_matches_its_hosts(url, allowed):
 @pytest.mark.parametrize("bad", ["example.com:443", "*.example.com", "http://example.com", "", "a b.com", "a/b"])
 def test_a_bad_allowed_domain_is_refused_when_the_server_starts(bad):
     from smolvlm_fast import InputError
-    from smolvlm_fast.serving.server.app import ImageSource, Limits
+    from smolvlm_fast.serving.server.images import ImageSource
+    from smolvlm_fast.serving.server.limits import Limits
 
     with pytest.raises(InputError, match="allowed image domain"):
         ImageSource(Limits(), None, False, (bad,))

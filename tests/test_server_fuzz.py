@@ -23,7 +23,8 @@ from hypothesis import strategies as st  # noqa: E402
 from smolvlm_fast import SamplingParams  # noqa: E402
 from smolvlm_fast.errors import InputError  # noqa: E402
 from smolvlm_fast.serving.llm import LLM  # noqa: E402
-from smolvlm_fast.serving.server.app import MAX_STOP_CHARS, MAX_STOP_STRINGS, Limits, create_app  # noqa: E402
+from smolvlm_fast.serving.server.app import create_app  # noqa: E402
+from smolvlm_fast.serving.server.protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS, Limits  # noqa: E402
 from tests.server_harness import data_url, png, running, wait_until_idle  # noqa: E402
 
 MODEL = "tiny-smolvlm"
@@ -115,7 +116,7 @@ BAD_NUMBERS = [-1, 0, 1.5, 10**30, 1e300, -1e300, math.nan, math.inf, -math.inf,
 GOOD = {  # field: values in its range (an integer may be written 5.0, as JSON Schema has it)
     "max_tokens": [1, 2.0, LIMITS.max_tokens], "max_completion_tokens": [1, LIMITS.max_tokens],
     "temperature": [0, 1e-300, 1e-5, 0.7, 1.5, 2], "top_p": [1e-300, 0.5, 1], "top_k": [-1, 0, 1, 10**30],
-    "n": [1, 1.0], "seed": [0, 2**64 - 1], "repetition_penalty": [0.01, 1, 1.5, 100],
+    "n": [1, 1.0], "seed": [-1, 0, 2**64 - 1], "repetition_penalty": [0.01, 1, 1.5, 100],
     "frequency_penalty": [0], "presence_penalty": [0], "logprobs": [False, 0], "top_logprobs": [0],
 }
 CHAT_ONLY = {"max_completion_tokens"}

@@ -15,7 +15,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from smolvlm_fast.serving.llm import LLM  # noqa: E402
-from smolvlm_fast.serving.server.app import Limits, create_app  # noqa: E402
+from smolvlm_fast.serving.server.app import create_app  # noqa: E402
+from smolvlm_fast.serving.server.limits import Limits  # noqa: E402
 from tests.server_harness import data_url, gauge, running, wait_until_idle  # noqa: E402
 
 MODEL = "tiny-smolvlm"
