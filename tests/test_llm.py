@@ -245,3 +245,29 @@ def test_a_plain_string_is_not_chat_templated(vlm):
     assert text != question and question in text
     assert vlm.make_request(chat(question)).prompt_ids == vlm.tokenizer.encode(
         text, add_special_tokens=not (bos and text.startswith(bos)))
+
+
+def test_each_request_is_checked_once(tiny_idefics3, monkeypatch):
+    """One check per request whichever door it comes through: generate(), stream(), and stream(checked=True) after
+    LLM.check (the server's path); a bad request is still refused on each."""
+    llm = LLM(tiny_idefics3, backend="numpy", ignore_eos=True)
+    calls = []
+    check = llm.engine.check
+    monkeypatch.setattr(llm.engine, "check", lambda request: (calls.append(request.request_id), check(request))[1])
+    params = SamplingParams(max_new_tokens=2)
+    llm.generate(["Hello"], params)
+    assert len(calls) == 1
+
+    async def stream(prompt, **kwargs):
+        return [out async for out in llm.stream(prompt, params, **kwargs)]
+    calls.clear()
+    assert asyncio.run(stream(chat("What is it?", picture(11))))[-1].finished
+    assert len(calls) == 1
+    calls.clear()
+    request = llm.make_request("Hello", params)
+    llm.check(request)
+    assert asyncio.run(stream(request, checked=True))[-1].finished
+    assert len(calls) == 1
+    with pytest.raises(InputError, match="empty"):
+        asyncio.run(stream(""))
+    llm.shutdown()

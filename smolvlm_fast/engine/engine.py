@@ -111,9 +111,10 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     # -- requests
-    def add_request(self, request: Request) -> Sequence:
-        """Check a request (InputError when it can never run) and queue it."""
-        self.check(request)
+    def add_request(self, request: Request, *, checked: bool = False) -> Sequence:
+        """Check a request (InputError when it can never run; checked=True: its caller just did) and queue it."""
+        if not checked:
+            self.check(request)
         seq = self._new_sequence(request)
         if request.params.max_new_tokens == 0:
             seq.finish_reason = "length"

@@ -137,11 +137,11 @@ class LLM:
         except Exception as e:  # noqa: BLE001  a chat template or an image that fails on this prompt alone
             return self._error_output(f"{type(e).__name__}: {e}")
 
-    def _try_add(self, request) -> Sequence | RequestOutput:
+    def _try_add(self, request, checked: bool = False) -> Sequence | RequestOutput:
         if isinstance(request, RequestOutput):
             return request
         try:
-            return self.engine.add_request(request)
+            return self.engine.add_request(request, checked=checked)
         except SmolVLMError as e:
             return self._error_output(str(e), request)
         except Exception as e:  # noqa: BLE001 -- one request's unexpected failure must not stop the engine loop
@@ -172,15 +172,17 @@ class LLM:
         return outputs
 
     # -- streaming API
-    async def stream(self, prompt, params: SamplingParams | None = None, *,
-                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def stream(self, prompt, params: SamplingParams | None = None, *, request_id: str | None = None,
+                     checked: bool = False) -> AsyncIterator[RequestOutput]:
         """The request's output after every new token (cumulative), the last one with finished=True. An invalid
-        prompt raises InputError here; leaving the loop early (a client gone) aborts the request."""
+        prompt raises InputError here (checked=True: the caller has just run LLM.check on this request, as the
+        server does before it answers); leaving the loop early (a client gone) aborts the request."""
         request = self.make_request(prompt, params, request_id)
-        self.check(request)
+        if not checked:
+            self.check(request)  # the only check: the engine takes it as checked
         events: asyncio.Queue[RequestOutput] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        self._engine_loop().submit(request, lambda out: loop.call_soon_threadsafe(events.put_nowait, out))
+        self._engine_loop().submit(request, lambda out: loop.call_soon_threadsafe(events.put_nowait, out), checked=True)
         finished = False
         try:
             while not finished:
@@ -259,8 +261,8 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="smolvlm-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, request: Request, on_output: Callable[[RequestOutput], None]) -> None:
-        self._inbox.put(lambda: self._add(request, on_output))
+    def submit(self, request: Request, on_output: Callable[[RequestOutput], None], checked: bool = False) -> None:
+        self._inbox.put(lambda: self._add(request, on_output, checked))
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(lambda: self._abort(request_id))
@@ -287,9 +289,9 @@ class EngineLoop:
         except queue.Empty:
             pass
 
-    def _add(self, request: Request, on_output) -> None:
+    def _add(self, request: Request, on_output, checked: bool) -> None:
         with self.llm._lock:
-            seq = self.llm._try_add(request)
+            seq = self.llm._try_add(request, checked)
         if isinstance(seq, RequestOutput):
             on_output(seq)
             return

@@ -144,7 +144,7 @@ class Api:
         """The request's outputs from LLM.stream, counted in the metrics; closing this aborts the request."""
         out, first = None, True
         try:
-            async with aclosing(self.llm.stream(request, request_id=request.request_id)) as stream:
+            async with aclosing(self.llm.stream(request, request_id=request.request_id, checked=True)) as stream:
                 async for out in stream:
                     if first and out.token_ids:
                         self.metrics.observe_ttft(time.perf_counter() - start)
