@@ -1,6 +1,6 @@
 """Triton rope_attention and cross_attention against torch's scaled_dot_product_attention, in TFLOP/s (GB/s for decode).
 
-Cases (head_dim 64 unless said; SmolVLM shapes from shared/reference/smolvlm_configs.json):
+Cases (head_dim 64 unless said; SmolVLM shapes from the released config.json):
   rope_attention  text prefill with RoPE, causal and not: 9 over 3 heads (256M), 15 over 5 (500M) and 32 over 32
                   (2.2B), 2048 and 8192 tokens, 16384 tokens per batch; the baseline applies RoPE to q and k
                   eagerly (reference.apply_rope), then runs SDPA (enable_gqa). "causal" (no RoPE, against SDPA
@@ -14,7 +14,7 @@ Cases (head_dim 64 unless said; SmolVLM shapes from shared/reference/smolvlm_con
 TFLOP/s = 4·B·Hq·S·keys·Dh / median time, keys = S/2 when causal (FlashAttention's count; RoPE not counted).
 Decode GB/s = bytes of q, K, V and the output / median time. Times from triton.testing.do_bench (CUDA events, L2
 flushed before each run), ours and the baseline on the same inputs in the same run, after a correctness check.
-Rows go to bench/results/bench_attention.jsonl (fields in shared/DESIGN.md, "Benchmark results").
+Rows go to bench/results/bench_attention.jsonl (fields in bench/README.md, "Result rows").
 
     python bench/bench_attention.py                       # every case, bf16
     python bench/bench_attention.py --ops cross_attention --dtype float16 --no-save

@@ -9,7 +9,7 @@ the LM head is one 30 MB matrix) and the weights come from L3 / memory as they w
 cpu_linear.linear, the call the NumPy model makes: its time bounds the decode rate from the matrix products alone.
 GB/s = bytes of weights (packed data + scales + mins) / median time. Baseline: x @ W.T with W float32 (4 bytes
 per weight), its own GB/s. Ours run first, then the baseline, so neither's idle threads spin during the other.
-Rows go to bench/results/bench_cpu_gemv.jsonl (fields in shared/DESIGN.md, "Benchmark results").
+Rows go to bench/results/bench_cpu_gemv.jsonl (fields in bench/README.md, "Result rows").
 
     python bench/bench_cpu_gemv.py                  # every case; about a minute on 2 cores
     python bench/bench_cpu_gemv.py --cases qkv lm_head --repeats 50 --no-save

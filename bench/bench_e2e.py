@@ -36,7 +36,7 @@ from bench.common import (CpuContention, add_model_run_options, append_row, benc
 BENCH = "bench_e2e"
 BASELINE = "transformers"
 
-# SmolVLM-256M-Instruct as released (shared/reference/smolvlm_configs.json).
+# SmolVLM-256M-Instruct as released (its config.json on the Hugging Face Hub).
 SMOLVLM_256M = {
     "text": {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
              "head_dim": 64, "intermediate_size": 1536, "vocab_size": 49280, "rope_theta": 100000,

@@ -15,7 +15,7 @@ stay in it), the decoder's linear layers in int4 (group 64) or not, a paged KV c
 prefill of --kv-tokens - 16 prompt tokens and 16 decode steps into it: torch.cuda.max_memory_allocated over that run
 (the peak is reset after loading), metric "MB", baseline the same model without int4, ratio = baseline / ours.
 
-Rows go to bench/results/bench_int4_gemm.jsonl (fields in shared/DESIGN.md, "Benchmark results"). GPU only: without
+Rows go to bench/results/bench_int4_gemm.jsonl (fields in bench/README.md, "Result rows"). GPU only: without
 CUDA it prints that it skipped and exits 0.
 
     python bench/bench_int4_gemm.py                         # every GEMM case in bf16, then the memory rows
@@ -39,7 +39,7 @@ BENCH = "bench_int4_gemm"
 BASELINE = "torch.matmul"
 PREFILL_M = 2048
 
-# (layer, N, K) of SmolVLM-256M-Instruct and -500M-Instruct (shared/reference/smolvlm_configs.json)
+# (layer, N, K) of SmolVLM-256M-Instruct and -500M-Instruct (their config.json on the Hugging Face Hub)
 LAYERS_256M = [("256m.qkv", 960, 576), ("256m.o", 576, 576), ("256m.gate_up", 3072, 576), ("256m.down", 576, 1536),
                ("256m.lm_head", 49280, 576)]
 LAYERS_500M = [("500m.qkv", 1600, 960), ("500m.o", 960, 960), ("500m.gate_up", 5120, 960), ("500m.down", 960, 2560)]

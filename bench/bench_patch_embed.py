@@ -11,7 +11,7 @@ variant's 224 x 224 stems, grouped (groups 3) and depthwise-separable (dwsep, wh
 conv and then the pointwise projection). Position ids are the bucketed ones of a full image.
 TFLOP/s = 2 · B · N · D · K / median time with K = C/groups · P² (dwsep: 2 · B · N · C · (P² + D)); times from
 triton.testing.do_bench (CUDA events, L2 flushed before each run). Rows go to
-bench/results/bench_patch_embed.jsonl (fields in shared/DESIGN.md, "Benchmark results"); skips without a CUDA GPU.
+bench/results/bench_patch_embed.jsonl (fields in bench/README.md, "Result rows"); skips without a CUDA GPU.
 
     python bench/bench_patch_embed.py                      # every case, bf16
     python bench/bench_patch_embed.py --ops siglip --dtype float16 --no-save

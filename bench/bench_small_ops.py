@@ -1,11 +1,11 @@
 """Small Triton ops against eager PyTorch (the reference in smolvlm_fast/ops/reference.py), in GB/s.
 
-Cases use the SmolVLM shapes (shared/reference/smolvlm_configs.json): hidden 576 / 960 / 2048 for the RMSNorm,
+Cases use the SmolVLM shapes (the released config.json files): hidden 576 / 960 / 2048 for the RMSNorm,
 intermediate 1536 / 2560 / 8192 for SwiGLU, the SigLIP encoder's 1024 patches x 768 / 1152 for LayerNorm and GELU,
 and 3 or 5 KV heads of 64 for the cache write; one token (decode) and many (prefill) each.
 GB/s = bytes the op must read and write (each tensor once) / median time; times from triton.testing.do_bench
 (CUDA events, L2 flushed before every run), ours and the baseline on the same inputs in the same run.
-Rows go to bench/results/bench_small_ops.jsonl (fields in shared/DESIGN.md, "Benchmark results").
+Rows go to bench/results/bench_small_ops.jsonl (fields in bench/README.md, "Result rows").
 Where smolvlm_fast._C is built, the ops with a CUDA kernel (write_kv_cache) are measured through it too, on the same
 cases: a second column, rows with impl "cuda".
 

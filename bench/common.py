@@ -1,6 +1,6 @@
 """Helpers every benchmark shares: what ran where (device, versions, commit), timing, and result rows.
 
-A result row is one JSON line in bench/results/<bench>.jsonl (fields in shared/DESIGN.md, "Benchmark results").
+A result row is one JSON line in bench/results/<bench>.jsonl (fields in bench/README.md, "Result rows").
 """
 from __future__ import annotations
 

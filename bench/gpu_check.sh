@@ -58,8 +58,8 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     # The CUDA kernels whose benchmarks time only Triton: one line each, CUDA against Triton on the same inputs.
     step cuda_vs_triton "$PY" - <<'EOF'
 import numpy as np, torch, triton.testing
-from smolvlm_fast import quant
-from smolvlm_fast.int4_linear import Int4Tensors
+from smolvlm_fast.formats import int4 as quant
+from smolvlm_fast.models.int4_linear import Int4Tensors
 from smolvlm_fast.ops import cuda
 from smolvlm_fast.kernels.int4_gemm import int4_gemm
 from smolvlm_fast.kernels.patch_embed import patch_embed

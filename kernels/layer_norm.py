@@ -14,6 +14,14 @@ import triton.language as tl
 MAX_FUSED_SIZE = 65536  # elements of one row held in registers at once
 
 
+def _covers(x, weight, bias, eps) -> bool:
+    """rows of up to 65536 elements (MAX_FUSED_SIZE: a row is held in registers; wider ones: next)"""
+    return x.shape[-1] <= MAX_FUSED_SIZE
+
+
+COVERS = {"layer_norm": _covers}  # read by smolvlm_fast/ops/registry.py: which calls this kernel takes
+
+
 @triton.jit
 def _layer_norm_kernel(
     y_ptr, x_ptr, weight_ptr, bias_ptr,

@@ -1,6 +1,6 @@
 """Paged attention: decode, chunked prefill and prefill after a cached prefix in one Triton kernel.
 
-Layouts (token-major, shared/KERNELS.md; the last dimension of every tensor is contiguous):
+Layouts (token-major, smolvlm_fast/ops/README.md; the last dimension of every tensor is contiguous):
   q                [T, Hq, Dh]                         the new query tokens of all sequences, packed
   k_cache/v_cache  [num_blocks, block_size, Hkv, Dh]   keys already rotated when written
   block_tables     [num_seqs, max_blocks] int32         seq_lens [num_seqs] int32 (new tokens included)
@@ -324,7 +324,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, cos_si
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start_loc=None, cos_sin=None,
                     positions=None, rotary_dim=None, scale=None, out=None, max_seq_len=None, split_size=None):
-    """Packed queries q [T, Hq, Dh] over the paged cache -> [T, Hq, Dh] (shared/KERNELS.md).
+    """Packed queries q [T, Hq, Dh] over the paged cache -> [T, Hq, Dh] (smolvlm_fast/ops/README.md).
 
     Extensions: `out` [T, Hq, Dh] to write into; `max_seq_len`, an upper bound of seq_lens (keys past
     ceil(max_seq_len / split_size) splits are never read) so that the launch needs no host sync, as under CUDA

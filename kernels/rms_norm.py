@@ -16,6 +16,14 @@ import triton.language as tl
 MAX_FUSED_SIZE = 65536  # elements of one row held in registers at once
 
 
+def _covers(x, weight, eps, residual=None) -> bool:
+    """rows of up to 65536 elements (MAX_FUSED_SIZE: a row is held in registers; wider ones: next)"""
+    return x.shape[-1] <= MAX_FUSED_SIZE
+
+
+COVERS = {"rms_norm": _covers}  # read by smolvlm_fast/ops/registry.py: which calls this kernel takes
+
+
 @triton.jit
 def _rms_norm_kernel(
     y_ptr, sum_ptr, x_ptr, residual_ptr, weight_ptr,  # sum_ptr: the residual sum out (x_ptr when there is none)

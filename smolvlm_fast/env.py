@@ -1,8 +1,9 @@
 """`python -m smolvlm_fast.env`: what this install runs on, for bug reports and for checking a source build.
 
 Prints the versions (smolvlm_fast, Python, NumPy, PyTorch, Triton, CUDA), the GPU, whether the C++ extensions are
-built (smolvlm_fast._cpu with its SIMD level, smolvlm_fast._C with its GPU architectures), and for each op which
-implementation a CUDA tensor would get (ops/__init__.py: CUDA kernel, else Triton, else the PyTorch reference).
+built (smolvlm_fast._cpu with its SIMD level, smolvlm_fast._C with its GPU architectures), and for each op its
+implementations in the order ops/registry.py tries them on a CUDA tensor (CUDA kernel, Triton, PyTorch reference),
+with what each kernel covers.
 Works without PyTorch (it says so) and without a GPU.
 """
 from __future__ import annotations
@@ -75,13 +76,16 @@ def _gpu_lines(torch, _C) -> list[str]:
 
 
 def _op_lines() -> list[str]:
+    """From the registry the ops dispatch with (ops/registry.py): per op its implementations in the order tried, the
+    first one (what a CUDA tensor gets where it covers the call), and under it what each kernel covers."""
     from . import ops
 
-    lines = ["ops on a CUDA tensor (default implementation; available ones in brackets):"]
+    lines = ["ops on a CUDA tensor: the first implementation in brackets that covers a call runs it",
+             "(the reference covers every call; ops.explain(op, *args) says which one runs a call, and why):"]
     for name in ops.OPS:
-        have = ops.available(name)
-        chosen = next((impl for impl in ("cuda", "triton") if impl in have), "reference")
-        lines.append(f"  {name:<20} {chosen:<10} [{', '.join(have)}]")
+        impls = ops.implementations(name)
+        lines.append(f"  {name:<20} {impls[0].name:<10} [{', '.join(i.name for i in impls)}]")
+        lines += [f"      {i.name:<9} {i.scope}" for i in impls if i.name != "reference"]
     return lines
 
 

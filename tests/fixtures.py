@@ -38,7 +38,7 @@ ROW_COL = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
 IMAGE_SPECIAL = ["<global-img>", *ROW_COL, "<fake_token_around_image>", "<image>", "<end_of_utterance>"]
 VOCAB_SIZE = 384  # base vocabulary (256 bytes + 3 specials + merges); the image tokens come after it
 
-# The released SmolVLM chat template (shared/reference/smolvlm_configs.json).
+# The released SmolVLM chat template (HuggingFaceTB/SmolVLM-256M-Instruct on the Hugging Face Hub).
 SMOLVLM_CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
     "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"

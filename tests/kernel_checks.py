@@ -1,4 +1,5 @@
-"""Checks shared by the Triton kernel tests (KERNELS.md: NaN-poisoned outputs, fp32 within 1e-5 relative)."""
+"""Checks shared by the Triton kernel tests (smolvlm_fast/ops/README.md: NaN-poisoned outputs, fp32 within 1e-5
+relative)."""
 import pytest
 import torch
 

@@ -1,11 +1,12 @@
 """The CUDA kernels (csrc/cuda/ through smolvlm_fast.ops.cuda) against the PyTorch reference and the Triton kernels.
 
-Marked `gpu` (they skip without CUDA) but for the check that CPU tensors are refused. Rules (shared/KERNELS.md):
-fresh random inputs; outputs NaN before the call (and the cache slots, image tokens and blocks no sequence owns NaN
-too, through the Triton tests' input builders), so an element never written or a padded one read fails; the
-reference in float64 on the inputs as the kernel sees them; fp16 / bf16 within twice the error of the plain PyTorch op
-in the same precision (FlashAttention's rule), fp32 within 1e-5 relative. Each CUDA result is also held against the
-Triton kernel's on the same inputs (both within twice PyTorch's error: within four times of each other).
+Marked `gpu` (they skip without CUDA) but for the check that CPU tensors are refused and the dispatch tests. Rules
+(smolvlm_fast/ops/README.md): fresh random inputs; outputs NaN before the call (and the cache slots, image tokens and
+blocks no sequence owns NaN too, through the Triton tests' input builders), so an element never written or a padded
+one read fails; the reference in float64 on the inputs as the kernel sees them; fp16 / bf16 within twice the error of
+the plain PyTorch op in the same precision (FlashAttention's rule), fp32 within 1e-5 relative. Each CUDA result is
+also held against the Triton kernel's on the same inputs (both within twice PyTorch's error: within four times of
+each other).
 Shapes: head_dim 64, 80 and 128, 9 query heads over 3 KV heads (and 15/5, 16/1, 32/32), contexts ending mid-block and
 on a block edge, single-token decode, hidden sizes 576 and 960 (not multiples of 128), K splits and context splits
 forced. `-k small` selects one small case per op (what bench/gpu_check.sh runs under compute-sanitizer).
@@ -19,7 +20,7 @@ import torch
 from smolvlm_fast import ops
 from smolvlm_fast.formats import int4 as int4_format
 from smolvlm_fast.models.int4_linear import Int4Tensors
-from smolvlm_fast.ops import cuda, reference
+from smolvlm_fast.ops import cuda, reference, registry
 
 from .test_kernel_cross_attention import make_inputs as cross_inputs
 from .test_kernel_cross_attention import reference_f64 as cross_reference
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.skipif(not cuda.available(), reason="smolvlm_fast._C is
 GPU = pytest.mark.gpu
 LOW = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
 ALL = [pytest.param(torch.float32, id="fp32"), *LOW]
-RNG = np.random.default_rng()
+RNG = np.random.default_rng()  # replaced for each test by one from that test's seed (tests/conftest_seed.py)
 
 
 def nan_like(t: torch.Tensor) -> torch.Tensor:
@@ -110,11 +111,68 @@ def test_wrappers_pass_the_kernels_checks(monkeypatch):
 
 @GPU
 def test_cuda_is_the_default_on_cuda_tensors():
-    q = torch.randn(2, 9, 64, device="cuda")
-    for name in cuda.OPS:
-        assert ops._pick(name, None, q) is getattr(cuda, name), name
+    args, kwargs = paged_inputs([5, 40], None, rotary_dim=64, dtype=torch.bfloat16, device="cuda")
+    assert registry.pick("paged_attention", None, args, kwargs).name == "cuda"
     with ops.prefer("triton"):
-        assert ops._pick("paged_attention", None, q) is not cuda.paged_attention
+        assert registry.pick("paged_attention", None, args, kwargs).name == "triton"
+
+
+def test_cuda_comes_first_and_the_reference_last():
+    for name in ops.OPS:
+        order = ops.available(name)
+        assert order == sorted(order, key=registry.ORDER.index) and order[-1] == "reference", name
+        assert ("cuda" in order) == (name in cuda.OPS), name
+
+
+class FakeCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: enough for the registry's device test, which reads `is_cuda` only."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def cuda_like(t: torch.Tensor) -> torch.Tensor:
+    return t.as_subclass(FakeCuda)
+
+
+def test_the_walk_takes_the_first_implementation_that_covers_the_call():
+    """Decode goes to the CUDA kernel, a prefill batch (more queries than sequences) past it to Triton; CPU tensors
+    to the reference; `explain` gives the same answer with its reasons."""
+    args, kwargs = paged_inputs([5, 40], None, rotary_dim=64, dtype=torch.bfloat16)
+    decode = (cuda_like(args[0]), *args[1:])
+    assert registry.pick("paged_attention", None, decode, kwargs).name == "cuda"
+    prefill_args, prefill_kwargs = paged_inputs([24, 18], [24, 1], rotary_dim=64, dtype=torch.bfloat16)
+    prefill = (cuda_like(prefill_args[0]), *prefill_args[1:])
+    if "triton" in ops.available("paged_attention"):
+        assert registry.pick("paged_attention", None, prefill, prefill_kwargs).name == "triton"
+        why = ops.explain("paged_attention", *prefill, **prefill_kwargs).splitlines()
+        assert why[0].endswith("runs triton") and why[1].split()[:2] == ["cuda", "does"], why
+    assert registry.pick("paged_attention", None, args, kwargs).name == "reference"
+    assert registry.pick("paged_attention", "cuda", prefill_args, prefill_kwargs).name == "cuda"  # off its device
+
+
+@pytest.mark.parametrize("dtype, rows, covered", [(torch.bfloat16, 1, True), (torch.float16, 16, True),
+                                                 (torch.bfloat16, 17, False), (torch.float32, 4, False)])
+def test_int4_gemm_covers(dtype, rows, covered):
+    """The kernel's limits, as the registry reads them: fp16 / bf16 x with 1..16 rows."""
+    w = Int4Tensors.from_numpy(int4_format.quantize_int4(RNG.standard_normal((40, 576), dtype=np.float32),
+                                                         group_size=64))
+    x = torch.randn(rows, 576).to(dtype)
+    assert cuda.COVERS["int4_gemm"](x, w, None) is covered
+    assert registry.pick("int4_gemm", "cuda", (cuda_like(x), w, None), {}).name == ("cuda" if covered else "triton")
+    if not covered:
+        with pytest.raises(ValueError, match="outside the CUDA kernel"):
+            cuda.int4_gemm(x, w)  # the module's own name never launches a call the kernel does not cover
+
+
+def test_cuda_is_handed_no_dispatcher():
+    """ops.cuda knows its kernels only: the registry walks on past it (no import of ops back, so no circle)."""
+    from .test_layout import GRAPH
+
+    for module in ("smolvlm_fast.ops.cuda", "smolvlm_fast.ops.cuda_limits"):
+        assert not GRAPH[module] & {"smolvlm_fast.ops", "smolvlm_fast.ops.registry"}, GRAPH[module]
+    assert "smolvlm_fast.ops.cuda" not in GRAPH["smolvlm_fast.ops"]  # the registry imports it, on first use
 
 
 # ---------------------------------------------------------------- int4_gemm
@@ -196,7 +254,7 @@ def test_int4_gemm_outside_the_kernel_goes_to_triton():
 
     for M, dtype in ((17, torch.bfloat16), (300, torch.float16), (4, torch.float32)):
         x, w, b = make_int4(M, 960, 576, 64, False, dtype)
-        torch.testing.assert_close(cuda.int4_gemm(x, w, b), triton_int4_gemm(x, w, b), rtol=0, atol=0)
+        torch.testing.assert_close(ops.int4_gemm(x, w, b, impl="cuda"), triton_int4_gemm(x, w, b), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- paged_attention (decode)
@@ -248,7 +306,7 @@ def test_paged_attention_prefill_goes_to_triton():
 
     args, kwargs = paged_inputs([24, 18, 100], [24, 1, 13], rotary_dim=64, device="cuda")
     low = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in args)
-    torch.testing.assert_close(cuda.paged_attention(*low, **kwargs), triton_paged_attention(*low, **kwargs),
+    torch.testing.assert_close(ops.paged_attention(*low, **kwargs, impl="cuda"), triton_paged_attention(*low, **kwargs),
                                rtol=0, atol=0)
 
 
@@ -408,7 +466,7 @@ def test_grouped_patch_embed_goes_to_triton():
 
     pixels = torch.randn(2, 6, 32, 48, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(12, 2, 16, 16, device="cuda", dtype=torch.bfloat16)
-    torch.testing.assert_close(cuda.patch_embed(pixels, weight, None, None, None, groups=3),
+    torch.testing.assert_close(ops.patch_embed(pixels, weight, None, None, None, groups=3, impl="cuda"),
                                triton_patch_embed(pixels, weight, None, None, None, groups=3), rtol=0, atol=0)
 
 

@@ -35,14 +35,20 @@ def test_prints_versions_gpu_and_extensions():
 
 
 def test_names_the_implementation_of_every_op():
-    """One line per op: the CUDA kernel where _C has it, else Triton, else the reference (ops._pick's order)."""
-    lines = {line.split()[0]: line.split() for line in env.report() if line.startswith("  ")}
+    """One line per op: the CUDA kernel where _C has it, else Triton, else the reference (the registry's order),
+    then, under it, what each kernel covers, read from the same registry the ops dispatch with."""
+    report = env.report()
+    op_lines = [line for line in report if line.startswith("  ") and not line.startswith("   ")]
+    lines = {line.split()[0]: line.split() for line in op_lines}
     assert set(lines) == set(ops.OPS)
     for name in ops.OPS:
         have = ops.available(name)
         expect = "cuda" if "cuda" in have else "triton" if "triton" in have else "reference"
         assert lines[name][1] == expect, lines[name]
         assert " ".join(lines[name][2:]) == f"[{', '.join(have)}]"
+        at = report.index(next(line for line in op_lines if line.split()[0] == name))
+        scopes = [(i.name, i.scope) for i in ops.implementations(name) if i.name != "reference"]
+        assert [line.split(None, 1) for line in report[at + 1:at + 1 + len(scopes)]] == [list(s) for s in scopes]
 
 
 def test_extension_lines_match_what_imports():

@@ -1,7 +1,7 @@
 """The Triton int4_gemm kernel against the PyTorch reference (dequantize, then matmul) in float64.
 
 Without a GPU it runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on small shapes, in fp32,
-within 1e-5 relative (KERNELS.md); the `gpu` cases run fp16 / bf16 on CUDA with FlashAttention's rule (at most twice
+within 1e-5 relative (ops/README.md); the `gpu` cases run fp16 / bf16 on CUDA with FlashAttention's rule (at most twice
 the error of torch.matmul on the same dequantized weight in the same precision) and skip elsewhere. Weights and
 inputs are fresh random for every case; the output is NaN-filled before the call. Shapes cross every edge: K = 576
 (not a multiple of 128, nor of the 256-wide decode tile), N not a multiple of the 32-wide tiles, M = 1 (the FMA
@@ -25,7 +25,7 @@ from smolvlm_fast.ops import reference
 from .kernel_checks import assert_matches_fp32, run_into_nan
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-RNG = np.random.default_rng()
+RNG = np.random.default_rng()  # replaced for each test by one from that test's seed (tests/conftest_seed.py)
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")
 
 

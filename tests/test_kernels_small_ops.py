@@ -1,7 +1,7 @@
 """Triton small ops (rms_norm, layer_norm, silu_and_mul, gelu_tanh) against the PyTorch reference.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1);
-the `gpu` cases run the compiled kernels on CUDA and skip elsewhere. Tolerances (shared/KERNELS.md):
+the `gpu` cases run the compiled kernels on CUDA and skip elsewhere. Tolerances (smolvlm_fast/ops/README.md):
 - fp32: within 1e-5 relative of the reference run in fp32;
 - fp16 / bf16: error against the reference run in fp64 at most twice that of the plain PyTorch op run in the
   same precision (FlashAttention's rule), see `assert_error_within`.

@@ -1,4 +1,4 @@
-"""The NumPy ops (ops/numpy_ops.py) against the PyTorch reference, op by op, in float32 within 1e-5 relative.
+"""The NumPy ops (cpu/ops.py) against the PyTorch reference, op by op, in float32 within 1e-5 relative.
 
 Fresh random inputs every test; caches are NaN-poisoned so a slot the op should write and does not fails.
 """
@@ -12,7 +12,7 @@ from smolvlm_fast.engine.cache import PagedCache, schedule_step
 from smolvlm_fast.cpu import ops as npo
 from smolvlm_fast.ops import reference as ref
 
-RNG = np.random.default_rng()
+RNG = np.random.default_rng()  # replaced for each test by one from that test's seed (tests/conftest_seed.py)
 
 
 def randn(*shape):

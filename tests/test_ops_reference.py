@@ -134,3 +134,18 @@ def test_cross_attention_masks_padded_image_tokens():
 def test_unknown_impl_is_a_clear_error():
     with pytest.raises(ValueError, match="not available"):
         ops.gelu_tanh(torch.randn(3), impl="cuda")  # no CUDA kernels yet
+
+
+def test_the_registry_walks_one_order_and_explains_it():
+    """CPU tensors: every op runs its reference, the implementations are listed in the order tried, and
+    ops.explain gives each one's verdict (the kernels are on another device) and what it covers."""
+    x, w = torch.randn(4, 64), torch.randn(64)
+    for name in ops.OPS:
+        names = ops.available(name)
+        assert names == sorted(names, key=ops.ORDER.index) and names[-1] == "reference", names
+    why = ops.explain("rms_norm", x, w, 1e-5).splitlines()
+    assert why[0] == "ops.rms_norm(float32 [4, 64] on cpu, ...) runs reference"
+    assert [line.split()[0] for line in why[1:]] == ops.available("rms_norm")
+    assert why[-1].split()[1] == "runs" and all("not on cuda" in line for line in why[1:-1])
+    with ops.prefer("reference"):
+        assert "(forced: 'reference')" in ops.explain("rms_norm", x, w, 1e-5).splitlines()[0]

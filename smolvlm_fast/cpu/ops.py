@@ -1,4 +1,5 @@
-"""NumPy implementations of the ops in shared/KERNELS.md (the PyTorch-free path), float32 throughout.
+"""NumPy implementations of the ops in smolvlm_fast/ops/README.md (the PyTorch-free path), float32
+throughout.
 
 Same arguments and meaning as ops/reference.py: token-major layouts ([..., tokens, heads, head_dim]), int32 index
 arrays. Attention computes each KV head with its group of query heads together (GQA), never repeating K/V.

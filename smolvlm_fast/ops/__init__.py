@@ -1,115 +1,68 @@
-"""One function per op (shared/KERNELS.md); each picks an implementation for the tensors' device.
+"""One function per op (contracts: smolvlm_fast/ops/README.md); each call runs the implementation that
+ops/registry.py picks for it.
 
-On CUDA tensors the CUDA kernel (csrc/cuda/, smolvlm_fast._C, through ops/cuda.py) runs where one exists and is
-built, else the Triton kernel (smolvlm_fast.kernels), else the PyTorch reference; elsewhere the reference.
-`impl="reference"|"triton"|"cuda"` forces one for a call; `with ops.prefer("triton"):` forces one for a
-block of code (the tests use it to run a whole model through the kernels in Triton's CPU interpreter).
+On CUDA tensors the CUDA kernel (csrc/cuda/, smolvlm_fast._C, through ops/cuda.py) runs the calls it covers, the
+Triton kernel (smolvlm_fast.kernels) the calls it covers of the rest, the PyTorch reference (ops/reference.py) what
+is left; elsewhere the reference. `explain(name, *args)` says which runs a call and why; `python -m
+smolvlm_fast.env` lists what each implementation covers. `impl="reference"|"triton"|"cuda"` forces one for a call;
+`with ops.prefer("triton"):` forces one for a block of code (the tests use it to run a whole model through the
+kernels in Triton's CPU interpreter).
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
-import importlib
+from .registry import OPS, ORDER, TRITON_MODULES, available, explain, implementations, prefer
+from .registry import run as _run
 
-OPS = ("rms_norm", "layer_norm", "silu_and_mul", "gelu_tanh", "patch_embed", "dwsep_patch_embed", "rope_attention",
-       "write_kv_cache", "paged_attention", "cross_attention", "int4_gemm")
-# op -> the module of kernels/ that implements it in Triton
-TRITON_MODULES = {"rms_norm": "rms_norm", "layer_norm": "layer_norm", "silu_and_mul": "activations",
-                  "gelu_tanh": "activations", "write_kv_cache": "write_kv_cache", "rope_attention": "rope_attention",
-                  "paged_attention": "paged_attention", "cross_attention": "cross_attention",
-                  "int4_gemm": "int4_gemm", "patch_embed": "patch_embed", "dwsep_patch_embed": "patch_embed"}
-_preferred: contextvars.ContextVar[str | None] = contextvars.ContextVar("smolvlm_fast_ops_preferred", default=None)
-
-
-@functools.cache
-def _impls() -> dict[str, dict[str, object]]:
-    """op name -> {impl name: function}. Built on first use: importing smolvlm_fast.ops must not import torch
-    (the NumPy path lives beside it in ops/numpy_ops.py)."""
-    from . import reference
-    table = {name: {"reference": getattr(reference, name)} for name in OPS}
-    for name, module in TRITON_MODULES.items():
-        try:
-            kernel = getattr(importlib.import_module(f"smolvlm_fast.kernels.{module}"), name)
-        except ImportError:  # triton not installed, or the kernel not written yet
-            continue
-        table[name]["triton"] = kernel
-    from . import cuda
-    if cuda.available():  # smolvlm_fast._C is built
-        for name in cuda.OPS:
-            table[name]["cuda"] = getattr(cuda, name)
-    return table
-
-
-def available(name: str) -> list[str]:
-    return list(_impls()[name])
-
-
-@contextlib.contextmanager
-def prefer(impl: str | None):
-    """Within the block, every op uses `impl` where it has one, whatever the device."""
-    token = _preferred.set(impl)
-    try:
-        yield
-    finally:
-        _preferred.reset(token)
-
-
-def _pick(name: str, impl: str | None, tensor):
-    impls = _impls()[name]
-    if impl is None:
-        preferred = _preferred.get()
-        order = (preferred,) if preferred else ("cuda", "triton") if tensor.is_cuda else ()
-        return next((impls[i] for i in order if i in impls), impls["reference"])
-    if impl not in impls:
-        raise ValueError(f"ops.{name}: implementation {impl!r} is not available (have {list(impls)})")
-    return impls[impl]
+__all__ = ["OPS", "ORDER", "TRITON_MODULES", "available", "cross_attention", "dwsep_patch_embed", "explain",
+           "gelu_tanh", "implementations", "int4_gemm", "layer_norm", "paged_attention", "patch_embed", "prefer",
+           "rms_norm", "rope_attention", "rope_table", "silu_and_mul", "write_kv_cache"]
 
 
 def rms_norm(x, weight, eps, residual=None, *, impl=None):
-    return _pick("rms_norm", impl, x)(x, weight, eps, residual)
+    return _run("rms_norm", impl, x, weight, eps, residual)
 
 
 def layer_norm(x, weight, bias, eps, *, impl=None):
-    return _pick("layer_norm", impl, x)(x, weight, bias, eps)
+    return _run("layer_norm", impl, x, weight, bias, eps)
 
 
 def silu_and_mul(x, *, impl=None):
-    return _pick("silu_and_mul", impl, x)(x)
+    return _run("silu_and_mul", impl, x)
 
 
 def gelu_tanh(x, *, impl=None):
-    return _pick("gelu_tanh", impl, x)(x)
+    return _run("gelu_tanh", impl, x)
 
 
 def patch_embed(pixels, weight, bias, pos_embed, position_ids, *, groups=1, impl=None):
-    return _pick("patch_embed", impl, pixels)(pixels, weight, bias, pos_embed, position_ids, groups=groups)
+    return _run("patch_embed", impl, pixels, weight, bias, pos_embed, position_ids, groups=groups)
 
 
 def dwsep_patch_embed(pixels, dw_weight, dw_bias, pw_weight, pw_bias, pos_embed, position_ids, *, impl=None):
-    return _pick("dwsep_patch_embed", impl, pixels)(pixels, dw_weight, dw_bias, pw_weight, pw_bias, pos_embed,
-                                                    position_ids)
+    return _run("dwsep_patch_embed", impl, pixels, dw_weight, dw_bias, pw_weight, pw_bias, pos_embed,
+                position_ids)
 
 
 def rope_attention(q, k, v, *, impl=None, **kwargs):
-    return _pick("rope_attention", impl, q)(q, k, v, **kwargs)
+    return _run("rope_attention", impl, q, k, v, **kwargs)
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, impl=None, **kwargs):
-    return _pick("write_kv_cache", impl, k)(k, v, k_cache, v_cache, slot_mapping, **kwargs)
+    return _run("write_kv_cache", impl, k, v, k_cache, v_cache, slot_mapping, **kwargs)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, impl=None, **kwargs):
-    return _pick("paged_attention", impl, q)(q, k_cache, v_cache, block_tables, seq_lens, **kwargs)
+    return _run("paged_attention", impl, q, k_cache, v_cache, block_tables, seq_lens, **kwargs)
 
 
 def cross_attention(q, k, v, *, impl=None, **kwargs):
-    return _pick("cross_attention", impl, q)(q, k, v, **kwargs)
+    return _run("cross_attention", impl, q, k, v, **kwargs)
 
 
 def int4_gemm(x, w, bias=None, *, impl=None):
-    """x [M, K] @ W.T (+ bias) with W an int4 weight (int4_linear.Int4Tensors) -> [M, N] in x's dtype."""
-    return _pick("int4_gemm", impl, x)(x, w, bias)
+    """x [M, K] @ W.T (+ bias) -> [M, N] in x's dtype, W an int4 weight (models/int4_linear.py: Int4Tensors; its
+    layout in formats/int4.py)."""
+    return _run("int4_gemm", impl, x, w, bias)
 
 
 def rope_table(rotary_dim: int, max_position: int, theta: float, device=None):

@@ -1,17 +1,13 @@
-"""The CUDA kernels of csrc/cuda/ (the extension smolvlm_fast._C) behind the op contracts of shared/KERNELS.md.
+"""The launchers of the CUDA kernels of csrc/cuda/ (the extension smolvlm_fast._C), behind the op contracts of
+smolvlm_fast/ops/README.md.
 
-Each function takes the reference's arguments (plus the Triton kernel's `out=` and tuning keywords), checks devices,
-dtypes and layouts, and calls _C with raw device addresses, sizes, strides in elements, dtype codes and the current
-CUDA stream. The kernels cover the decode-time calls they were written for; a call outside that goes to the next
-implementation, the Triton kernel (else the reference), so `ops.<op>(..., impl="cuda")` always gives the contract's
-result:
-
-    int4_gemm          x fp16 / bf16 with 1..16 rows               (fp32 x, and M > 16 as in prefill: next)
-    paged_attention    one query per sequence (decode), head_dim 64 / 80 / 96 / 128   (prefill batches: next)
-    write_kv_cache     every call
-    cross_attention    up to 16 text queries per batch row, head_dim 64 / 80 / 96 / 128
-    patch_embed        groups = 1, fp16 / bf16 pixels              (grouped convs, fp32: next)
-    dwsep_patch_embed  up to 512 channels
+Each kernel covers the decode-time calls it was written for: ops/cuda_limits.py says which (COVERS), and the registry
+(ops/registry.py) gives a call to the kernel only where its predicate says yes, else to the next implementation
+(Triton, else the reference), so `ops.<op>(..., impl="cuda")` always gives the contract's result. The registry then
+calls the op's launcher in LAUNCH: it checks devices, makes the layouts the kernel reads, and calls _C with raw device
+addresses, sizes, strides in elements, dtype codes and the current CUDA stream. The module's public functions
+(`cuda.int4_gemm`, ...) check the predicate themselves and refuse a call outside the kernel. They all take the
+reference's arguments plus `out=` and tuning keywords.
 
 Importing this module needs torch; `available()` says whether _C is built.
 """
@@ -21,15 +17,10 @@ import functools
 
 import torch
 
-try:
-    from .. import _C
-except ImportError:  # not built (no nvcc at install time, or SMOLVLM_FAST_BUILD_CUDA=0)
-    _C = None
+from .cuda_limits import _C, COVERS, DTYPES, MAX_SPLIT_SIZE
+from .cuda_limits import aligned as _aligned
 
-OPS = ("int4_gemm", "paged_attention", "write_kv_cache", "cross_attention", "patch_embed", "dwsep_patch_embed")
-DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/cuda/common.cuh: DType
 INDEX_DTYPES = (torch.int32, torch.int64)
-MAX_SPLIT_SIZE = 512   # keys per context split at most (the kernel keeps a split's scores in shared memory)
 MIN_SPLIT_SIZE = 128   # below this a split's fixed cost (q load, partial write) outweighs its keys
 BLOCKS_PER_SPLIT = 4   # int4_gemm: 32-element blocks of K per split at least (one step of a warp)
 PROGRAMS_PER_SM = 2    # thread blocks per SM the split choices aim for
@@ -37,14 +28,6 @@ PROGRAMS_PER_SM = 2    # thread blocks per SM the split choices aim for
 
 def available() -> bool:
     return _C is not None
-
-
-def _next(name: str):
-    """The implementation a call goes to when the CUDA kernel does not cover it: Triton, else the reference."""
-    from . import _impls
-
-    impls = _impls()[name]
-    return impls.get("triton", impls["reference"])
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -72,12 +55,6 @@ def _require_cuda(op: str, *tensors) -> None:
     if any(d.type != "cuda" for d in devices) or len(devices) > 1:
         raise ValueError(f"ops.{op}: the CUDA kernel needs all tensors on one CUDA device, "
                          f"got {sorted(map(str, devices))}")
-
-
-def _aligned(t: torch.Tensor, elements: int = 1) -> bool:
-    """16-byte aligned start, and every stride but the last a multiple of `elements`, last stride 1."""
-    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
-            and all(s % elements == 0 for s in t.stride()[:-1]))
 
 
 def _index(t: torch.Tensor) -> torch.Tensor:
@@ -123,30 +100,11 @@ def choose_split_k(n: int, k: int, device: int) -> int:
     return max(1, min(k // 32 // BLOCKS_PER_SPLIT, PROGRAMS_PER_SM * _num_sms(device) // blocks))
 
 
-def _int4_covered(x, w, bias, out) -> bool:
-    N, K = w.N, w.K
-    q, s, m = w.qweight, w.scales, w.mins
-    return (x.dim() == 2 and x.dtype in (torch.float16, torch.bfloat16) and 1 <= x.shape[0] <= _C.int4_gemm_max_m
-            and x.shape[1] == K and K % 32 == 0 and w.group_size in (32, 64, 128) and K % w.group_size == 0
-            and q.dtype == torch.uint8 and tuple(q.shape) == (N, K // 2) and _aligned(q, 16)
-            and s.dtype == torch.float16 and tuple(s.shape) == (N, K // w.group_size) and s.stride(-1) == 1
-            and (m is None) == bool(w.symmetric)
-            and (m is None or (m.dtype == torch.float16 and m.shape == s.shape and m.stride() == s.stride()))
-            and (bias is None or (tuple(bias.shape) == (N,) and bias.dtype in DTYPES))
-            and (out is None or (tuple(out.shape) == (x.shape[0], N) and out.dtype == x.dtype and out.stride(-1) == 1)))
-
-
-def int4_gemm(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-              split_k: int | None = None) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ dequantize(w).T (+ bias), fp32 accumulation, y in x's dtype (w: int4_linear.Int4Tensors).
-    split_k forces the number of K splits (tests use it)."""
+def _int4_gemm(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+               split_k: int | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ dequantize(w).T (+ bias), fp32 accumulation, y in x's dtype (w: Int4Tensors of
+    models/int4_linear.py). split_k forces the number of K splits (tests use it)."""
     _require_cuda("int4_gemm", x, w.qweight, w.scales, w.mins, bias, out)
-    if not _int4_covered(x, w, bias, out):
-        fn = _next("int4_gemm")
-        if out is None:
-            return fn(x, w, bias)
-        out.copy_(fn(x, w, bias))
-        return out
     M, K = x.shape
     if not _aligned(x, 8):
         x = x.clone(memory_format=torch.contiguous_format)  # a fresh allocation: 16-byte aligned rows
@@ -168,30 +126,16 @@ def int4_gemm(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, out: torc
 
 # ---------------------------------------------------------------- attention
 
-def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start_loc=None, cos_sin=None,
-                    positions=None, rotary_dim=None, scale=None, out=None, max_seq_len=None, split_size=None):
-    """Packed queries q [T, Hq, Dh] over the paged cache -> [T, Hq, Dh] (KERNELS.md). The CUDA kernel runs one query
-    per sequence (T == num_seqs, with or without query_start_loc); other calls go to the next implementation.
+def _paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start_loc=None, cos_sin=None,
+                     positions=None, rotary_dim=None, scale=None, out=None, max_seq_len=None, split_size=None):
+    """Packed queries q [T, Hq, Dh] over the paged cache -> [T, Hq, Dh] (ops/README.md), one query per sequence.
 
     max_seq_len: an upper bound of seq_lens (default: the block tables' width x block_size, so no host sync);
     split_size: keys per context split (default: choose_split_size)."""
     _require_cuda("paged_attention", q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, cos_sin, positions,
                   out)
-    T, Hq, Dh = q.shape if q.dim() == 3 else (-1, 0, 0)
-    num_seqs = seq_lens.shape[0]
-    Hkv = k_cache.shape[2] if k_cache.dim() == 4 else 0
-    covered = (q.dim() == 3 and k_cache.dim() == 4 and v_cache.shape == k_cache.shape and k_cache.shape[3] == Dh
-               and Hkv > 0 and Hq % Hkv == 0 and q.dtype in DTYPES and q.dtype == k_cache.dtype == v_cache.dtype
-               and _C.decode_attention_head_dim_supported(Dh) and T == num_seqs and block_tables.dim() == 2
-               and block_tables.shape[0] == num_seqs
-               and _aligned(k_cache, 16 // q.element_size()) and _aligned(v_cache, 16 // q.element_size())
-               and (out is None or (out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1))
-               and (split_size is None or 1 <= split_size <= MAX_SPLIT_SIZE))
-    kwargs = dict(query_start_loc=query_start_loc, cos_sin=cos_sin, positions=positions, rotary_dim=rotary_dim,
-                  scale=scale)
-    if not covered:
-        result = _next("paged_attention")(q, k_cache, v_cache, block_tables, seq_lens, **kwargs)
-        return result if out is None else out.copy_(result)
+    T, Hq, Dh = q.shape
+    num_seqs, Hkv = seq_lens.shape[0], k_cache.shape[2]
     if cos_sin is not None:
         rotary_dim = rotary_dim or cos_sin.shape[-1]
         if positions is None or tuple(positions.shape) != (T,) or cos_sin.dtype not in DTYPES:
@@ -232,20 +176,10 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start_
     return out
 
 
-def cross_attention(q, k, v, *, kv_lens=None, scale=None, out=None, split_size=None):
+def _cross_attention(q, k, v, *, kv_lens=None, scale=None, out=None, split_size=None):
     """Text queries q [B, S, Hq, Dh] over image keys/values k, v [B, T, Hkv, Dh] -> [B, S, Hq, Dh], not causal;
-    kv_lens [B] masks padded image tokens. The CUDA kernel runs up to 16 queries per batch row (decode: S = 1)."""
+    kv_lens [B] masks padded image tokens."""
     _require_cuda("cross_attention", q, k, v, out)
-    covered = (q.dim() == 4 and k.dim() == 4 and v.shape == k.shape and q.shape[0] == k.shape[0]
-               and q.shape[3] == k.shape[3] and k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0
-               and q.dtype in DTYPES and q.dtype == k.dtype == v.dtype and q.shape[1] <= 16
-               and _C.decode_attention_head_dim_supported(q.shape[3])
-               and _aligned(k, 16 // q.element_size()) and _aligned(v, 16 // q.element_size())
-               and (out is None or (out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()))
-               and (split_size is None or 1 <= split_size <= MAX_SPLIT_SIZE))
-    if not covered:
-        result = _next("cross_attention")(q, k, v, kv_lens=kv_lens, scale=scale)
-        return result if out is None else out.copy_(result)
     B, S, Hq, Dh = q.shape
     T, Hkv = k.shape[1], k.shape[2]
     if kv_lens is not None:
@@ -275,17 +209,10 @@ def cross_attention(q, k, v, *, kv_lens=None, scale=None, out=None, split_size=N
     return out
 
 
-def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, cos_sin=None, positions=None, rotary_dim=None) -> None:
+def _write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, cos_sin=None, positions=None, rotary_dim=None) -> None:
     """k_cache/v_cache[slot // block_size, slot % block_size] = rope(k), v for each token whose slot is not -1.
     In place (slots past the cache are skipped, not written)."""
     _require_cuda("write_kv_cache", k, v, k_cache, v_cache, slot_mapping, cos_sin, positions)
-    covered = (k.dim() == 3 and v.shape == k.shape and k_cache.dim() == 4 and v_cache.shape == k_cache.shape
-               and k_cache.shape[2:] == k.shape[1:] and k.dtype in DTYPES
-               and k.dtype == v.dtype == k_cache.dtype == v_cache.dtype
-               and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1)
-    if not covered:
-        return _next("write_kv_cache")(k, v, k_cache, v_cache, slot_mapping, cos_sin=cos_sin, positions=positions,
-                                       rotary_dim=rotary_dim)
     T, H, Dh = k.shape
     if tuple(slot_mapping.shape) != (T,) or slot_mapping.dtype not in INDEX_DTYPES:
         raise ValueError(f"write_kv_cache: slot_mapping must be int [T={T}], got {slot_mapping.dtype} "
@@ -300,7 +227,7 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, cos_sin=None, positi
         cos_sin = cos_sin if cos_sin.stride(-1) == 1 else cos_sin.contiguous()
         positions = _index(positions)
     if T == 0:
-        return None
+        return
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     slot_mapping = _index(slot_mapping)
@@ -315,7 +242,6 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, cos_sin=None, positi
         slots_int64=_is64(slot_mapping), positions_int64=_is64(positions),
         cos_sin_dtype=DTYPES[cos_sin.dtype] if cos_sin is not None else 0, dtype=DTYPES[k.dtype], device=_device(k),
         stream=_stream(k)))
-    return None
 
 
 # ---------------------------------------------------------------- vision
@@ -367,17 +293,9 @@ def _bias_dtype(*biases) -> int:
     return DTYPES[given[0].dtype] if given else 0
 
 
-def patch_embed(pixels, weight, bias, pos_embed, position_ids, *, groups=1, out=None):
-    """conv2d(pixels, weight, bias, stride=P).flatten(2).transpose(1, 2) + pos_embed[position_ids] -> [B, N, D]:
-    the CUDA kernel for groups = 1 and fp16 / bf16 pixels; other calls go to the next implementation."""
+def _patch_embed(pixels, weight, bias, pos_embed, position_ids, *, groups=1, out=None):
+    """conv2d(pixels, weight, bias, stride=P).flatten(2).transpose(1, 2) + pos_embed[position_ids] -> [B, N, D]."""
     _require_cuda("patch_embed", pixels, weight, bias, pos_embed, out)
-    covered = (groups == 1 and pixels.dim() == 4 and weight.dim() == 4 and weight.shape[2] == weight.shape[3]
-               and weight.shape[1] == pixels.shape[1] and pixels.dtype in (torch.float16, torch.bfloat16)
-               and weight.dtype == pixels.dtype and (bias is None or (bias.dtype in DTYPES
-                                                                      and tuple(bias.shape) == (weight.shape[0],))))
-    if not covered:
-        result = _next("patch_embed")(pixels, weight, bias, pos_embed, position_ids, groups=groups)
-        return result if out is None else out.copy_(result)
     D, C, P, _ = weight.shape
     B, _, H, W = pixels.shape
     rows, cols = H // P, W // P
@@ -395,21 +313,10 @@ def patch_embed(pixels, weight, bias, pos_embed, position_ids, *, groups=1, out=
     return out
 
 
-def dwsep_patch_embed(pixels, dw_weight, dw_bias, pw_weight, pw_bias, pos_embed, position_ids, *, out=None):
+def _dwsep_patch_embed(pixels, dw_weight, dw_bias, pw_weight, pw_bias, pos_embed, position_ids, *, out=None):
     """Depthwise P x P conv (stride P), pointwise projection pw_weight [D, C], + pw_bias + pos_embed[position_ids]
-    -> [B, N, D] in one kernel (up to 512 channels; more go to the next implementation)."""
+    -> [B, N, D] in one kernel."""
     _require_cuda("dwsep_patch_embed", pixels, dw_weight, dw_bias, pw_weight, pw_bias, pos_embed, out)
-    covered = (pixels.dim() == 4 and dw_weight.dim() == 4 and dw_weight.shape[1] == 1
-               and dw_weight.shape[2] == dw_weight.shape[3] and dw_weight.shape[0] == pixels.shape[1]
-               and pw_weight.dim() == 2 and pw_weight.shape[1] == pixels.shape[1]
-               and pixels.shape[1] <= _C.dwsep_max_channels and pixels.dtype in DTYPES
-               and dw_weight.dtype == pw_weight.dtype == pixels.dtype
-               and (dw_bias is None or tuple(dw_bias.shape) == (pixels.shape[1],))
-               and (pw_bias is None or tuple(pw_bias.shape) == (pw_weight.shape[0],))
-               and all(b is None or b.dtype in DTYPES for b in (dw_bias, pw_bias)))
-    if not covered:
-        result = _next("dwsep_patch_embed")(pixels, dw_weight, dw_bias, pw_weight, pw_bias, pos_embed, position_ids)
-        return result if out is None else out.copy_(result)
     C, _, P, _ = dw_weight.shape
     D = pw_weight.shape[0]
     B, _, H, W = pixels.shape
@@ -430,3 +337,31 @@ def dwsep_patch_embed(pixels, dw_weight, dw_bias, pw_weight, pw_bias, pos_embed,
         bias_dtype=_bias_dtype(dw_bias, pw_bias),
         **_image_args(out, pixels, pos_embed, position_ids, B, C, rows, cols, P, D, stride_pos, stride_ib, stride_in)))
     return out
+
+
+# ---------------------------------------------------------------- the table the registry reads
+
+OPS = ("int4_gemm", "paged_attention", "write_kv_cache", "cross_attention", "patch_embed", "dwsep_patch_embed")
+# op -> its launcher, for the calls COVERS[op] accepts (the registry has asked COVERS before it calls one)
+LAUNCH = {"int4_gemm": _int4_gemm, "paged_attention": _paged_attention, "write_kv_cache": _write_kv_cache,
+          "cross_attention": _cross_attention, "patch_embed": _patch_embed, "dwsep_patch_embed": _dwsep_patch_embed}
+
+
+def _checked(name: str):
+    """cuda.<name> for callers of this module: the launcher behind its covers predicate (a call outside the kernel
+    must never reach a launcher: the kernels trust the sizes they are given)."""
+    covers, launch = COVERS[name], LAUNCH[name]
+
+    def call(*args, **kwargs):
+        if _C is not None and not covers(*args, **kwargs):
+            scope = " ".join(covers.__doc__.split())
+            raise ValueError(f"ops.cuda.{name}: this call is outside the CUDA kernel, which covers {scope}; "
+                             f"ops.{name}(..., impl=\"cuda\") hands such calls to the next implementation")
+        return launch(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = launch.__doc__
+    return call
+
+
+int4_gemm, paged_attention, write_kv_cache, cross_attention, patch_embed, dwsep_patch_embed = map(_checked, OPS)

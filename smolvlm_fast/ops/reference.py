@@ -1,4 +1,4 @@
-"""PyTorch reference implementations of every op in shared/KERNELS.md (plain torch, any device).
+"""PyTorch reference implementations of every op in smolvlm_fast/ops/README.md (plain torch, any device).
 
 They are the contract the Triton and CUDA kernels are tested against, and what the model runs where no
 kernel exists. Layouts are token-major: attention tensors are [..., tokens, heads, head_dim].
