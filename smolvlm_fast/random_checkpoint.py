@@ -1,6 +1,6 @@
 """init_random: a random-weight checkpoint of any model type we load, for tests and benchmarks (no model hub needed).
 
-It writes what a trained checkpoint has: config.json, model.safetensors (every tensor of weights/layout.py), a
+It writes what a trained checkpoint has: config.json, model.safetensors (every tensor of formats/layout.py), a
 byte-level tokenizer whose vocabulary fills exactly `vocab_size` ids (so any generated id decodes), the chat template,
 processor_config.json (images resized to the encoder's size, not split) and generation_config.json.
 NumPy + tokenizers only: it runs without PyTorch.

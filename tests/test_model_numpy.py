@@ -1,4 +1,4 @@
-"""The NumPy model (model_numpy.py) against transformers on the tiny random checkpoints: logits within 1e-4 relative
+"""The NumPy model (models/smolvlm_numpy.py) against transformers on the tiny random checkpoints: logits within 1e-4 relative
 in fp32 and 16 greedy tokens identical to transformers' generate for the parity cases; fp16/bf16 checkpoints loaded
 with our reader equal to torch's loading; GGUF int4/q8 weights kept quantized; sequences decoded together equal
 each alone. The rows of a batch are packed (their real tokens only) over the paged cache, as the engine does."""

@@ -2,6 +2,7 @@
 import re
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,8 +14,23 @@ def test_ci_runs_the_readme_test_command():
     assert len(ci_lines) == 1 and ci_lines[0] in README
 
 
+def python_block(containing: str) -> str:
+    """The README's first ```python block that contains the text."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if containing in b]
+    assert blocks, f"no python block in README.md holds {containing!r}"
+    return blocks[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("containing", ["AutoModelForCausalLM.from_pretrained()", "llm = LLM()"])
+def test_default_model_examples_run(smollm2_gguf, containing, capsys):
+    """The examples that need no checkpoint of the reader's own run as written, on the real default model."""
+    exec(compile(python_block(containing), "README.md", "exec"), {})
+    assert "Paris" in capsys.readouterr().out
+
+
 def test_quick_start_runs(tiny_idefics3, tmp_path, capsys):
-    code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    code = python_block("AutoModelForVision2Seq")
     Image.new("RGB", (80, 60), (200, 30, 30)).save(tmp_path / "photo.jpg")
     code = code.replace('"HuggingFaceTB/SmolVLM-256M-Instruct"', repr(str(tiny_idefics3)))
     code = code.replace('"photo.jpg"', repr(str(tmp_path / "photo.jpg"))).replace("max_new_tokens=500", "max_new_tokens=8")

@@ -1,4 +1,4 @@
-"""Our NumPy safetensors reader (weights/safetensors_numpy.py): the same tensors as the safetensors library and torch
+"""Our NumPy safetensors reader (formats/safetensors.py): the same tensors as the safetensors library and torch
 give, for every dtype the checkpoints use, and one generated bad file per rule of the format, each a CheckpointError
 that names the file and the tensor or field at fault."""
 import json

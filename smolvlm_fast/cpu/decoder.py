@@ -5,7 +5,7 @@ A decode step in NumPy is about ten calls per layer on rows of a few hundred flo
 and NumPy overhead (~80 us a layer) was a third of the step, and in a prefill the small ops pass over memory
 several times each. The C++ step runs the same layers (same weights, same cache, same metadata) with the products
 and the attention on its thread pool. The embeddings (and image features), the vision encoder and the LM head stay
-in model_numpy, whose free-function decoder remains the reference this is tested against. A model with
+in models/smolvlm_numpy.py, whose free-function decoder remains the reference this is tested against. A model with
 cross-attention layers (docs/xattn.md) runs as segments, one Decoder per run of layers between cross layers, with
 the cross layers in NumPy between them (build_segments).
 """
@@ -35,10 +35,10 @@ def int8_activations_default() -> bool:
 
 def build_decoder(weights: dict, config: ModelConfig, prefix: str, int8_activations: bool = False,
                   layers: range | None = None, final_norm: bool = True):
-    """The decoder's weights (HF names, q/k/v and gate/up already stacked by model_numpy.stack_projections)
+    """The decoder's weights (HF names, q/k/v and gate/up already stacked by cpu/weights.py stack_projections)
     handed to C++ once: a _cpu.Decoder of `layers` (default all), ending in the final norm or (final_norm=False)
     in the whole hidden state. Llama blocks only (partial rotary included: step() takes a [positions, rotary_dim]
-    table); Phi blocks and cross-attention layers stay in model_numpy."""
+    table); Phi blocks and cross-attention layers stay in models/smolvlm_numpy.py."""
     t = config.text
     specs = []
     for i in range(t.num_hidden_layers) if layers is None else layers:

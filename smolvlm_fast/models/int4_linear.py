@@ -1,7 +1,7 @@
 """int4 weights on the PyTorch path: the packed tensors on the device, the module that stands in for nn.Linear,
 and the functions that swap it in from outside the model (gpt-fast's style: the model classes know nothing of it).
 
-The format is quant.Int4Weight's (layout in smolvlm_fast/formats/int4.py), moved to torch with torch.from_numpy: the
+The format is int4.Int4Weight's (layout in smolvlm_fast/formats/int4.py), moved to torch with torch.from_numpy: the
 NumPy quantizer and the GGUF Q4_0 / Q4_1 conversion are the only producers, so both backends hold the same bits.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import int4 as quant
+from ..formats import int4
 
 DECODER_PREFIX = "text.layers."           # qkv_proj, o_proj, gate_up_proj, down_proj of every decoder layer
 VISION_PREFIXES = ("vision.", "connector")  # the SigLIP layers' qkv, out_proj, fc1, fc2 and the connector
@@ -22,7 +22,7 @@ VISION_PREFIXES = ("vision.", "connector")  # the SigLIP layers' qkv, out_proj, 
 
 @dataclass(frozen=True)
 class Int4Tensors:
-    """An int4 weight as torch tensors (quant.Int4Weight's fields and layout): what ops.int4_gemm takes."""
+    """An int4 weight as torch tensors (int4.Int4Weight's fields and layout): what ops.int4_gemm takes."""
     N: int
     K: int
     group_size: int
@@ -32,15 +32,15 @@ class Int4Tensors:
     mins: torch.Tensor | None = None  # float16 [N, K // group_size]; None when symmetric
 
     @classmethod
-    def from_numpy(cls, w: quant.Int4Weight, device=None) -> "Int4Tensors":
+    def from_numpy(cls, w: int4.Int4Weight, device=None) -> "Int4Tensors":
         def move(a):
             return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device)
         return cls(w.N, w.K, w.group_size, w.symmetric, move(w.qweight), move(w.scales), move(w.mins))
 
-    def to_numpy(self) -> quant.Int4Weight:
+    def to_numpy(self) -> int4.Int4Weight:
         def back(t):
             return None if t is None else np.ascontiguousarray(t.detach().cpu().numpy())
-        return quant.Int4Weight(self.N, self.K, self.group_size, self.symmetric, back(self.qweight),
+        return int4.Int4Weight(self.N, self.K, self.group_size, self.symmetric, back(self.qweight),
                                 back(self.scales), back(self.mins))
 
 
@@ -60,8 +60,8 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int | None = None,
                     symmetric: bool = False) -> "Int4Linear":
-        """Round-to-nearest int4 of a float weight [N, K] (quant.quantize_int4), on the weight's device."""
-        w = quant.quantize_int4(weight.detach().float().cpu().numpy(),
+        """Round-to-nearest int4 of a float weight [N, K] (int4.quantize_int4), on the weight's device."""
+        w = int4.quantize_int4(weight.detach().float().cpu().numpy(),
                                 group_size=group_size or default_group_size(weight.shape[1]), symmetric=symmetric)
         return cls(Int4Tensors.from_numpy(w, weight.device), None if bias is None else bias.detach().clone())
 
@@ -88,8 +88,8 @@ def default_group_size(K: int) -> int:
 
 def quantize_model(model: nn.Module, *, group_size: int | None = None, symmetric: bool = False,
                    vision: bool = False, lm_head: bool = False,
-                   prequantized: dict[str, quant.Int4Weight] | None = None) -> nn.Module:
-    """Swap the decoder's nn.Linear layers (model_torch.SmolVLM: the fused qkv_proj and gate_up_proj, o_proj,
+                   prequantized: dict[str, int4.Int4Weight] | None = None) -> nn.Module:
+    """Swap the decoder's nn.Linear layers (smolvlm_torch.SmolVLM: the fused qkv_proj and gate_up_proj, o_proj,
     down_proj) for Int4Linear, in place; with vision=True the vision encoder's and the connector's too, with
     lm_head=True the output projection (for tied embeddings a separate int4 copy; the embedding stays float).
 
@@ -131,13 +131,13 @@ def load_gguf_int4(path: str | Path, device="cpu", dtype=torch.float32, *, visio
     """A GGUF checkpoint on the torch backend with its Q4_0 / Q4_1 decoder weights kept as they are (lossless,
     group 32; q/k/v and gate/up blocks stacked into the fused layers), other decoder linears quantized from float.
 
-    The float model is built first with zero placeholders where the int4 layers go (model_torch's loader wants
+    The float model is built first with zero placeholders where the int4 layers go (the loader wants
     every tensor), then those layers are swapped: nothing is dequantized and requantized."""
     from ..formats.gguf import load_gguf_weights
     from .loader import build_model
 
     path = Path(path)
-    # Q4_0 / Q4_1 as quant.Int4Weight, Q8_0 as quant.Q8Weight, the rest float32
+    # Q4_0 / Q4_1 as int4.Int4Weight, Q8_0 as int4.Q8Weight, the rest float32
     config, weights = load_gguf_weights(path, keep_quantized=True)
     packed = fused_int4_weights(weights, config)
 
@@ -146,14 +146,14 @@ def load_gguf_int4(path: str | Path, device="cpu", dtype=torch.float32, *, visio
             if _module_of(name, config) in packed:
                 yield name, torch.zeros(()).expand(*w.shape)  # placeholder: the layer is swapped below
             else:
-                yield name, torch.from_numpy(quant.dequantize(w))
+                yield name, torch.from_numpy(int4.dequantize(w))
 
     model = build_model(config, tensors(), str(path), device, dtype)
     return quantize_model(model, lm_head=lm_head, vision=vision, prequantized=packed)
 
 
-def fused_int4_weights(weights: dict, config) -> dict[str, quant.Int4Weight]:
-    """{module name of model_torch.SmolVLM: int4 weight} for the decoder layers whose every part (q, k and v for
+def fused_int4_weights(weights: dict, config) -> dict[str, int4.Int4Weight]:
+    """{module name of smolvlm_torch.SmolVLM: int4 weight} for the decoder layers whose every part (q, k and v for
     qkv_proj, gate and up for gate_up_proj) is int4 of one group size and kind, the parts' rows stacked in order."""
     from .loader import parameter_for
 
@@ -166,9 +166,9 @@ def fused_int4_weights(weights: dict, config) -> dict[str, quant.Int4Weight]:
     for module, by_part in parts.items():
         ws = [by_part[i] for i in sorted(by_part)]
         first = ws[0]
-        if all(isinstance(w, quant.Int4Weight) and (w.K, w.group_size, w.symmetric) ==
+        if all(isinstance(w, int4.Int4Weight) and (w.K, w.group_size, w.symmetric) ==
                (first.K, first.group_size, first.symmetric) for w in ws):
-            out[module] = quant.Int4Weight(
+            out[module] = int4.Int4Weight(
                 sum(w.N for w in ws), first.K, first.group_size, first.symmetric,
                 np.concatenate([w.qweight for w in ws]), np.concatenate([w.scales for w in ws]),
                 None if first.symmetric else np.concatenate([w.mins for w in ws]))
@@ -176,7 +176,7 @@ def fused_int4_weights(weights: dict, config) -> dict[str, quant.Int4Weight]:
 
 
 def _module_of(hf_name: str, config) -> str | None:
-    """The model_torch module a Hugging Face weight name lands in ("text.layers.0.qkv_proj"), or None."""
+    """The smolvlm_torch module a Hugging Face weight name lands in ("text.layers.0.qkv_proj"), or None."""
     from .loader import parameter_for
 
     name, _ = parameter_for(hf_name, config)

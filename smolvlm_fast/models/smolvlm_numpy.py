@@ -56,9 +56,9 @@ class Step:
     block_tables: np.ndarray     # [num_seqs, max_blocks]
     seq_lens: np.ndarray         # [num_seqs]
     query_start_loc: np.ndarray  # [num_seqs + 1]
-    cos: np.ndarray              # [T, 1, 2, R/2] RoPE factors (ops.numpy_ops.rope_factors), R = rotary_dim
+    cos: np.ndarray              # [T, 1, 2, R/2] RoPE factors (cpu/ops.py rope_factors), R = rotary_dim
     sin: np.ndarray              # [T, 1, 2, R/2]
-    plan: list                   # ops.numpy_ops.paged_plan
+    plan: list                   # cpu/ops.py paged_plan
 
     @classmethod
     def from_metadata(cls, meta: StepMetadata, cos_sin: np.ndarray, block_size: int, heads: int) -> "Step":
@@ -238,7 +238,7 @@ class NumpyModel:
 
     def __init__(self, config: ModelConfig, weights: dict, fused: bool | None = None,
                  int8_activations: bool | None = None):
-        """fused: run each step's decoder layers in C++ (cpu_decoder), one call per run of layers between
+        """fused: run each step's decoder layers in C++ (cpu/decoder.py), one call per run of layers between
         cross-attention layers, which stay in NumPy; None means where the extension has it. The C++ step knows
         Llama blocks only: Phi blocks always take the free functions.
         int8_activations: in those steps, int4 products round x to int8 (cpu_decoder.int8_activations_default)."""

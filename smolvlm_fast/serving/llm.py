@@ -52,12 +52,12 @@ class LLM:
 
     Prompts: see the module's docstring. A plain string prompt is not chat-templated (a chat message list is)."""
 
-    def __init__(self, model, *, backend: str | None = None, device=None, dtype=None, quantize: str | None = None,
+    def __init__(self, model=None, *, backend: str | None = None, device=None, dtype=None, quantize: str | None = None,
                  tokenizer=None, max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
                  num_blocks: int | None = None, kv_cache_bytes: int | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, feature_cache_bytes: int = 256 << 20, ignore_eos: bool = False):
-        """model: a checkpoint (path or hub name, loaded as AutoModelForVision2Seq loads it), an
-        AutoModelForVision2Seq model, or a bare models.smolvlm_torch / models.smolvlm_numpy model (pass tokenizer=
+        """model: a checkpoint (path or hub name, loaded as AutoModelForVision2Seq loads it; None: the default
+        model), an AutoModelForVision2Seq model, or a bare models.smolvlm_torch / models.smolvlm_numpy model (pass tokenizer=
         for text). num_blocks: KV-cache blocks of block_size tokens; by default as many as kv_cache_bytes hold, and
         kv_cache_bytes by default a fraction of the memory free where the model runs (engine/memory.py), at most
         enough for max_num_seqs sequences of the model's whole context; the size chosen is logged. ignore_eos:
@@ -327,6 +327,9 @@ def load(model, backend, device, dtype, quantize, tokenizer):
     """(model, processor or tokenizer or None, generation config) from a path, an auto model or a bare model."""
     from ..auto import AutoProcessor, SmolVLMForConditionalGeneration, checkpoint_location
 
+    if model is None:
+        from ..formats.hub import default_model_path
+        model = default_model_path()  # as `smolvlm-fast generate` and `serve` do without --model
     if isinstance(model, (str, Path)):
         auto = SmolVLMForConditionalGeneration.from_pretrained(model, backend=backend, device=device, dtype=dtype,
                                                                quantize=quantize)
