@@ -1,20 +1,6 @@
-"""The int4 weight format (and GGUF's Q8_0, kept as it is), in NumPy only: quantize, dequantize, GGUF
-conversion, and `linear`, the one matrix product the PyTorch-free model calls.
-
-Int4Weight layout (the one place it is written down; the C++, Triton and CUDA kernels read it as is):
-
-    qweight  uint8   [N, K // 2]           each row: K/32 blocks of 32 elements in 16 bytes; byte j of a block
-                                           holds element j in its low nibble and element j + 16 in its high nibble
-                                           (GGUF's order, so GGUF Q4_0 / Q4_1 blocks convert by plain copy)
-    scales   float16 [N, K // group_size]  d, one per group of `group_size` elements along K
-    mins     float16 [N, K // group_size]  m, asymmetric only (None when symmetric)
-
-    asymmetric (GGUF Q4_1 at group 32):  w[n, k] = d[n, g] * q[n, k] + m[n, g],  q in 0..15
-    symmetric  (GGUF Q4_0 at group 32):  w[n, k] = d[n, g] * (q[n, k] - 8)
-    with g = k // group_size; group_size in {32, 64, 128}; K % group_size == 0 (so K % 32 == 0).
-
-Q8Weight is GGUF Q8_0: q int8 [N, K] and scales float16 [N, K // 32]; w[n, k] = d[n, k // 32] * q[n, k].
-All arrays are C-contiguous. This module never imports torch.
+"""`linear`, the one matrix product the PyTorch-free model calls: float32, int4 or Q8_0 weights (their formats, and
+the one description of the int4 layout, are in formats/int4.py), on the C++ kernels when they are built, else
+NumPy + BLAS a chunk of weight rows at a time. Also the C++ pool's thread count. This module never imports torch.
 """
 from __future__ import annotations
 

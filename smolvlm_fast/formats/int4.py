@@ -1,5 +1,5 @@
-"""The int4 weight format (and GGUF's Q8_0, kept as it is), in NumPy only: quantize, dequantize, GGUF
-conversion, (the product that reads it is cpu/linear.py).
+"""The int4 weight format (and GGUF's Q8_0, kept as it is), in NumPy only: quantize, dequantize and GGUF
+conversion (cpu/linear.py is the product that reads it).
 
 Int4Weight layout (the one place it is written down; the C++, Triton and CUDA kernels read it as is):
 
