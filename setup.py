@@ -29,8 +29,9 @@ from pathlib import Path
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-CPU_SOURCES = ["csrc/cpu/bindings.cpp", "csrc/cpu/quant_gemm.cpp", "csrc/cpu/paged_attention.cpp",
-               "csrc/cpu/decoder_step.cpp", "csrc/cpu/prefill_gemm.cpp", "csrc/cpu/small_ops.cpp"]
+CPU_SOURCES = ["csrc/cpu/bindings.cpp", "csrc/cpu/thread_pool.cpp", "csrc/cpu/quant_gemm.cpp",
+               "csrc/cpu/paged_attention.cpp", "csrc/cpu/decoder_step.cpp", "csrc/cpu/prefill_gemm.cpp",
+               "csrc/cpu/small_ops.cpp"]
 CPU_FLAGS = ["-O3", "-pthread"]  # with Pybind11Extension's own: -std=c++17, -fvisibility=hidden, -g0
 NATIVE_FLAGS = ["-march=native"]  # AVX-512 / AVX2 + FMA + F16C where the machine has them; dropped if rejected
 
@@ -47,9 +48,9 @@ def cpu_extension():
     from pybind11.setup_helpers import Pybind11Extension
 
     return Pybind11Extension("smolvlm_fast._cpu", CPU_SOURCES, include_dirs=["csrc/cpu"],
-                             depends=["csrc/cpu/quant_gemm.h", "csrc/cpu/paged_attention.h", "csrc/cpu/decoder_step.h",
-                                      "csrc/cpu/prefill_gemm.h", "csrc/cpu/small_ops.h",
-                                      "csrc/cpu/simd_math.h"], extra_compile_args=CPU_FLAGS,
+                             depends=["csrc/cpu/thread_pool.h", "csrc/cpu/quant_gemm.h", "csrc/cpu/paged_attention.h",
+                                      "csrc/cpu/decoder_step.h", "csrc/cpu/prefill_gemm.h", "csrc/cpu/small_ops.h",
+                                      "csrc/cpu/simd.h", "csrc/cpu/simd_math.h"], extra_compile_args=CPU_FLAGS,
                              extra_link_args=["-pthread"], cxx_std=17)
 
 

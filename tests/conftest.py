@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random checkpoints (built once per session with transformers) and small test images."""
+"""Shared fixtures: tiny random checkpoints (built once per session with transformers), small test images, and each
+test's random seed (tests/conftest_seed.py: SMOLVLM_FAST_TEST_SEED replays a failure's inputs)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,14 @@ import pytest
 from PIL import Image
 
 from tests.conftest_gguf import smollm2_gguf  # noqa: F401  (the real SmolLM2 GGUF, for tests marked slow)
+from tests.conftest_seed import (  # noqa: F401  (fixtures and hooks: pytest finds them by name here)
+    _seeded_randomness,
+    pytest_report_header,
+    pytest_runtest_makereport,
+    pytest_terminal_summary,
+    rng,
+    seed,
+)
 from tests.fixtures import build_tiny_llama, build_tiny_vlm
 
 
@@ -37,8 +46,8 @@ def tiny_llama(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
-def _rng(seed: int) -> np.random.Generator:
-    return np.random.default_rng(seed)
+def _rng(image_seed: int) -> np.random.Generator:
+    return np.random.default_rng(image_seed)
 
 
 @pytest.fixture(scope="session")

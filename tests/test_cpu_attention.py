@@ -14,7 +14,7 @@ from smolvlm_fast.cpu import ops as numpy_ops
 
 cpu = pytest.importorskip("smolvlm_fast._cpu", reason="the C++ extension is not built (pip install -e .)")
 
-RNG = np.random.default_rng()
+RNG = np.random.default_rng()  # replaced for each test by one from that test's seed (tests/conftest_seed.py)
 
 
 def paged_case(lens, q_lens, Hq, Hkv, Dh, block_size):

@@ -10,7 +10,7 @@ from smolvlm_fast.cpu import linear as cpu_linear
 from smolvlm_fast.formats import int4 as int4_format
 
 _cpu = cpu_linear._cpu
-RNG = np.random.default_rng()
+RNG = np.random.default_rng()  # replaced for each test by one from that test's seed (tests/conftest_seed.py)
 
 
 def has_int8_path() -> bool:

@@ -11,7 +11,7 @@ from tests.test_cpu_kernels import cases, close, kernel, make_weight, reference
 
 cpu = cpu_linear._cpu
 pytestmark = pytest.mark.skipif(cpu is None or not hasattr(cpu, "f32_gemm"), reason="C++ kernels not built")
-RNG = np.random.default_rng()
+RNG = np.random.default_rng()  # replaced for each test by one from that test's seed (tests/conftest_seed.py)
 
 # N: not a multiple of the 12-row panel or of 48 (a thread's chunk); K: 576 = 2 blocks of 256 + 64, 1536 = 6 whole
 # blocks, 96 = less than one block; M: 32 (one tile), 33 / 63 (a tile and a bit), 300 (two row blocks of 256)

@@ -14,7 +14,7 @@ from smolvlm_fast.cpu import ops as numpy_ops
 
 cpu = pytest.importorskip("smolvlm_fast._cpu", reason="the C++ extension is not built (pip install -e .)")
 
-RNG = np.random.default_rng()
+RNG = np.random.default_rng()  # replaced for each test by one from that test's seed (tests/conftest_seed.py)
 EPS32 = float(np.finfo(np.float32).eps)
 SHAPES = [(1, 1), (3, 17), (7, 768), (2, 5, 576), (517, 768), (129, 3077)]  # the last two: many pool chunks
 

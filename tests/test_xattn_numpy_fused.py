@@ -42,8 +42,8 @@ def llama_variant(cross: tuple, arch: str = "llama") -> dict:
     }
 
 
-def checkpoint(tmp_path, cross: tuple, arch: str = "llama"):
-    seed = int(np.random.default_rng().integers(1 << 30))
+def checkpoint(tmp_path, cross: tuple, rng, arch: str = "llama"):
+    seed = int(rng.integers(1 << 30))
     return init_random(llama_variant(cross, arch), tmp_path / "ckpt", seed=seed, std=0.3)
 
 
@@ -55,11 +55,10 @@ def assert_close(ours, ref):
 
 @pytest.mark.parametrize("cross, quantize", [((0,), None), ((2,), None), ((LAYERS - 1,), None),
                                              ((0, 2, LAYERS - 1), None), ((1, 3), "int4")])
-def test_fused_equals_free_functions(tmp_path, cross, quantize):
+def test_fused_equals_free_functions(tmp_path, cross, quantize, rng):
     """A packed prefill (the image's sequence first or second), then 8 greedy decode steps of both sequences
     together: every logit of the fused model equals the free functions'."""
-    rng = np.random.default_rng()
-    path = checkpoint(tmp_path, cross)
+    path = checkpoint(tmp_path, cross, rng)
     fused, free = (NumpyModel.from_checkpoint(path, quantize=quantize, fused=f) for f in (None, False))
     assert fused.fused and not free.fused
     kv = free.cross_kv(free.image_features_per_row(pixels(rng))[0])
@@ -84,11 +83,10 @@ def test_fused_equals_free_functions(tmp_path, cross, quantize):
 
 
 @pytest.mark.parametrize("layers", [range(0, LAYERS), range(0, 1), range(2, LAYERS), range(1, 3)])
-def test_decoder_without_final_norm_leaves_the_hidden_state(tmp_path, layers):
+def test_decoder_without_final_norm_leaves_the_hidden_state(tmp_path, layers, rng):
     """A segment's Decoder (final_norm None) over fresh random x: a prefill of two sequences, then a decode step;
     out comes x + residual after its layers, as decoder_layer computes it, and the same K/V in the cache."""
-    rng = np.random.default_rng()
-    model = NumpyModel.from_checkpoint(checkpoint(tmp_path, (1, 3)), fused=False)
+    model = NumpyModel.from_checkpoint(checkpoint(tmp_path, (1, 3), rng), fused=False)
     t, prefix = model.config.text, text_prefix(model.config)
     segment = cpu_decoder.build_decoder(model.weights, model.config, prefix, layers=layers, final_norm=False)
     assert len(segment) == len(layers)
@@ -111,19 +109,19 @@ def test_decoder_without_final_norm_leaves_the_hidden_state(tmp_path, layers):
             assert_close(v[written], v_ref[written])
 
 
-def test_segments_and_their_checks(tmp_path):
+def test_segments_and_their_checks(tmp_path, rng):
     """Segments split after each cross layer; the last holds the final norm unless a cross layer is last; Phi
     blocks stay on the NumPy path; a Decoder without final norm needs layers to know the hidden size."""
     from smolvlm_fast import _cpu
 
     config = ModelConfig.from_dict(llama_variant((0, 2)))
-    model = NumpyModel.from_checkpoint(checkpoint(tmp_path, (0, 2)))
+    model = NumpyModel.from_checkpoint(checkpoint(tmp_path, (0, 2), rng))
     segments = cpu_decoder.build_segments(model.weights, config, text_prefix(config))
     assert [layers for layers, _ in segments] == [range(0, 1), range(1, 3), range(3, LAYERS)]
     last = ModelConfig.from_dict(llama_variant((1, LAYERS - 1)))
     assert [r for r, _ in cpu_decoder.build_segments(model.weights, last, text_prefix(last))] == \
         [range(0, 2), range(2, LAYERS)]
-    assert not NumpyModel.from_checkpoint(checkpoint(tmp_path / "phi", (0, 2), arch="phi")).fused
+    assert not NumpyModel.from_checkpoint(checkpoint(tmp_path / "phi", (0, 2), rng, arch="phi")).fused
     t = config.text
     with pytest.raises(ValueError, match="without final_norm"):
         _cpu.Decoder([], None, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim,

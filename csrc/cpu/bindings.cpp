@@ -14,6 +14,7 @@
 #include "paged_attention.h"
 #include "quant_gemm.h"
 #include "small_ops.h"
+#include "thread_pool.h"
 
 namespace py = pybind11;
 

@@ -1,9 +1,9 @@
 // A decoder step in C++. In NumPy a decode step is ~10 calls per layer on rows of a few hundred floats, and the
 // Python and NumPy overhead of those calls (~80 us a layer on a 2-core Xeon) was a third of the step's time; in a
 // prefill the small ops (norms, RoPE, SwiGLU) each pass over memory several times. Here the products and the
-// attention run on the thread pool (quant_gemm.cpp / prefill_gemm.cpp, paged_attention.cpp) and the small ops on
-// the calling thread, one pass each. The MLP goes kMlpRows tokens at a time so a long prompt's [T, 2I] never
-// exists whole.
+// attention (quant_gemm.cpp / prefill_gemm.cpp, paged_attention.cpp) run on the thread pool (thread_pool.h) and
+// the small ops on the calling thread, one pass each. The MLP goes kMlpRows tokens at a time so a long prompt's
+// [T, 2I] never exists whole.
 #include "decoder_step.h"
 
 #include <algorithm>
@@ -14,6 +14,7 @@
 #include "paged_attention.h"
 #include "prefill_gemm.h"
 #include "simd_math.h"
+#include "thread_pool.h"
 
 namespace smolvlm_cpu {
 namespace {

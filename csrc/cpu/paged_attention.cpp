@@ -27,10 +27,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "quant_gemm.h"  // parallel_for
-
 #include "simd.h"
 #include "simd_math.h"  // exp16 and the exp constants (after the intrinsics' include above)
+#include "thread_pool.h"
 
 namespace smolvlm_cpu {
 namespace {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "simd.h"
+#include "thread_pool.h"
 
 namespace smolvlm_cpu {
 

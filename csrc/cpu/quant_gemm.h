@@ -40,13 +40,6 @@ void f32_gemm(const float* x, int64_t M, const F32Matrix& w, float* out);
 void int4_dequantize(const Int4Matrix& w, float* out);
 void q8_dequantize(const Q8Matrix& w, float* out);
 
-// Runs fn(ctx, c) for every chunk c < n_chunks: on the shared thread pool when `work` (multiply-adds) is
-// enough to pay for waking it and no other caller holds it, else on this thread. For the other kernels.
-using ChunkFn = void (*)(void* ctx, int64_t chunk);
-void parallel_for(ChunkFn fn, void* ctx, int64_t n_chunks, int64_t work);
-
-void set_num_threads(int n);  // n <= 0: the default (SMOLVLM_FAST_NUM_THREADS, else the cores we may use)
-int get_num_threads();
 const char* simd_name();      // "avx512", "avx2" or "scalar": what this build was compiled for
 
 }  // namespace smolvlm_cpu

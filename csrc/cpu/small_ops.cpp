@@ -8,10 +8,10 @@
 #include <cmath>
 #include <cstdint>
 
-#include "quant_gemm.h"  // parallel_for, get_num_threads
 
 #include "simd.h"
 #include "simd_math.h"  // exp16 and the exp constants
+#include "thread_pool.h"
 
 namespace smolvlm_cpu {
 namespace {

@@ -1,6 +1,7 @@
-// Row-wise small ops on the CPU, float32: LayerNorm and the tanh-approximated GELU (shared/KERNELS.md, small ops).
+// Row-wise small ops on the CPU, float32: LayerNorm and the tanh-approximated GELU (contracts:
+// smolvlm_fast/ops/README.md, small ops).
 // The caller (bindings.cpp) checks every argument; these trust them. Rows are shared out on the thread pool
-// (quant_gemm.h's parallel_for) when there are enough of them; call from outside the pool's tasks.
+// (thread_pool.h's parallel_for) when there are enough of them; call from outside the pool's tasks.
 #pragma once
 
 #include <cstdint>
