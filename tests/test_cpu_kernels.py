@@ -249,19 +249,26 @@ def paged_case(lens, Hq, Hkv, Dh, block_size):
     return paged_attention_case(lens, [1] * len(lens), Hq, Hkv, Dh, block_size)[:5]
 
 
-def paged_reference(q, k_cache, v_cache, tables, lens, scale):
+def decode_rows(q, k_cache, v_cache, tables, lens, scale):
+    """For each (sequence s, query head h) of a decode step, in float64: (s, h, the softmax p [n], the head's keys
+    [n, Dh] and values [n, Dh] gathered from the paged cache, its query [Dh])."""
     S, Hq, Dh = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
-    out = np.empty((S, Hq, Dh), np.float64)
     for s, n in enumerate(lens):
         slots = np.arange(n)
         k = k_cache[tables[s, slots // block_size], slots % block_size].astype(np.float64)  # [n, Hkv, Dh]
         v = v_cache[tables[s, slots // block_size], slots % block_size].astype(np.float64)
         for h in range(Hq):
-            kh = h // (Hq // Hkv)
-            scores = k[:, kh] @ q[s, h].astype(np.float64) * scale
+            kh, qh = h // (Hq // Hkv), q[s, h].astype(np.float64)
+            scores = k[:, kh] @ qh * scale
             p = np.exp(scores - scores.max())
-            out[s, h] = p @ v[:, kh] / p.sum()
+            yield s, h, p / p.sum(), k[:, kh], v[:, kh], qh
+
+
+def paged_reference(q, k_cache, v_cache, tables, lens, scale):
+    out = np.empty(q.shape, np.float64)
+    for s, h, p, _k, v, _q in decode_rows(q, k_cache, v_cache, tables, lens, scale):
+        out[s, h] = p @ v
     return out
 
 
@@ -273,22 +280,12 @@ def score_rounding(q, k_cache, v_cache, tables, lens, scale):
     by d o / d s_j = p_j (v_j - o) per unit of score j, so by at most sum_j p_j |v_j - o| err_j. That is nothing in
     a one-hot or flat row and large only where a row's top scores nearly tie; at scale 40 (scores in the thousands)
     such rows come up in about 1 draw in 13 and miss 1e-5 relative by up to 6x (0.01x of this bound)."""
-    S, Hq, Dh = q.shape
-    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
-    n = Dh + 2
+    n = q.shape[-1] + 2
     gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
-    out = np.empty((S, Hq, Dh), np.float64)
-    for s, length in enumerate(lens):
-        slots = np.arange(length)
-        k = k_cache[tables[s, slots // block_size], slots % block_size].astype(np.float64)  # [n, Hkv, Dh]
-        v = v_cache[tables[s, slots // block_size], slots % block_size].astype(np.float64)
-        for h in range(Hq):
-            kh, qh = h // (Hq // Hkv), q[s, h].astype(np.float64)
-            scores = k[:, kh] @ qh * scale
-            p = np.exp(scores - scores.max())
-            p /= p.sum()
-            err = gamma * abs(scale) * (np.abs(k[:, kh]) @ np.abs(qh))  # [n]
-            out[s, h] = (p * err) @ np.abs(v[:, kh] - p @ v[:, kh])
+    out = np.empty(q.shape, np.float64)
+    for s, h, p, k, v, qh in decode_rows(q, k_cache, v_cache, tables, lens, scale):
+        err = gamma * abs(scale) * (np.abs(k) @ np.abs(qh))  # [n]
+        out[s, h] = (p * err) @ np.abs(v - p @ v)
     return out
 
 
