@@ -31,7 +31,10 @@ from setuptools.command.build_ext import build_ext
 
 CPU_SOURCES = ["csrc/cpu/bindings.cpp", "csrc/cpu/thread_pool.cpp", "csrc/cpu/quant_gemm.cpp",
                "csrc/cpu/paged_attention.cpp", "csrc/cpu/decoder_step.cpp", "csrc/cpu/prefill_gemm.cpp",
-               "csrc/cpu/small_ops.cpp"]
+               "csrc/cpu/small_ops.cpp", "csrc/cpu/bindings_bf16.cpp", "csrc/cpu/bf16_gemm.cpp",
+               "csrc/cpu/bf16_f32.cpp", "csrc/cpu/bf16_dpbf16.cpp", "csrc/cpu/bf16_amx.cpp",
+               "csrc/cpu/prefill_gemm_bf16.cpp", "csrc/cpu/vision_attention.cpp",
+               "csrc/cpu/vision_encoder.cpp", "csrc/cpu/bindings_vision.cpp"]
 CPU_FLAGS = ["-O3", "-pthread"]  # with Pybind11Extension's own: -std=c++17, -fvisibility=hidden, -g0
 NATIVE_FLAGS = ["-march=native"]  # AVX-512 / AVX2 + FMA + F16C where the machine has them; dropped if rejected
 
@@ -50,7 +53,10 @@ def cpu_extension():
     return Pybind11Extension("smolvlm_fast._cpu", CPU_SOURCES, include_dirs=["csrc/cpu"],
                              depends=["csrc/cpu/thread_pool.h", "csrc/cpu/quant_gemm.h", "csrc/cpu/paged_attention.h",
                                       "csrc/cpu/decoder_step.h", "csrc/cpu/prefill_gemm.h", "csrc/cpu/small_ops.h",
-                                      "csrc/cpu/simd.h", "csrc/cpu/simd_math.h"], extra_compile_args=CPU_FLAGS,
+                                      "csrc/cpu/simd.h", "csrc/cpu/simd_math.h", "csrc/cpu/bf16_gemm.h",
+                                      "csrc/cpu/bf16_kernels.h", "csrc/cpu/amx_tiles.h",
+                                      "csrc/cpu/prefill_gemm_bf16.h", "csrc/cpu/vision_attention.h",
+                                      "csrc/cpu/vision_encoder.h"], extra_compile_args=CPU_FLAGS,
                              extra_link_args=["-pthread"], cxx_std=17)
 
 

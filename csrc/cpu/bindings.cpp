@@ -18,6 +18,9 @@
 
 namespace py = pybind11;
 
+void register_bf16(py::module_& m);    // bindings_bf16.cpp: the bf16 products
+void register_vision(py::module_& m);  // bindings_vision.cpp: the fused vision encoder
+
 namespace {
 
 enum class DType { f32, f16, u8, i8, i32 };
@@ -593,4 +596,6 @@ PYBIND11_MODULE(_cpu, m) {
           "threads for the kernels; n <= 0 restores the default (SMOLVLM_FAST_NUM_THREADS, else the usable cores)");
     m.def("get_num_threads", &smolvlm_cpu::get_num_threads);
     m.attr("simd") = smolvlm_cpu::simd_name();
+    register_bf16(m);
+    register_vision(m);
 }

@@ -1,6 +1,10 @@
 """The SigLIP vision encoder and the connector in NumPy (the PyTorch-free path): patch embedding with bucketed
 position ids, the encoder layers, pixel shuffle and the connector's projection. Free functions taking the
-checkpoint's own parameter names."""
+checkpoint's own parameter names.
+
+precision="bfloat16" runs the encoder layers fused in C++ with bf16 products and attention (cpu/vision.py), and the
+patch embedding's and the connector's products in bf16 too, where the extension has them; else (and by default,
+precision="float32") everything is float32."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,9 +12,11 @@ import numpy as np
 from ..config import ModelConfig, VisionConfig
 from ..cpu.linear import linear
 from ..cpu.ops import dwsep_patch_embed, gelu_tanh, layer_norm, patch_embed, rope_attention
+from ..cpu.vision import PackedVision, packed_vision, patch_embed_bf16, run_encoder
 from ..errors import InputError
 
 VISION = "model.vision_model."
+PRECISIONS = ("float32", "bfloat16")
 
 
 def bucketed_position_ids(patch_mask: np.ndarray, patches_per_side: int) -> np.ndarray:
@@ -30,10 +36,14 @@ def bucketed_position_ids(patch_mask: np.ndarray, patches_per_side: int) -> np.n
     return np.where(patch_mask.reshape(N, -1), ids, 0)
 
 
-def vision_embeddings(w: dict, cfg: VisionConfig, pixels: np.ndarray, patch_mask: np.ndarray) -> np.ndarray:
-    """pixels [N, C, H, W], patch_mask [N, H/P, W/P] -> [N, (H/P)*(W/P), D]."""
+def vision_embeddings(w: dict, cfg: VisionConfig, pixels: np.ndarray, patch_mask: np.ndarray,
+                      packed: PackedVision | None = None) -> np.ndarray:
+    """pixels [N, C, H, W], patch_mask [N, H/P, W/P] -> [N, (H/P)*(W/P), D]; the product in bf16 with packed."""
     p = VISION + "embeddings."
     position_ids = bucketed_position_ids(patch_mask, cfg.patches_per_side)  # [N, h*w]
+    if packed is not None and packed.patch is not None:
+        return patch_embed_bf16(pixels, cfg.patch_size, packed.patch, w[p + "position_embedding.weight"],
+                                position_ids)  # [N, h*w, D]
     return patch_embed(pixels, w[p + "patch_embedding.weight"], w[p + "patch_embedding.bias"],
                        w[p + "position_embedding.weight"], position_ids)  # [N, h*w, D]
 
@@ -68,15 +78,27 @@ def stem_embeddings(w: dict, cfg: VisionConfig, pixels: np.ndarray) -> np.ndarra
                        groups=groups)  # [N, (S/P)^2, D]
 
 
+def fused_vision(w: dict, cfg: VisionConfig, precision: str) -> PackedVision | None:
+    """The bf16 weights (cached per weights dict) for precision="bfloat16"; None for float32, or where the
+    extension lacks the fused encoder."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return packed_vision(w, cfg) if precision == "bfloat16" else None
+
+
 def vision_encoder(w: dict, cfg: VisionConfig, pixels: np.ndarray, patch_mask: np.ndarray,
-                   fixed_size: bool = False) -> np.ndarray:
+                   fixed_size: bool = False, precision: str = "float32") -> np.ndarray:
     """pixels [N, C, H, W] (any multiple of the patch size), patch_mask [N, H/P, W/P] bool -> [N, S, D].
-    fixed_size (the factorized variant): image_size square pixels through its stem, every patch real."""
+    fixed_size (the factorized variant): image_size square pixels through its stem, every patch real.
+    precision "bfloat16": the layers in one C++ call with bf16 products (when the extension has it)."""
+    packed = fused_vision(w, cfg, precision)
     if fixed_size:
         x, key_mask = stem_embeddings(w, cfg, pixels), None  # [N, S, D]
     else:
-        x = vision_embeddings(w, cfg, pixels, patch_mask)  # [N, S, D]
+        x = vision_embeddings(w, cfg, pixels, patch_mask, packed)  # [N, S, D]
         key_mask = None if patch_mask.all() else patch_mask.reshape(len(patch_mask), -1)  # [N, S]
+    if packed is not None:
+        return run_encoder(packed.encoder, x, key_mask)  # [N, S, D]
     for i in range(cfg.num_hidden_layers):
         x = vision_layer(w, f"{VISION}encoder.layers.{i}.", cfg, x, key_mask)  # [N, S, D]
     return layer_norm(x, w[VISION + "post_layernorm.weight"], w[VISION + "post_layernorm.bias"], cfg.layer_norm_eps)
@@ -91,16 +113,20 @@ def pixel_shuffle(x: np.ndarray, scale: int) -> np.ndarray:
     return x.reshape(N, S // scale**2, D * scale**2)
 
 
-def connector(w: dict, config: ModelConfig, hidden: np.ndarray) -> np.ndarray:
-    """Vision hidden states [N, S, Dv] -> image features [N * S/s^2, D_text]."""
+def connector(w: dict, config: ModelConfig, hidden: np.ndarray, packed: PackedVision | None = None) -> np.ndarray:
+    """Vision hidden states [N, S, Dv] -> image features [N * S/s^2, D_text]; the product in bf16 with packed."""
     x = pixel_shuffle(hidden, config.scale_factor)  # [N, S/s^2, Dv*s^2]
+    if packed is not None and packed.connector is not None:
+        return packed.connector(x.reshape(-1, x.shape[-1]))  # [N*S/s^2, D]
     return linear(x.reshape(-1, x.shape[-1]), w["model.connector.modality_projection.proj.weight"])  # [N*S/s^2, D]
 
 
-def image_features_per_row(w: dict, config: ModelConfig, pixel_values,
-                           pixel_attention_mask=None) -> list[np.ndarray | None]:
+def image_features_per_row(w: dict, config: ModelConfig, pixel_values, pixel_attention_mask=None,
+                           precision: str = "float32") -> list[np.ndarray | None]:
     """pixel_values [B, n, C, H, W] (all-zero padding images allowed) -> per batch row, its image features
-    [n_real * image_seq_len, D] or None, exactly as transformers' get_image_features selects and masks them."""
+    [n_real * image_seq_len, D] or None, exactly as transformers' get_image_features selects and masks them.
+    precision: "float32", or "bfloat16" (bf16 products where the extension has them; see the module's doc)."""
+    packed = fused_vision(w, config.vision, precision)
     pixel_values = np.asarray(pixel_values, dtype=np.float32)
     if pixel_values.ndim != 5:
         raise InputError(f"pixel_values must be [batch, images, channels, height, width], got {pixel_values.shape}")
@@ -121,7 +147,8 @@ def image_features_per_row(w: dict, config: ModelConfig, pixel_values,
     patch_mask = mask[:, :h * P, :w_ * P].reshape(-1, h, P, w_, P).any(axis=(2, 4))  # [N, h, w]
     if not real.any():
         return [None] * B
-    hidden = vision_encoder(w, config.vision, flat[real], patch_mask, fixed_size=config.is_xattn)  # [N, S, Dv]
-    features = connector(w, config, hidden)  # [N*seq, D]
+    hidden = vision_encoder(w, config.vision, flat[real], patch_mask, fixed_size=config.is_xattn,
+                            precision=precision)  # [N, S, Dv]
+    features = connector(w, config, hidden, packed)  # [N*seq, D]
     per_row = real.reshape(B, n).sum(1) * config.image_seq_len  # [B]
     return [f if len(f) else None for f in np.split(features, np.cumsum(per_row)[:-1])]
