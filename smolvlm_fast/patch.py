@@ -15,6 +15,11 @@ What changes, from outside the model classes:
   ops.silu_and_mul and ops.gelu_tanh (the modules' forward is replaced; their classes and parameters stay);
 - linear=True swaps the decoder layers' nn.Linear for int4_linear.Int4Linear (round-to-nearest int4, group 64).
 
+The patched model stays a torch model (torch tensors in and out, on the CPU our ops' PyTorch references): on the
+CPU the faster path is the import change (`from smolvlm_fast import AutoModelForVision2Seq`), which runs the
+NumPy + C++ backend and still returns torch tensors for torch inputs. On the CPU patch() also lowers torch's
+threads to the CPUs this process may run on, unless they are the user's (engine/threads.py).
+
 RoPE stays where transformers applies it (before its cache update): the cache holds rotated keys, as ours does, and
 the attention function receives rotated queries and keys. Importing this module imports neither torch nor
 transformers; patch() does.
@@ -55,6 +60,9 @@ def patch(hf_model, *, linear: bool = False):
             module.forward = MethodType(vision_mlp_forward, module)
     if linear:
         quantize_decoder(hf_model)
+    if all(p.device.type == "cpu" for p in hf_model.parameters()):
+        from .engine.threads import size_torch_threads
+        size_torch_threads()
     return hf_model
 
 

@@ -1,5 +1,6 @@
-"""Parity with transformers (the reference) on tiny random-weight SmolVLM checkpoints of both model types:
-the same inputs from the processor, logits within 1e-4 relative in fp32, and 16 identical greedy tokens."""
+"""Parity with transformers (the reference) on tiny random-weight SmolVLM checkpoints of both model types, on both
+backends (numpy, what a CPU user gets by default, and torch): the same inputs from the processor, logits within
+1e-4 relative in fp32, and 16 identical greedy tokens."""
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ from smolvlm_fast import AutoModelForVision2Seq, AutoProcessor
 from .fixtures import load_hf_processor
 
 RNG = np.random.default_rng(1234)
+BACKENDS = pytest.mark.parametrize("backend", ["numpy", "torch"])
 
 
 def rgb(w, h):
@@ -48,13 +50,14 @@ def relative_error(ours, ref, keep):
     return float((ours[keep] - ref[keep]).abs().max() / ref[keep].abs().max())
 
 
+@BACKENDS
 @pytest.mark.parametrize("case", list(cases()))
-def test_parity_with_transformers(checkpoint, case):
+def test_parity_with_transformers(checkpoint, case, backend):
     path, model_type, reference = checkpoint
     images, texts = cases()[case]
     ref_processor = load_hf_processor(path, model_type)
     processor = AutoProcessor.from_pretrained(path)
-    model = AutoModelForVision2Seq.from_pretrained(path, device="cpu", dtype="float32")
+    model = AutoModelForVision2Seq.from_pretrained(path, device="cpu", dtype="float32", backend=backend)
     text = prompts(processor, texts, images)
     assert text == prompts(ref_processor, texts, images)
     kwargs = dict(text=text if len(text) > 1 else text[0], images=images, return_tensors="pt", padding=True)
@@ -75,18 +78,20 @@ def test_parity_with_transformers(checkpoint, case):
     assert len(set(new[0].tolist())) > 1, "the random model is too flat for this test to mean anything"
 
 
-def test_text_only_prompt_on_a_vlm(tiny_idefics3):
+@BACKENDS
+def test_text_only_prompt_on_a_vlm(tiny_idefics3, backend):
     import transformers
     reference = transformers.Idefics3ForConditionalGeneration.from_pretrained(tiny_idefics3, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(tiny_idefics3)
-    model = AutoModelForVision2Seq.from_pretrained(tiny_idefics3, device="cpu", dtype="float32")
+    model = AutoModelForVision2Seq.from_pretrained(tiny_idefics3, device="cpu", dtype="float32", backend=backend)
     inputs = processor(text="User: what is the capital of France?<end_of_utterance>\nAssistant:", return_tensors="pt")
     ref_out = reference.generate(**{k: torch.as_tensor(v) for k, v in inputs.items()}, max_new_tokens=16, do_sample=False)
     assert model.generate(**inputs, max_new_tokens=16).tolist() == ref_out.tolist()
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_checkpoints_load(tmp_path, dtype):
+@pytest.mark.parametrize("dtype, backend", [(torch.float16, "torch"), (torch.bfloat16, "torch"),
+                                            (torch.bfloat16, "numpy")])  # float16 does not run on numpy
+def test_half_precision_checkpoints_load(tmp_path, dtype, backend):
     """fp16/bf16 checkpoints (sharded, with an index) load and match transformers loading the same files."""
     import transformers
     from .fixtures import build_tiny_vlm
@@ -96,21 +101,22 @@ def test_half_precision_checkpoints_load(tmp_path, dtype):
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     ids = torch.randint(0, 300, (1, 20))
     for source in (path, tmp_path / "sharded"):
-        model = AutoModelForVision2Seq.from_pretrained(source, device="cpu", dtype="float32")
+        model = AutoModelForVision2Seq.from_pretrained(source, device="cpu", dtype="float32", backend=backend)
         with torch.no_grad():
             ref_logits = reference(input_ids=ids).logits
         assert relative_error(model(input_ids=ids).logits, ref_logits, torch.ones(1, 20, dtype=torch.bool)) < 1e-4
-    model = AutoModelForVision2Seq.from_pretrained(path, device="cpu", dtype=dtype)
+    model = AutoModelForVision2Seq.from_pretrained(path, device="cpu", dtype=dtype, backend=backend)
     assert model.dtype == dtype
     assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
-def test_llama_checkpoint_matches_transformers(tiny_llama):
+@BACKENDS
+def test_llama_checkpoint_matches_transformers(tiny_llama, backend):
     import transformers
     from smolvlm_fast import AutoModelForCausalLM, AutoTokenizer
     reference = transformers.LlamaForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, device="cpu", dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, device="cpu", dtype="float32", backend=backend)
     inputs = tokenizer(["The quick brown fox", "A picture is worth a thousand words and more"],
                        padding=True, return_tensors="pt")
     keep = inputs["attention_mask"].bool()

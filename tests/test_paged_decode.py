@@ -7,9 +7,10 @@ from smolvlm_fast.engine.sequence import Request
 from smolvlm_fast.engine.engine import generate
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_batched_decode_equals_each_alone(tiny_llama, block_size):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, device="cpu", dtype="float32").model
+def test_batched_decode_equals_each_alone(tiny_llama, block_size, backend):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, device="cpu", dtype="float32", backend=backend).model
     gen = torch.Generator().manual_seed(0)
     # lengths end on a block edge, one past it, one short of it, and one is much longer than the rest
     lengths = [block_size, block_size + 1, 2 * block_size - 1, 6 * block_size + 3, 3]

@@ -412,7 +412,7 @@ public:
     // final_norm None: no final norm, step() leaves the whole hidden state (a segment between cross layers);
     // the hidden size then comes from the first layer's input_norm.
     Decoder(const py::list& layers, const py::object& final_norm, int64_t intermediate, int64_t Hq, int64_t Hkv,
-            int64_t Dh, int64_t rotary_dim, float eps, float scale, bool int8_activations)
+            int64_t Dh, int64_t rotary_dim, float eps, float scale, bool int8_activations, bool bf16_prefill)
         : keep_(layers) {
         const char* fn = "Decoder";
         if (final_norm.is_none() && layers.size() == 0)
@@ -427,7 +427,7 @@ public:
                                   std::to_string(intermediate) + ", heads " + std::to_string(Hq) + "/" +
                                   std::to_string(Hkv) + ", head_dim " + std::to_string(Dh) + ", rotary_dim " +
                                   std::to_string(rotary_dim) + ")");
-        shape_ = {D, intermediate, Hq, Hkv, Dh, rotary_dim, eps, scale, int8_activations};
+        shape_ = {D, intermediate, Hq, Hkv, Dh, rotary_dim, eps, scale, int8_activations, bf16_prefill};
         if (!final_norm.is_none()) {
             final_norm_ = size_of;  // the array final_ points into, whatever final_norm was converted from
             final_ = checked<const float>(fn, "final_norm", final_norm_, DType::f32, {D});
@@ -582,10 +582,10 @@ PYBIND11_MODULE(_cpu, m) {
                         "(quant.cpu_linear_spec tuples); final_norm float32 [D], or None: no final norm, "
                         "step() leaves the whole hidden state (a run of layers before a cross-attention layer)")
         .def(py::init<const py::list&, const py::object&, int64_t, int64_t, int64_t, int64_t, int64_t, float, float,
-                      bool>(),
+                      bool, bool>(),
              py::arg("layers"), py::arg("final_norm"), py::arg("intermediate_size"), py::arg("num_heads"),
              py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("rotary_dim"), py::arg("eps"), py::arg("scale"),
-             py::arg("int8_activations") = false)
+             py::arg("int8_activations") = false, py::arg("bf16_prefill") = false)
         .def("step", &Decoder::step, py::arg("x"), py::arg("kv_caches"), py::arg("positions"),
              py::arg("slot_mapping"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("cos_sin"),
              py::arg("query_start_loc") = py::none(),

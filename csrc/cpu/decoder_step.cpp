@@ -13,6 +13,7 @@
 
 #include "paged_attention.h"
 #include "prefill_gemm.h"
+#include "prefill_gemm_bf16.h"
 #include "simd_math.h"
 #include "thread_pool.h"
 
@@ -123,7 +124,7 @@ struct Scratch {
 // Self-attention of layer `l` for the step: h [T, D] (normed) -> out [T, D] (o_proj applied).
 void attention(const DecoderLayer& l, const DecoderShape& c, const StepBatch& b, Scratch& t, float* out) {
     const int64_t T = b.T, Dh = c.Dh, q_size = c.Hq * Dh, kv_size = c.Hkv * Dh, width = q_size + 2 * kv_size;
-    linear(t.h.data(), T, l.qkv, t.qkv.data(), c.int8_activations);  // [T, width]: q | k | v
+    linear(t.h.data(), T, l.qkv, t.qkv.data(), c.int8_activations, c.bf16_prefill);  // [T, width]: q | k | v
     for_rows(T, width, [&](int64_t t0, int64_t t1) {  // RoPE on q and k, q to its own array, k and v to the cache
         for (int64_t s = t0; s < t1; ++s) {
             float* row = t.qkv.data() + s * width;
@@ -153,31 +154,35 @@ void attention(const DecoderLayer& l, const DecoderShape& c, const StepBatch& b,
     a.query_start_loc = b.query_start_loc;
     a.T = T;
     paged_prefill_attention(a, t.attn.data());  // [T, Hq, Dh]; one-query sequences take its decode path
-    linear(t.attn.data(), T, l.o, out, c.int8_activations);  // [T, D]
+    linear(t.attn.data(), T, l.o, out, c.int8_activations, c.bf16_prefill);  // [T, D]
 }
 
 }  // namespace
 
-bool linear(const float* x, int64_t M, const Linear& w, float* out, bool int8_x) {
+bool linear(const float* x, int64_t M, const Linear& w, float* out, bool int8_x, bool bf16) {
     // From kPrefillRows rows of x on, prefill_gemm (a dequantized panel of W in L1/L2 under a 32 x 12 register
-    // tile) beats the decode tiles, which unpack each weight block for at most 8 rows of x.
+    // tile) beats the decode tiles, which unpack each weight block for at most 8 rows of x; with bf16, the same
+    // panels dequantized into bf16 for dot products of pairs (prefill_gemm_bf16.h: twice the float32 rate).
     constexpr int64_t kPrefillRows = 32;
     bool int8_done = false;
     AnyMatrix any;
+    const auto many_rows = [&] {
+        return M >= kPrefillRows && ((bf16 && prefill_gemm_bf16(x, M, any, out)) || prefill_gemm(x, M, any, out));
+    };
     switch (w.kind) {
         case Linear::Kind::int4:
             any.int4 = &w.int4;
             // int8 x only for decode-sized products: with many rows the float panel GEMM is faster still
             int8_done = int8_x && M < kPrefillRows && int4_gemm_int8(x, M, w.int4, out);
-            if (!int8_done && (M < kPrefillRows || !prefill_gemm(x, M, any, out))) int4_gemm(x, M, w.int4, out);
+            if (!int8_done && !many_rows()) int4_gemm(x, M, w.int4, out);
             break;
         case Linear::Kind::q8:
             any.q8 = &w.q8;
-            if (M < kPrefillRows || !prefill_gemm(x, M, any, out)) q8_gemm(x, M, w.q8, out);
+            if (!many_rows()) q8_gemm(x, M, w.q8, out);
             break;
         case Linear::Kind::f32:
             any.f32 = &w.f32;
-            if (M < kPrefillRows || !prefill_gemm(x, M, any, out)) f32_gemm(x, M, w.f32, out);
+            if (!many_rows()) f32_gemm(x, M, w.f32, out);
             break;
     }
     if (w.bias)
@@ -197,9 +202,9 @@ void decoder_step(const std::vector<DecoderLayer>& layers, const float* final_no
         add_rms_norm(x, t.residual.data(), l.post_norm, T, c.D, c.eps, t.h.data());
         for (int64_t r0 = 0; r0 < T; r0 += kMlpRows) {  // x = mlp(h), kMlpRows tokens at a time
             const int64_t rows = std::min(kMlpRows, T - r0);
-            linear(t.h.data() + r0 * c.D, rows, l.gate_up, t.gate_up.data(), c.int8_activations);  // [rows, 2I]
+            linear(t.h.data() + r0 * c.D, rows, l.gate_up, t.gate_up.data(), c.int8_activations, c.bf16_prefill);  // [rows, 2I]
             silu_and_mul(t.gate_up.data(), rows, c.I, t.act.data());                            // [rows, I]
-            linear(t.act.data(), rows, l.down, x + r0 * c.D, c.int8_activations);               // [rows, D]
+            linear(t.act.data(), rows, l.down, x + r0 * c.D, c.int8_activations, c.bf16_prefill);               // [rows, D]
         }
     }
     if (final_norm == nullptr) {

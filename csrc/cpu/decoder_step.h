@@ -38,8 +38,9 @@ private:
 };
 
 // out [M, N] = x [M, K] @ W^T (+ bias), by the kernel that suits M and the weight's kind. int8_x: int4 weights
-// meet x rounded to int8 (int4_gemm_int8, where the build has VNNI); returns whether that happened.
-bool linear(const float* x, int64_t M, const Linear& w, float* out, bool int8_x = false);
+// meet x rounded to int8 (int4_gemm_int8, where the build has VNNI); returns whether that happened. bf16: products
+// of many rows in bf16 (prefill_gemm_bf16) where the CPU has bf16 dot products.
+bool linear(const float* x, int64_t M, const Linear& w, float* out, bool int8_x = false, bool bf16 = false);
 
 struct DecoderLayer {
     const float* input_norm;  // [D]
@@ -56,6 +57,7 @@ struct DecoderShape {
     int64_t D, I, Hq, Hkv, Dh, rotary_dim;
     float eps, scale;
     bool int8_activations;  // decode-sized int4 products round x to int8 per block (llama.cpp's arithmetic)
+    bool bf16_prefill;      // prefill-sized products in bf16 (x and W rounded, float32 sums): precision bfloat16
 };
 
 struct StepBatch {                   // T new tokens of S sequences, packed sequence after sequence

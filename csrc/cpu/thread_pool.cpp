@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -28,16 +29,34 @@
 namespace smolvlm_cpu {
 namespace {
 
+// The CPUs this process may run on (its affinity: taskset, cgroup cpusets, os.sched_setaffinity), not the
+// machine's: threads beyond them only take turns on the same cores. The set grows until the kernel's CPU mask
+// fits (a fixed cpu_set_t holds 1024 CPUs, and sched_getaffinity fails with EINVAL where the kernel has more).
+int affinity_cpus() {
+#if defined(__linux__)
+    for (int n = 1024; n <= (1 << 20); n *= 2) {
+        cpu_set_t* set = CPU_ALLOC(n);
+        if (set == nullptr) break;
+        const size_t size = CPU_ALLOC_SIZE(n);
+        const bool ok = sched_getaffinity(0, size, set) == 0;
+        const int err = errno;
+        const int count = ok ? CPU_COUNT_S(size, set) : 0;
+        CPU_FREE(set);
+        if (ok) return std::max(1, count);
+        if (err != EINVAL) break;
+    }
+#endif
+    return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+// SMOLVLM_FAST_NUM_THREADS when it is a positive number, else the CPUs this process may run on; read when the
+// pool is first sized (the first parallel job or get_num_threads), and again by set_num_threads(0).
 int default_threads() {
     if (const char* env = std::getenv("SMOLVLM_FAST_NUM_THREADS")) {
         const int n = std::atoi(env);
         if (n > 0) return n;
     }
-#if defined(__linux__)
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
-#endif
-    return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    return affinity_cpus();
 }
 
 int64_t spin_microseconds() {

@@ -34,10 +34,11 @@ def int8_activations_default() -> bool:
 
 
 def build_decoder(weights: dict, config: ModelConfig, prefix: str, int8_activations: bool = False,
-                  layers: range | None = None, final_norm: bool = True):
+                  layers: range | None = None, final_norm: bool = True, bf16_prefill: bool = False):
     """The decoder's weights (HF names, q/k/v and gate/up already stacked by cpu/weights.py stack_projections)
     handed to C++ once: a _cpu.Decoder of `layers` (default all), ending in the final norm or (final_norm=False)
-    in the whole hidden state. Llama blocks only (partial rotary included: step() takes a [positions, rotary_dim]
+    in the whole hidden state; bf16_prefill: products of many rows (prefill) in bf16 where the CPU has bf16 dot
+    products (precision "bfloat16"). Llama blocks only (partial rotary included: step() takes a [positions, rotary_dim]
     table); Phi blocks and cross-attention layers stay in models/smolvlm_numpy.py."""
     t = config.text
     specs = []
@@ -53,16 +54,18 @@ def build_decoder(weights: dict, config: ModelConfig, prefix: str, int8_activati
         })
     norm = _f32(weights[prefix + "norm.weight"]) if final_norm else None
     return _cpu.Decoder(specs, norm, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim,
-                        t.rotary_dim, t.rms_norm_eps, t.head_dim**-0.5, int8_activations)
+                        t.rotary_dim, t.rms_norm_eps, t.head_dim**-0.5, int8_activations, bf16_prefill)
 
 
-def build_segments(weights: dict, config: ModelConfig, prefix: str, int8_activations: bool = False) -> list:
+def build_segments(weights: dict, config: ModelConfig, prefix: str, int8_activations: bool = False,
+                   bf16_prefill: bool = False) -> list:
     """[(layers, _cpu.Decoder)]: the decoder split after each cross_attention_layers index, so segment j is
     followed by cross layer j. The last segment ends in the final norm; where a cross layer comes after the last
     decoder layer there is no such segment, and the caller applies the final norm after that cross layer."""
     ends = [i + 1 for i in config.cross_attention_layers] + [config.text.num_hidden_layers]
     last = len(ends) - 1  # the segment after every cross layer: empty where the last layer has one
-    return [(range(a, b), build_decoder(weights, config, prefix, int8_activations, range(a, b), final_norm=j == last))
+    return [(range(a, b), build_decoder(weights, config, prefix, int8_activations, range(a, b), final_norm=j == last,
+                                        bf16_prefill=bf16_prefill))
             for j, (a, b) in enumerate(zip([0] + ends[:-1], ends)) if a < b]
 
 

@@ -1,9 +1,12 @@
 """The backend a model computes in, fixed when it is loaded: "torch" (models/smolvlm_torch.SmolVLM, on the CPU or
 CUDA) or "numpy" (models/smolvlm_numpy.NumpyModel, no PyTorch at all). Each model class names its own (its
 `backend` attribute), and `backend_of(model)` gives the object below; what the engine and the front doors do
-differently per backend is here, and nowhere else.
+differently per backend is here, and nowhere else, and so is which backend a caller gets who names none
+(choose_backend: every front door, the env report too, asks it).
 
-torch is imported inside TorchBackend's methods only: the PyTorch-free path never imports it.
+torch is imported inside TorchBackend's methods, and by choose_backend to ask whether a CUDA GPU is there
+(device None) or whether torch is there at all (no fused C++ step, torch-only options): a caller who names
+backend="numpy", or device="cpu" where the fused step is built, never imports it.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, SmolVLMError
 
 
 def as_numpy(x, dtype=np.float32) -> np.ndarray:
@@ -27,15 +30,22 @@ class NumpyBackend:
     name = "numpy"
 
     def inference(self):
-        """The context steps run in (per thread): nothing to switch off here."""
+        """The context steps run in (per thread): nothing to switch off; a torch the caller imported after the
+        model loaded gets its threads sized here instead (engine/threads.py, once per process)."""
+        from .threads import size_torch_threads
+        size_torch_threads()
         return nullcontext()
 
     def to_numpy(self, x) -> np.ndarray:
         """The model's output (logits) as float32 NumPy."""
         return np.asarray(x, dtype=np.float32)
 
-    def from_numpy(self, x: np.ndarray):
-        """A NumPy array as the backend's array type (what the transformers-style API hands back)."""
+    def from_numpy(self, x: np.ndarray, like=None):
+        """A NumPy array as the transformers-style API hands it back: a torch tensor where the caller's input
+        (like) was one, as transformers would return, else NumPy."""
+        if hasattr(like, "detach"):  # a torch tensor: torch is imported already
+            import torch
+            return torch.from_numpy(np.ascontiguousarray(x))
         return x
 
     def model_input(self, x, dtype):
@@ -66,7 +76,7 @@ class TorchBackend:
     def to_numpy(self, x) -> np.ndarray:
         return x.detach().float().cpu().numpy()
 
-    def from_numpy(self, x: np.ndarray):
+    def from_numpy(self, x: np.ndarray, like=None):
         import torch
         return torch.as_tensor(x)
 
@@ -97,6 +107,57 @@ def backend_named(name: str):
     if name not in BACKENDS:
         raise InputError(f"backend must be 'torch' or 'numpy', got {name!r}")
     return BACKENDS[name]
+
+
+def choose_backend(backend: str | None = None, device=None, torch_only_options: bool = False) -> str:
+    """The backend a model loads on: the one named, else backend_choice's."""
+    if backend is not None:
+        return backend_named(backend).name  # an explicit backend always wins
+    name, _why = backend_choice(device, torch_only_options)
+    if name == "torch" and not torch_installed():
+        raise SmolVLMError("quantize_vision and quantize_lm_head run on the torch backend, and torch is not installed")
+    return name
+
+
+def backend_choice(device=None, torch_only_options: bool = False) -> tuple[str, str]:
+    """(backend, why) for a caller who names none. On the CPU (device "cpu", or None with no CUDA GPU) the
+    NumPy + C++ path whenever smolvlm_fast._cpu has the fused decoder step, torch installed or not (its decode
+    measured ~6x faster than torch's on the CPU); without that step, torch where installed (the pure NumPy
+    path is slower). On CUDA, torch. Options only the torch backend has (torch_only_options: quantize_vision,
+    quantize_lm_head) pick torch."""
+    from ..cpu import decoder as cpu_decoder
+
+    kind = str(device).split(":")[0] if device is not None else None
+    if kind not in (None, "cpu"):
+        if not torch_installed():
+            raise SmolVLMError(f"device {str(device)!r} needs PyTorch with CUDA, and torch is not installed")
+        return "torch", f"device {str(device)!r} runs on the torch backend"
+    if torch_only_options:
+        return "torch", "quantize_vision / quantize_lm_head are options of the torch backend"
+    if kind is None and cuda_available():
+        return "torch", "a CUDA GPU is visible, and device None means CUDA there"
+    if cpu_decoder.available():
+        return "numpy", "the CPU's fast path: smolvlm_fast._cpu has the fused decoder step"
+    if torch_installed():
+        return "torch", ("smolvlm_fast._cpu has no fused decoder step here, not built or SMOLVLM_FAST_FUSED=0, "
+                         "and torch's CPU path is faster than pure NumPy")
+    return "numpy", "torch is not installed, and smolvlm_fast._cpu has no fused decoder step: pure NumPy"
+
+
+def torch_installed() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cuda_available() -> bool:
+    """torch is installed and sees a CUDA GPU."""
+    if not torch_installed():
+        return False
+    import torch
+    return torch.cuda.is_available()
 
 
 def backend_of(model):

@@ -234,14 +234,20 @@ class NumpyModel:
     """SmolVLM, its factorized variant or a text-only Llama over NumPy: weights by Hugging Face name, the forward
     in free functions."""
     backend = "numpy"  # engine.backend's name for how this model's arrays are handled
-    device, dtype = "cpu", np.float32  # it computes on the CPU, in float32
+    device, dtype = "cpu", np.float32  # it computes on the CPU; activations and outputs are float32
+    PRECISIONS = ("float32", "bfloat16")
 
     def __init__(self, config: ModelConfig, weights: dict, fused: bool | None = None,
-                 int8_activations: bool | None = None):
+                 int8_activations: bool | None = None, precision: str = "float32"):
         """fused: run each step's decoder layers in C++ (cpu/decoder.py), one call per run of layers between
         cross-attention layers, which stay in NumPy; None means where the extension has it. The C++ step knows
         Llama blocks only: Phi blocks always take the free functions.
-        int8_activations: in those steps, int4 products round x to int8 (cpu_decoder.int8_activations_default)."""
+        int8_activations: in those steps, int4 products round x to int8 (cpu_decoder.int8_activations_default).
+        precision: "float32", or "bfloat16" for products of bf16-rounded inputs accumulated in float32
+        (auto.py's from_pretrained picks it from dtype and the checkpoint)."""
+        if precision not in self.PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(self.PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         self.config, self.weights = config, stack_projections(weights, config)
         self.cos_sin = np.empty((0, config.text.rotary_dim), dtype=np.float32)
         self.fused = (cpu_decoder.available() if fused is None else fused) and config.text.architecture == "llama"
@@ -252,7 +258,7 @@ class NumpyModel:
     @classmethod
     def from_checkpoint(cls, location: str | Path, quantize: str | None = None, **options) -> "NumpyModel":
         """A checkpoint dir (config.json + safetensors) or a .gguf file; quantize="int4" makes the decoder int4.
-        options: fused, int8_activations (see __init__)."""
+        options: fused, int8_activations, precision (see __init__)."""
         location = Path(location)
         if location.suffix == ".gguf":
             config, weights = load_gguf_weights(location)
@@ -272,7 +278,8 @@ class NumpyModel:
     def image_features_per_row(self, pixel_values, pixel_attention_mask=None) -> list[np.ndarray | None]:
         if not self.config.is_vlm:
             raise InputError("this is a text-only model; it cannot take images (use a SmolVLM checkpoint)")
-        return image_features_per_row(self.weights, self.config, pixel_values, pixel_attention_mask)
+        return image_features_per_row(self.weights, self.config, pixel_values, pixel_attention_mask,
+                                      precision=self.precision)
 
     def cross_kv(self, image_features: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """A request's image features [n, D] -> per cross-attention layer its (k after k_norm, v), each
@@ -310,7 +317,8 @@ class NumpyModel:
         final hidden states [T, D]. Segment j leaves the whole hidden state for cross layer j."""
         prefix, cos_sin, arrays = text_prefix(self.config), self.rope(max(meta.seq_lens)), cpu_decoder.step_arrays(meta)
         if self._segments is None:
-            self._segments = cpu_decoder.build_segments(self.weights, self.config, prefix, self.int8_activations)
+            self._segments = cpu_decoder.build_segments(self.weights, self.config, prefix, self.int8_activations,
+                                                         bf16_prefill=self.precision == "bfloat16")
         for j, (layers, segment) in enumerate(self._segments):
             x = cpu_decoder.step(segment, x, arrays, kv_caches[layers.start:layers.stop], cos_sin)  # [T, D]
             if j < len(spans):
@@ -318,6 +326,10 @@ class NumpyModel:
         if len(self._segments) == len(spans):  # a cross layer after the last decoder layer: the final norm here
             x = rms_norm(x, self.weights[prefix + "norm.weight"], self.config.text.rms_norm_eps)  # [T, D]
         return x
+
+    def __repr__(self) -> str:
+        return (f"NumpyModel(model_type={self.config.model_type!r}, layers={self.config.text.num_hidden_layers}, "
+                f"precision={self.precision!r}, fused={self.fused})")
 
     def compute_logits(self, hidden: np.ndarray) -> np.ndarray:
         return logits(self.weights, self.config, hidden)  # [n, V]

@@ -1,7 +1,7 @@
 """The vLLM-style front door: `LLM(model).generate(prompts, SamplingParams(...))` and `async for out in
 llm.stream(prompt)`, over the continuous-batching Engine.
 
-    llm = LLM("HuggingFaceTB/SmolVLM-256M-Instruct", backend="numpy")
+    llm = LLM("HuggingFaceTB/SmolVLM-256M-Instruct")   # on the CPU: the NumPy + C++ backend (engine/backend.py)
     chat = [{"role": "user", "content": [{"type": "image", "url": "cat.jpg"}, {"type": "text", "text": "What is it?"}]}]
     print(llm.generate([chat, "Once upon a time"], SamplingParams(max_new_tokens=64))[0].text)
 
@@ -21,7 +21,7 @@ import itertools
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ..config import SamplingParams
@@ -32,6 +32,13 @@ from ..engine.sequence import ImageInput, Request, Sequence
 from ..errors import InputError, SmolVLMError
 from .prompts import as_prompt_list, is_processor
 from .prompts import encode as encode_prompt
+
+
+@dataclass
+class LLMStats(EngineStats):
+    """The engine's stats and what the model computes with."""
+    backend: str = ""    # "numpy" or "torch"
+    precision: str = ""  # "float32", "bfloat16" (or, on torch, "float16")
 
 
 @dataclass
@@ -56,8 +63,8 @@ class LLM:
                  tokenizer=None, max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
                  num_blocks: int | None = None, kv_cache_bytes: int | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, feature_cache_bytes: int = 256 << 20, ignore_eos: bool = False):
-        """model: a checkpoint (path or hub name, loaded as AutoModelForVision2Seq loads it; None: the default
-        model), an AutoModelForVision2Seq model, or a bare models.smolvlm_torch / models.smolvlm_numpy model (pass tokenizer=
+        """model: a checkpoint (path or hub name, loaded as AutoModelForVision2Seq loads it, backend and dtype
+        chosen as it chooses them; None: the default model), an AutoModelForVision2Seq model, or a bare models.smolvlm_torch / models.smolvlm_numpy model (pass tokenizer=
         for text). num_blocks: KV-cache blocks of block_size tokens; by default as many as kv_cache_bytes hold, and
         kv_cache_bytes by default a fraction of the memory free where the model runs (engine/memory.py), at most
         enough for max_num_seqs sequences of the model's whole context; the size chosen is logged. ignore_eos:
@@ -80,9 +87,21 @@ class LLM:
         self._ids = itertools.count()
 
     @property
-    def stats(self) -> EngineStats:
-        """Counters since the start, and gauges (running, waiting, kv_blocks_*) as of now."""
-        return self.engine.stats
+    def stats(self) -> LLMStats:
+        """Counters since the start, gauges (running, waiting, kv_blocks_*) as of now, the backend and precision."""
+        stats = self.engine.stats
+        return LLMStats(**{f.name: getattr(stats, f.name) for f in fields(stats)}, backend=self.backend.name,
+                        precision=self.precision)
+
+    @property
+    def precision(self) -> str:
+        """"float32" or "bfloat16" (or, on the torch backend, "float16"): what the products take."""
+        from ..auto import model_precision
+        return model_precision(self.model)
+
+    def __repr__(self) -> str:
+        return (f"LLM(model_type={self.model.config.model_type!r}, backend={self.backend.name!r}, "
+                f"precision={self.precision!r}, capacity={self.capacity} tokens)")
 
     @property
     def capacity(self) -> int:
