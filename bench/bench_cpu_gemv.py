@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import numpy as np
 
-from bench.common import CpuContention, append_row, format_row, make_row
+from bench.common import append_row, format_row, make_row, quiet_samples
 from smolvlm_fast.cpu import linear as cpu_linear
 from smolvlm_fast.formats import int4 as int4_format
 
@@ -58,28 +58,9 @@ def kernel_call(w, x: np.ndarray) -> Callable[[], object]:
     return lambda: cpu_linear._cpu.q8_gemm(x, w.q, w.scales, out)
 
 
-def samples(fn: Callable[[], object], calls: int, repeats: int, warmup: int) -> list[float]:
-    """Seconds per call of fn, one sample per `calls` calls."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        out.append((time.perf_counter() - start) / calls)
-    return out
-
-
 def measure(fn, calls, args) -> list[float] | None:
-    """Samples taken while other processes used at most --max-contention of the CPU (3 tries), else None."""
-    for _ in range(3):
-        with CpuContention() as c:
-            t = samples(fn, calls, args.repeats, args.warmup)
-        if c.others is None or c.others <= args.max_contention:
-            return t
-        print(f"  (other processes used {c.others:.0%} of the CPU; measuring again)", file=sys.stderr)
-    return None
+    return quiet_samples(fn, calls=calls, repeats=args.repeats, warmup=args.warmup,
+                         max_contention=args.max_contention)
 
 
 def run_case(name: str, args) -> list[dict]:

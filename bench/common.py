@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,6 +127,27 @@ class CpuContention:
         total = sum(fields[:8])  # guest time is already counted in user
         t = os.times()
         return (total - idle) / tick, total / tick, t.user + t.system
+
+
+def quiet_samples(fn: Callable[[], object], *, calls: int, repeats: int, warmup: int,
+                  max_contention: float) -> list[float] | None:
+    """Seconds per call of fn, one sample per `calls` calls, taken while other processes used at most
+    max_contention of the CPU (3 tries, then None). /proc/stat counts in 10 ms ticks: make a sample longer than a
+    few ticks."""
+    for _ in range(3):
+        for _ in range(warmup):
+            fn()
+        with CpuContention() as c:
+            out = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                out.append((time.perf_counter() - start) / calls)
+        if c.others is None or c.others <= max_contention:
+            return out
+        print(f"  (other processes used {c.others:.0%} of the CPU; measuring again)", file=sys.stderr)
+    return None
 
 
 def quantile(values: list[float], q: float) -> float:

@@ -6,11 +6,8 @@
 // pair, so that enough dot products are in flight to hide their latency. Sums stay in registers over all of Kp
 // and go through the epilogue from there. Functions here carry target("avx512bf16") and run only after the
 // run-time check in bf16_gemm.cpp.
-#include <algorithm>
-#include <array>
 #include <atomic>
 #include <chrono>
-#include <utility>
 
 #include "bf16_kernels.h"
 #include "thread_pool.h"
@@ -28,10 +25,13 @@ __attribute__((target("avx512bf16"), always_inline)) inline void dp_bcast(__m512
     __asm__("vdpbf16ps %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*pair));
 }
 
-constexpr int ku_for(int mr) { return mr <= 3 ? 4 : mr <= 6 ? 2 : 1; }
+template <int MR, int NB>
+struct DpTile {
+    __attribute__((target("avx512bf16"))) static void run(const Panel& p, int64_t r0);
+};
 
 template <int MR, int NB>
-__attribute__((target("avx512bf16"))) void tile(const Panel& p, int64_t r0) {
+__attribute__((target("avx512bf16"))) void DpTile<MR, NB>::run(const Panel& p, int64_t r0) {
     constexpr int KU = ku_for(MR);
     const uint32_t* x = static_cast<const uint32_t*>(p.x) + r0 * p.ldx;  // k pairs
     // Every loop over u, r and b fully unrolled: the accumulators then live in registers (a loop left rolled
@@ -56,24 +56,8 @@ __attribute__((target("avx512bf16"))) void tile(const Panel& p, int64_t r0) {
                 for (int b = 0; b < NB; ++b) dp_bcast(acc[u][r][b], wv[b], x + r * p.ldx + kp + u);
         }
     }
-#pragma GCC unroll 12
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 2
-        for (int b = 0; b < NB; ++b) {
-            __m512 z = acc[0][r][b];
-            for (int u = 1; u < KU; ++u) z = _mm512_add_ps(z, acc[u][r][b]);
-            finish16(z, p.n - b * 16, p.bias ? p.bias + b * 16 : nullptr, p.epilogue, p.accumulate,
-                     p.out + (r0 + r) * p.ldo + b * 16);
-        }
+    finish_tile(acc, p, r0);
 }
-
-using TileFn = void (*)(const Panel&, int64_t);
-
-template <int... I>
-constexpr std::array<std::array<TileFn, 2>, kTileRows> make_tiles(std::integer_sequence<int, I...>) {
-    return {std::array<TileFn, 2>{&tile<I + 1, 1>, &tile<I + 1, 2>}...};
-}
-constexpr auto kTiles = make_tiles(std::make_integer_sequence<int, kTileRows>{});
 
 // 24 independent accumulators (more than latency x throughput on any AVX512-BF16 core), register operands only.
 __attribute__((target("avx512bf16"), noinline)) float peak_loop(int64_t iterations) {
@@ -101,10 +85,7 @@ struct PeakJob {
 
 }  // namespace
 
-__attribute__((target("avx512bf16"))) void panel_dpbf16(const Panel& p) {
-    for (int64_t r0 = 0; r0 < p.rows; r0 += kTileRows)
-        kTiles[std::min(kTileRows, p.rows - r0) - 1][p.blocks - 1](p, r0);
-}
+void panel_dpbf16(const Panel& p) { panel_by_tiles<DpTile>(p); }
 
 double dpbf16_peak_gflops(int64_t iterations) {
     if (!avx512bf16_available()) return 0.;

@@ -2,10 +2,6 @@
 // column's k pair, so a 16-bit shift (even k) and a mask (odd k) widen it to float32 exactly, and FMAs do the rest.
 // The register tile is kTileRows rows of x by one panel (24 accumulators); few rows (decode) spread each row's
 // sum over KU accumulator sets by k pair, so that more FMAs are in flight than the FMA latency would allow.
-#include <algorithm>
-#include <array>
-#include <utility>
-
 #include "bf16_kernels.h"
 
 namespace smolvlm_cpu {
@@ -14,30 +10,39 @@ namespace {
 
 #if SMOLVLM_AVX512
 
-// Accumulator sets per row: enough independent chains to cover the FMA latency with few rows.
-constexpr int ku_for(int mr) { return mr <= 3 ? 4 : mr <= 6 ? 2 : 1; }
-
 // Rows r0 .. r0 + MR of x against the panel's NB blocks, over all of Kp, then the epilogue.
 template <int MR, int NB>
-void tile(const Panel& p, int64_t r0) {
+struct F32Tile {
+    static void run(const Panel& p, int64_t r0);
+};
+
+template <int MR, int NB>
+void F32Tile<MR, NB>::run(const Panel& p, int64_t r0) {
     constexpr int KU = ku_for(MR);
     const float* x = static_cast<const float*>(p.x) + r0 * p.ldx;
     __m512 acc[KU][MR][NB];
+#pragma GCC unroll 4
     for (int u = 0; u < KU; ++u)
+#pragma GCC unroll 12
         for (int r = 0; r < MR; ++r)
-            for (int b = 0; b < NB; ++b) acc[u][r][b] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+            for (int b = 0; b < NB; ++b) acc[u][r][b] = _mm512_setzero_ps();  // unrolled: see finish_tile
     const __m512i high = _mm512_set1_epi32(int(0xffff0000u));
     for (int64_t kp = 0; kp < p.Kp / 2; kp += KU) {
+#pragma GCC unroll 4
         for (int u = 0; u < KU; ++u) {
             __m512 even[NB], odd[NB];
+#pragma GCC unroll 2
             for (int b = 0; b < NB; ++b) {
                 const __m512i v = _mm512_loadu_si512(p.w + b * kBf16BlockN * p.Kp + (kp + u) * 32);
                 even[b] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
                 odd[b] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
             }
+#pragma GCC unroll 12
             for (int r = 0; r < MR; ++r) {
                 const __m512 xe = _mm512_set1_ps(x[r * p.ldx + 2 * (kp + u)]);
                 const __m512 xo = _mm512_set1_ps(x[r * p.ldx + 2 * (kp + u) + 1]);
+#pragma GCC unroll 2
                 for (int b = 0; b < NB; ++b) {
                     acc[u][r][b] = _mm512_fmadd_ps(xe, even[b], acc[u][r][b]);
                     acc[u][r][b] = _mm512_fmadd_ps(xo, odd[b], acc[u][r][b]);
@@ -45,22 +50,8 @@ void tile(const Panel& p, int64_t r0) {
             }
         }
     }
-    for (int r = 0; r < MR; ++r)
-        for (int b = 0; b < NB; ++b) {
-            __m512 z = acc[0][r][b];
-            for (int u = 1; u < KU; ++u) z = _mm512_add_ps(z, acc[u][r][b]);
-            finish16(z, p.n - b * 16, p.bias ? p.bias + b * 16 : nullptr, p.epilogue, p.accumulate,
-                     p.out + (r0 + r) * p.ldo + b * 16);
-        }
+    finish_tile(acc, p, r0);
 }
-
-using TileFn = void (*)(const Panel&, int64_t);
-
-template <int... I>
-constexpr std::array<std::array<TileFn, 2>, kTileRows> make_tiles(std::integer_sequence<int, I...>) {
-    return {std::array<TileFn, 2>{&tile<I + 1, 1>, &tile<I + 1, 2>}...};
-}
-constexpr auto kTiles = make_tiles(std::make_integer_sequence<int, kTileRows>{});
 
 #endif
 
@@ -68,10 +59,7 @@ constexpr auto kTiles = make_tiles(std::make_integer_sequence<int, kTileRows>{})
 
 #if SMOLVLM_AVX512
 
-void panel_f32(const Panel& p) {
-    for (int64_t r0 = 0; r0 < p.rows; r0 += kTileRows)
-        kTiles[std::min(kTileRows, p.rows - r0) - 1][p.blocks - 1](p, r0);
-}
+void panel_f32(const Panel& p) { panel_by_tiles<F32Tile>(p); }
 
 #else
 

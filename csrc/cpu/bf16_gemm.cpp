@@ -37,11 +37,6 @@ namespace bf16 {
 
 // ---------------------------------------------------------------- the epilogue, scalar
 
-float gelu1(float z) {
-    const float u = z * (kGeluC0 + kGeluC1 * z * z);
-    return z / (1.f + std::exp(std::min(kGeluExpHi, std::max(kGeluExpLo, -2.f * u))));
-}
-
 void finish_row(const float* c, int64_t n, const float* bias, Epilogue e, bool accumulate, float* out) {
 #if SMOLVLM_AVX512
     for (int64_t j = 0; j < n; j += 16)

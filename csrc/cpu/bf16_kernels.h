@@ -3,8 +3,11 @@
 // x, and the epilogue every kernel applies to its finished sums. Internal to the bf16 files.
 #pragma once
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "bf16_gemm.h"
 #include "simd_math.h"
@@ -78,27 +81,10 @@ inline float from_bf16(uint16_t h) {
     return x;
 }
 
-// gelu_tanh(z) = 0.5 z (1 + tanh u), u = sqrt(2/pi) (z + 0.044715 z^3), computed as z / (1 + exp(-2u)) (the same
-// value: 1 + tanh u = 2 / (1 + e^-2u)) so that z -> -inf does not cancel 1 + tanh u near -1 (small_ops.cpp does
-// the same). exp's argument is clamped to [-80, 88]: 1 + e^88 is finite, e^-80 is a normal float.
-constexpr float kGeluC0 = 0.7978845608028654f;             // sqrt(2 / pi)
-constexpr float kGeluC1 = 0.044715f * 0.7978845608028654f;  // 0.044715 sqrt(2 / pi)
-constexpr float kGeluExpLo = -80.f, kGeluExpHi = 88.f;
-
-float gelu1(float z);
-
 // out[j] = (accumulate ? out[j] : 0) + epilogue(c[j] + bias[j]), j < n: one row of finished sums.
 void finish_row(const float* c, int64_t n, const float* bias, Epilogue e, bool accumulate, float* out);
 
 #if SMOLVLM_AVX512
-inline __m512 gelu16(__m512 z) {
-    const __m512 u = _mm512_mul_ps(z, _mm512_fmadd_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(kGeluC1),
-                                                      _mm512_set1_ps(kGeluC0)));
-    __m512 a = _mm512_mul_ps(u, _mm512_set1_ps(-2.f));
-    a = _mm512_min_ps(_mm512_max_ps(a, _mm512_set1_ps(kGeluExpLo)), _mm512_set1_ps(kGeluExpHi));
-    return _mm512_div_ps(z, _mm512_add_ps(exp16(a), _mm512_set1_ps(1.f)));
-}
-
 // The lanes below n (<= 16) of a finished 16-column group, straight from the register tile.
 inline void finish16(__m512 z, int64_t n, const float* bias, Epilogue e, bool accumulate, float* out) {
     const __mmask16 k = first_lanes(n);
@@ -107,6 +93,42 @@ inline void finish16(__m512 z, int64_t n, const float* bias, Epilogue e, bool ac
     if (accumulate) z = _mm512_add_ps(z, _mm512_maskz_loadu_ps(k, out));
     _mm512_mask_storeu_ps(out, k, z);
 }
+// The AVX-512 kernels' shared frame. A kernel is a class template Tile<MR, NB> whose static run(p, r0) multiplies
+// rows r0 .. r0 + MR of x by the panel's NB blocks; panel_by_tiles walks a panel's rows in tiles of kTileRows
+// through a table of those instances, and finish_tile sums a tile's KU accumulator sets (one per k phase) and
+// applies the epilogue, straight from the registers. The loops carry unroll pragmas: a loop left rolled keeps the
+// accumulators in memory (a load and a store around every product, a third of the speed).
+template <int KU, int MR, int NB>
+__attribute__((always_inline)) inline void finish_tile(__m512 (&acc)[KU][MR][NB], const Panel& p, int64_t r0) {
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+        for (int b = 0; b < NB; ++b) {
+            __m512 z = acc[0][r][b];
+#pragma GCC unroll 4
+            for (int u = 1; u < KU; ++u) z = _mm512_add_ps(z, acc[u][r][b]);
+            finish16(z, p.n - b * 16, p.bias ? p.bias + b * 16 : nullptr, p.epilogue, p.accumulate,
+                     p.out + (r0 + r) * p.ldo + b * 16);
+        }
+}
+
+using TileFn = void (*)(const Panel&, int64_t);
+
+template <template <int, int> class Tile, int... I>
+constexpr std::array<std::array<TileFn, 2>, kTileRows> tile_table(std::integer_sequence<int, I...>) {
+    return {std::array<TileFn, 2>{&Tile<I + 1, 1>::run, &Tile<I + 1, 2>::run}...};
+}
+
+template <template <int, int> class Tile>
+void panel_by_tiles(const Panel& p) {
+    static constexpr auto kTable = tile_table<Tile>(std::make_integer_sequence<int, kTileRows>{});
+    for (int64_t r0 = 0; r0 < p.rows; r0 += kTileRows)
+        kTable[std::min(kTileRows, p.rows - r0) - 1][p.blocks - 1](p, r0);
+}
+
+// Accumulator sets per row: few rows (decode, memory-bound on W) spread each row's sum over KU sets by k pair, so
+// that enough products are in flight to cover the instruction's latency.
+constexpr int ku_for(int mr) { return mr <= 3 ? 4 : mr <= 6 ? 2 : 1; }
 #endif
 
 }  // namespace bf16

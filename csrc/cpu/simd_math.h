@@ -2,6 +2,8 @@
 // constants; callers keep a scalar path for other machines.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "simd.h"
@@ -15,6 +17,19 @@ constexpr float kExpMin = -87.33f;  // e^-87.3: the smallest normal float
 constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
                                4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
+// gelu_tanh(z) = 0.5 z (1 + tanh u), u = sqrt(2/pi) (z + 0.044715 z^3), computed as z / (1 + exp(-2u)) (the same
+// value: 1 + tanh u = 2 / (1 + e^-2u)) so that z -> -inf does not cancel 1 + tanh u near -1. exp's argument is
+// clamped to [kGeluExpLo, kGeluExpHi]: e^88 < FLT_MAX, so 1 + exp(-2u) stays finite, and e^-80 is a normal float
+// (a denormal from exp would cost a microcode assist per lane; 1 + e^-80 is 1 all the same).
+constexpr float kGeluC0 = 0.7978845608028654f;             // sqrt(2 / pi)
+constexpr float kGeluC1 = 0.044715f * 0.7978845608028654f;  // 0.044715 sqrt(2 / pi)
+constexpr float kGeluExpLo = -80.f, kGeluExpHi = 88.f;
+
+inline float gelu1(float z) {
+    const float u = z * (kGeluC0 + kGeluC1 * z * z);
+    return z / (1.f + std::exp(std::min(kGeluExpHi, std::max(kGeluExpLo, -2.f * u))));
+}
+
 #if defined(__AVX512F__)
 // exp(x) for 16 lanes; scalef takes very negative x smoothly to 0 and very large x to +inf.
 inline __m512 exp16(__m512 x) {
@@ -26,6 +41,14 @@ inline __m512 exp16(__m512 x) {
     for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
     p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
     return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 gelu16(__m512 z) {
+    const __m512 u = _mm512_mul_ps(z, _mm512_fmadd_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(kGeluC1),
+                                                      _mm512_set1_ps(kGeluC0)));
+    __m512 a = _mm512_mul_ps(u, _mm512_set1_ps(-2.f));
+    a = _mm512_min_ps(_mm512_max_ps(a, _mm512_set1_ps(kGeluExpLo)), _mm512_set1_ps(kGeluExpHi));
+    return _mm512_div_ps(z, _mm512_add_ps(exp16(a), _mm512_set1_ps(1.f)));
 }
 
 // Lanes below n (n <= 16) of a 16-lane group.

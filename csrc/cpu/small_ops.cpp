@@ -10,32 +10,13 @@
 
 
 #include "simd.h"
-#include "simd_math.h"  // exp16 and the exp constants
+#include "simd_math.h"  // exp16, gelu1, gelu16
 #include "thread_pool.h"
 
 namespace smolvlm_cpu {
 namespace {
 
-constexpr float kGeluC0 = 0.7978845608028654f;             // sqrt(2 / pi)
-constexpr float kGeluC1 = 0.044715f * 0.7978845608028654f;  // 0.044715 sqrt(2 / pi)
-// exp's argument is clamped to [kExpLo, kExpHi]: e^88 < FLT_MAX, so 1 + exp(-2u) stays finite, and e^-80 is a normal
-// float (a denormal from exp would cost a microcode assist per lane; 1 + e^-80 is 1 all the same)
-constexpr float kExpLo = -80.f, kExpHi = 88.f;
-
-[[maybe_unused]] float gelu1(float z) {
-    const float u = z * (kGeluC0 + kGeluC1 * z * z);
-    return z / (1.f + std::exp(std::min(kExpHi, std::max(kExpLo, -2.f * u))));
-}
-
 #if SMOLVLM_AVX512
-inline __m512 gelu16(__m512 z) {
-    const __m512 u = _mm512_mul_ps(z, _mm512_fmadd_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(kGeluC1),
-                                                      _mm512_set1_ps(kGeluC0)));
-    __m512 a = _mm512_mul_ps(u, _mm512_set1_ps(-2.f));
-    a = _mm512_min_ps(_mm512_max_ps(a, _mm512_set1_ps(kExpLo)), _mm512_set1_ps(kExpHi));
-    return _mm512_div_ps(z, _mm512_add_ps(exp16(a), _mm512_set1_ps(1.f)));
-}
-
 void gelu_row(const float* x, const float* bias, int64_t D, float* out) {
     for (int64_t i = 0; i < D; i += 16) {
         const __mmask16 k = first_lanes(D - i);
@@ -83,7 +64,7 @@ void gelu_row(const float* x, const float* bias, int64_t D, float* out) {
         const __m256 u = _mm256_mul_ps(z, _mm256_fmadd_ps(_mm256_mul_ps(z, z), _mm256_set1_ps(kGeluC1),
                                                           _mm256_set1_ps(kGeluC0)));
         __m256 a = _mm256_mul_ps(u, _mm256_set1_ps(-2.f));
-        a = _mm256_min_ps(_mm256_max_ps(a, _mm256_set1_ps(kExpLo)), _mm256_set1_ps(kExpHi));
+        a = _mm256_min_ps(_mm256_max_ps(a, _mm256_set1_ps(kGeluExpLo)), _mm256_set1_ps(kGeluExpHi));
         _mm256_storeu_ps(out + i, _mm256_div_ps(z, _mm256_add_ps(exp8(a), _mm256_set1_ps(1.f))));
     }
     for (; i < D; ++i) out[i] = gelu1(bias ? x[i] + bias[i] : x[i]);
