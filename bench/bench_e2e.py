@@ -30,8 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch
 
-from bench.common import (CpuContention, add_model_run_options, append_row, bench_parser, format_row, make_row,
-                          time_call)
+from bench.common import (
+    add_model_run_options,
+    append_row,
+    bench_parser,
+    clean_rounds,
+    format_row,
+    make_row,
+    time_call,
+)
 
 BENCH = "bench_e2e"
 BASELINE = "transformers"
@@ -194,8 +201,8 @@ SCENARIOS: dict[str, Callable] = {"smollm2": smollm2_scenario, "smolvlm": smolvl
 def ours_prefill(model, inputs: dict):
     """One forward over the prompt into a fresh paged cache, logits of the last token only (what generate() does)."""
     from smolvlm_fast.config import SamplingParams
-    from smolvlm_fast.engine.sequence import Request
     from smolvlm_fast.engine.engine import new_cache, prefill
+    from smolvlm_fast.engine.sequence import Request
 
     m = model.model
     features = None
@@ -273,29 +280,13 @@ def measure(s: Scenario, args, device) -> tuple[dict[str, dict[str, list[float]]
             timed_generate(generate(model, s.inputs, args.new_tokens), args.new_tokens)
     tokens = {}
 
-    def one_round(r: int) -> dict[str, tuple[float, float, float]]:
-        result = {}
-        for k in (list(impls) if r % 2 == 0 else list(reversed(impls))):
-            model, prefill, generate = impls[k]
-            seconds = time_call(lambda: prefill(model, s.inputs), device)
-            ttft, decode, tokens[k] = timed_generate(generate(model, s.inputs, args.new_tokens), args.new_tokens)
-            result[k] = (s.prompt_tokens / seconds, decode, ttft * 1e3)
-        return result
+    def one(k: str) -> tuple[float, float, float]:
+        model, prefill, generate = impls[k]
+        seconds = time_call(lambda: prefill(model, s.inputs), device)
+        ttft, decode, tokens[k] = timed_generate(generate(model, s.inputs, args.new_tokens), args.new_tokens)
+        return s.prompt_tokens / seconds, decode, ttft * 1e3
 
-    clean, contended = [], []
-    while len(clean) < args.repeats and len(clean) + len(contended) < 3 * args.repeats:
-        with CpuContention() as contention:
-            result = one_round(len(clean) + len(contended))
-        busy = contention.others is not None and contention.others > args.max_contention
-        (contended if busy else clean).append(result)
-    unreliable = len(clean) < args.repeats
-    if contended:
-        print(f"{s.name}: {len(contended)} of {len(clean) + len(contended)} rounds discarded: other processes took "
-              f"more than {args.max_contention:.0%} of the CPU", file=sys.stderr)
-    if unreliable:
-        print(f"{s.name}: WARNING only {len(clean)} uncontended rounds of {args.repeats}: these timings are not "
-              f"reliable{'' if args.no_save else ', so no rows are saved'}", file=sys.stderr)
-    rounds = clean if not unreliable else clean + contended
+    rounds, unreliable = clean_rounds(list(impls), one, args.repeats, args, s.name)
     samples = {k: {phase: [r[k][i] for r in rounds] for i, phase in enumerate(("prefill", "decode", "ttft"))}
                for k in impls}
     for label in s.ours if "theirs" in tokens else ():

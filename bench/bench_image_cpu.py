@@ -39,11 +39,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-import smolvlm_fast  # noqa: F401  first: it sets OpenBLAS's thread timeout, read only when numpy loads
-
 import numpy as np
 
-from bench.common import CpuContention, append_row, bench_parser, format_row, make_row
+import smolvlm_fast  # noqa: F401  first: it sets OpenBLAS's thread timeout, read only when numpy loads
+from bench.common import append_row, bench_parser, clean_rounds, format_row, make_row
 
 BENCH = "bench_image_cpu"
 BASELINE = "transformers-bf16"  # the ratios of every row are against it
@@ -186,7 +185,11 @@ def smolvlm_processor():
     """transformers' Idefics3Processor as SmolVLM-256M-Instruct ships it: SmolLM2's tokenizer (from the package's
     default GGUF) with SmolVLM's added tokens at their ids, the released image processor settings, the chat template."""
     from tokenizers import AddedToken
-    from transformers import Idefics3ImageProcessorPil, Idefics3Processor, PreTrainedTokenizerFast
+    from transformers import (
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        PreTrainedTokenizerFast,
+    )
 
     from smolvlm_fast import AutoTokenizer
     from smolvlm_fast.formats.hub import default_model_path
@@ -224,28 +227,6 @@ def check_inputs(runners: dict, name: str, case: Case) -> int:
 
 
 # ---------------------------------------------------------------- timing: rounds of every implementation
-
-def clean_rounds(impls: list[str], one: Callable[[str], object], repeats: int, args, what: str
-                 ) -> tuple[list[dict], bool]:
-    """([{impl: one(impl)} per round], whether unreliable). A round runs every impl once, alternating who goes
-    first; a round during which other processes took more than --max-contention of the CPU is discarded and run
-    again, up to 3 x repeats rounds in all (as bench_e2e.py does)."""
-    clean, contended = [], []
-    while len(clean) < repeats and len(clean) + len(contended) < 3 * repeats:
-        order = impls if (len(clean) + len(contended)) % 2 == 0 else impls[::-1]
-        with CpuContention() as contention:
-            result = {key: one(key) for key in order}
-        busy = contention.others is not None and contention.others > args.max_contention
-        (contended if busy else clean).append(result)
-    unreliable = len(clean) < repeats
-    if contended:
-        print(f"{what}: {len(contended)} of {len(clean) + len(contended)} rounds discarded: other processes took "
-              f"more than {args.max_contention:.0%} of the CPU", file=sys.stderr)
-    if unreliable:
-        print(f"{what}: WARNING only {len(clean)} uncontended rounds of {repeats}: not reliable"
-              f"{'' if args.no_save else ', so no rows are saved'}", file=sys.stderr)
-    return (clean if not unreliable else clean + contended), unreliable
-
 
 def measure_case(runners: dict, name: str, case: Case, args) -> tuple[dict, bool]:
     """({impl: {"ttft": [ms], "decode": [tok/s]}}, unreliable), and prints the greedy agreement."""

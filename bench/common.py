@@ -150,6 +150,27 @@ def quiet_samples(fn: Callable[[], object], *, calls: int, repeats: int, warmup:
     return None
 
 
+def clean_rounds(impls: list[str], one: Callable[[str], object], repeats: int, args, what: str
+                 ) -> tuple[list[dict], bool]:
+    """([{impl: one(impl)} per round], whether unreliable). A round runs every impl once, alternating who goes
+    first; a round during which other processes took more than --max-contention of the CPU is discarded and run
+    again, up to 3 x repeats rounds in all."""
+    clean, contended = [], []
+    while len(clean) < repeats and len(clean) + len(contended) < 3 * repeats:
+        order = impls if (len(clean) + len(contended)) % 2 == 0 else impls[::-1]
+        with CpuContention() as contention:
+            result = {key: one(key) for key in order}
+        busy = contention.others is not None and contention.others > args.max_contention
+        (contended if busy else clean).append(result)
+    unreliable = len(clean) < repeats
+    if contended:
+        print(f"{what}: {len(contended)} of {len(clean) + len(contended)} rounds discarded: other processes took "
+              f"more than {args.max_contention:.0%} of the CPU", file=sys.stderr)
+    if unreliable:
+        print(f"{what}: WARNING only {len(clean)} uncontended rounds of {repeats}: not reliable"
+              f"{'' if args.no_save else ', so no rows are saved'}", file=sys.stderr)
+    return (clean if not unreliable else clean + contended), unreliable
+
 def quantile(values: list[float], q: float) -> float:
     """Linear interpolation between the closest ranks (numpy's default percentile)."""
     ordered = sorted(values)

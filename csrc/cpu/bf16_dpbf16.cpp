@@ -37,12 +37,7 @@ __attribute__((target("avx512bf16"))) void DpTile<MR, NB>::run(const Panel& p, i
     // Every loop over u, r and b fully unrolled: the accumulators then live in registers (a loop left rolled
     // keeps the array in memory, a load and a store around every dot product: a third of the speed).
     __m512 acc[KU][MR][NB];
-#pragma GCC unroll 4
-    for (int u = 0; u < KU; ++u)
-#pragma GCC unroll 12
-        for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 2
-            for (int b = 0; b < NB; ++b) acc[u][r][b] = _mm512_setzero_ps();
+    zero_tile(acc);
     for (int64_t kp = 0; kp < p.Kp / 2; kp += KU) {
 #pragma GCC unroll 4
         for (int u = 0; u < KU; ++u) {

@@ -21,12 +21,7 @@ void F32Tile<MR, NB>::run(const Panel& p, int64_t r0) {
     constexpr int KU = ku_for(MR);
     const float* x = static_cast<const float*>(p.x) + r0 * p.ldx;
     __m512 acc[KU][MR][NB];
-#pragma GCC unroll 4
-    for (int u = 0; u < KU; ++u)
-#pragma GCC unroll 12
-        for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 2
-            for (int b = 0; b < NB; ++b) acc[u][r][b] = _mm512_setzero_ps();  // unrolled: see finish_tile
+    zero_tile(acc);
     const __m512i high = _mm512_set1_epi32(int(0xffff0000u));
     for (int64_t kp = 0; kp < p.Kp / 2; kp += KU) {
 #pragma GCC unroll 4

@@ -99,6 +99,16 @@ inline void finish16(__m512 z, int64_t n, const float* bias, Epilogue e, bool ac
 // applies the epilogue, straight from the registers. The loops carry unroll pragmas: a loop left rolled keeps the
 // accumulators in memory (a load and a store around every product, a third of the speed).
 template <int KU, int MR, int NB>
+__attribute__((always_inline)) inline void zero_tile(__m512 (&acc)[KU][MR][NB]) {
+#pragma GCC unroll 4
+    for (int u = 0; u < KU; ++u)
+#pragma GCC unroll 12
+        for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+            for (int b = 0; b < NB; ++b) acc[u][r][b] = _mm512_setzero_ps();
+}
+
+template <int KU, int MR, int NB>
 __attribute__((always_inline)) inline void finish_tile(__m512 (&acc)[KU][MR][NB], const Panel& p, int64_t r0) {
 #pragma GCC unroll 12
     for (int r = 0; r < MR; ++r)
