@@ -53,10 +53,10 @@ def cpu_extension():
     return Pybind11Extension("smolvlm_fast._cpu", CPU_SOURCES, include_dirs=["csrc/cpu"],
                              depends=["csrc/cpu/thread_pool.h", "csrc/cpu/quant_gemm.h", "csrc/cpu/paged_attention.h",
                                       "csrc/cpu/decoder_step.h", "csrc/cpu/prefill_gemm.h", "csrc/cpu/small_ops.h",
-                                      "csrc/cpu/simd.h", "csrc/cpu/simd_math.h", "csrc/cpu/bf16_gemm.h",
-                                      "csrc/cpu/bf16_kernels.h", "csrc/cpu/amx_tiles.h",
-                                      "csrc/cpu/prefill_gemm_bf16.h", "csrc/cpu/vision_attention.h",
-                                      "csrc/cpu/vision_encoder.h"], extra_compile_args=CPU_FLAGS,
+                                       "csrc/cpu/simd.h", "csrc/cpu/simd_math.h", "csrc/cpu/half.h", "csrc/cpu/bf16_gemm.h",
+                                       "csrc/cpu/bf16_kernels.h", "csrc/cpu/amx_tiles.h",
+                                       "csrc/cpu/prefill_gemm_bf16.h", "csrc/cpu/vision_attention.h",
+                                       "csrc/cpu/vision_encoder.h"], extra_compile_args=CPU_FLAGS,
                              extra_link_args=["-pthread"], cxx_std=17)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from smolvlm_fast.engine.cache import PagedCache, schedule_step
 from smolvlm_fast.errors import InputError
-from smolvlm_fast.cpu.weights import DECODER_LINEARS, GATE_UP, QKV
+from smolvlm_fast.cpu.weights import DECODER_LINEARS, GATE_UP, QKV, quantize_weights
 from smolvlm_fast.models.batch import SequenceImages
 from smolvlm_fast.models.smolvlm_numpy import NumpyModel
 from smolvlm_fast.inputs.processor import Processor
@@ -242,13 +242,13 @@ def test_gguf_weights_stay_quantized(tmp_path, qtype):
 
 
 def test_quantize_int4_at_load(tiny_llama):
-    """quantize="int4" makes every decoder linear an Int4Weight (group 64 here; lm_head stays float), and the model
-    computes what the same int4 weights dequantized to float32 give."""
+    """quantize="int4" makes every decoder linear an Int4Weight (group 64 here) and the LM head Q8_0, and the model
+    computes what the same weights dequantized to float32 give."""
     from smolvlm_fast.formats import int4 as int4_format
     model = NumpyModel.from_checkpoint(tiny_llama, quantize="int4")
     names = [f"model.layers.{i}.{n}" for i in range(2) for n in DECODER_LINEARS + (QKV, GATE_UP)]
     assert all(isinstance(model.weights[n], int4_format.Int4Weight) and model.weights[n].group_size == 64 for n in names)
-    assert isinstance(model.weights["lm_head.weight"], np.ndarray)
+    assert isinstance(model.weights["lm_head.weight"], int4_format.Q8Weight)
     dense = NumpyModel(model.config, {name: int4_format.dequantize(w) for name, w in model.weights.items()})
     ids = np.random.default_rng(0).integers(3, 300, 12)
     logits = []
@@ -258,3 +258,23 @@ def test_quantize_int4_at_load(tiny_llama):
     assert relative_error(*logits) < 1e-4  # the same products, summed in another order
     with pytest.raises(InputError, match="int8"):
         NumpyModel.from_checkpoint(tiny_llama, quantize="int8")
+
+
+def test_quantize_int4_with_tied_embeddings(tiny_llama):
+    """Where the head is the input embedding (SmolLM2), quantize="int4" stores that one matrix as Q8_0: the
+    embedding lookups and the logits are those of its dequantized rows."""
+    import dataclasses
+
+    from smolvlm_fast.formats import int4 as int4_format
+    loaded = NumpyModel.from_checkpoint(tiny_llama)
+    config = dataclasses.replace(loaded.config, text=dataclasses.replace(loaded.config.text, tie_word_embeddings=True))
+    weights = {n: w for n, w in loaded.weights.items() if n != "lm_head.weight"}
+    model = NumpyModel(config, quantize_weights(weights, config, "int4"))
+    assert isinstance(model.weights["model.embed_tokens.weight"], int4_format.Q8Weight)
+    dense = NumpyModel(config, {n: int4_format.dequantize(w) for n, w in model.weights.items()})
+    ids = np.random.default_rng(0).integers(3, 300, 9)
+    logits = []
+    for m in (model, dense):
+        cache, kv = new_cache(m, [9], 16)
+        logits.append(m.compute_logits(prefill(m, cache, kv, [ids], [None])[0]))
+    assert relative_error(*logits) < 1e-4

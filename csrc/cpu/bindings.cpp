@@ -191,9 +191,24 @@ void q8_dequantize(const py::array& q, const py::array& scales, const py::array&
     smolvlm_cpu::q8_dequantize(w, op);
 }
 
+// The KV cache's element type: k_cache float32 or float16, v_cache the same.
+smolvlm_cpu::KvType kv_type(const std::string& where, const py::array& k_cache, const py::array& v_cache) {
+    const bool f16 = has_dtype(k_cache, DType::f16);
+    if (!f16 && !has_dtype(k_cache, DType::f32))
+        throw py::value_error(where + "k_cache must be float32 or float16, got " +
+                              std::string(py::str(k_cache.dtype())));
+    if (!has_dtype(v_cache, f16 ? DType::f16 : DType::f32))
+        throw py::value_error(where + "v_cache must be " + dtype_name(f16 ? DType::f16 : DType::f32) +
+                              " as k_cache is, got " + std::string(py::str(v_cache.dtype())));
+    return f16 ? smolvlm_cpu::KvType::f16 : smolvlm_cpu::KvType::f32;
+}
+
+DType dtype_of(smolvlm_cpu::KvType kv) { return kv == smolvlm_cpu::KvType::f16 ? DType::f16 : DType::f32; }
+
 // The checks both attention entry points share: q [T, Hq, Dh] (T = S for decode), caches
-// [num_blocks, block_size, Hkv, Dh], block_tables [S, max_blocks] and seq_lens [S] int32, out like q; every block
-// below a sequence's seq_len must be a block id of the cache. Returns the arguments, *op the output's data.
+// [num_blocks, block_size, Hkv, Dh] (float32 or float16, both alike), block_tables [S, max_blocks] and seq_lens [S]
+// int32, out like q; every block below a sequence's seq_len must be a block id of the cache. Returns the
+// arguments, *op the output's data.
 smolvlm_cpu::PagedDecode paged_args(const char* fn, bool decode, const py::array& q, const py::array& k_cache,
                                     const py::array& v_cache, const py::array& block_tables,
                                     const py::array& seq_lens, float scale, const py::array& out, float** op) {
@@ -210,8 +225,9 @@ smolvlm_cpu::PagedDecode paged_args(const char* fn, bool decode, const py::array
     const int64_t S = decode ? T : block_tables.shape(0), max_blocks = block_tables.shape(1);
     smolvlm_cpu::PagedDecode a{};
     a.q = checked<const float>(fn, "q", q, DType::f32, {T, Hq, Dh});
-    a.k_cache = checked<const float>(fn, "k_cache", k_cache, DType::f32, {num_blocks, block_size, Hkv, Dh});
-    a.v_cache = checked<const float>(fn, "v_cache", v_cache, DType::f32, {num_blocks, block_size, Hkv, Dh});
+    a.kv = kv_type(where, k_cache, v_cache);
+    a.k_cache = checked<const void>(fn, "k_cache", k_cache, dtype_of(a.kv), {num_blocks, block_size, Hkv, Dh});
+    a.v_cache = checked<const void>(fn, "v_cache", v_cache, dtype_of(a.kv), {num_blocks, block_size, Hkv, Dh});
     a.block_tables = checked<const int32_t>(fn, "block_tables", block_tables, DType::i32, {S, max_blocks});
     a.seq_lens = checked<const int32_t>(fn, "seq_lens", seq_lens, DType::i32, {S});
     *op = checked<float>(fn, "out", out, DType::f32, {T, Hq, Dh}, true);
@@ -450,9 +466,9 @@ public:
     }
 
     // x [T, D] float32: the step's packed tokens' embeddings in, final hidden states out. kv_caches: per layer
-    // (k_cache, v_cache), each float32 [num_blocks, block_size, Hkv, Dh]; positions and slot_mapping [T];
-    // block_tables [S, max_blocks] and seq_lens [S] per sequence; query_start_loc [S + 1] (None: one token per
-    // sequence, a decode step); cos_sin [P, rotary_dim] with every position < P.
+    // (k_cache, v_cache), each [num_blocks, block_size, Hkv, Dh], float32 or float16 (both alike); positions and
+    // slot_mapping [T]; block_tables [S, max_blocks] and seq_lens [S] per sequence; query_start_loc [S + 1]
+    // (None: one token per sequence, a decode step); cos_sin [P, rotary_dim] with every position < P.
     void step(const py::array& x, const py::list& kv_caches, const py::array& positions,
               const py::array& slot_mapping, const py::array& block_tables, const py::array& seq_lens,
               const py::array& cos_sin, const py::object& query_start_loc) {
@@ -497,8 +513,9 @@ public:
             if (k.ndim() != 4) throw py::value_error(where + "k_cache must be [num_blocks, block_size, Hkv, Dh]");
             if (i == 0) num_blocks = k.shape(0), block_size = k.shape(1);
             const std::vector<int64_t> cache_shape{num_blocks, block_size, c.Hkv, c.Dh};
-            layers[i].k_cache = checked<float>(fn, "k_cache", k, DType::f32, cache_shape, true);
-            layers[i].v_cache = checked<float>(fn, "v_cache", v, DType::f32, cache_shape, true);
+            layers[i].kv = kv_type(where + "layer " + std::to_string(i) + " ", k, v);
+            layers[i].k_cache = checked<void>(fn, "k_cache", k, dtype_of(layers[i].kv), cache_shape, true);
+            layers[i].v_cache = checked<void>(fn, "v_cache", v, dtype_of(layers[i].kv), cache_shape, true);
             check_no_overlap(fn, k, v, "v_cache");
             check_no_overlap(fn, k, x, "x");
             check_no_overlap(fn, v, x, "x");
@@ -564,7 +581,8 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("paged_decode_attention", &paged_decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
           py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"), py::arg("out"),
           "decode attention, one query per sequence: out[s, h] = softmax(scale * q[s, h] . K_s) V_s over the "
-          "seq_lens[s] keys of KV head h // (Hq // Hkv) in the paged cache [num_blocks, block_size, Hkv, Dh]");
+          "seq_lens[s] keys of KV head h // (Hq // Hkv) in the paged cache [num_blocks, block_size, Hkv, Dh] "
+          "(float32, or float16 widened as it is read)");
     m.def("paged_prefill_attention", &paged_prefill_attention, py::arg("q"), py::arg("k_cache"),
           py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("query_start_loc"),
           py::arg("scale"), py::arg("out"), py::arg("causal") = true,

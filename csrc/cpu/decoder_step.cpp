@@ -11,6 +11,7 @@
 #include <cstring>
 #include <vector>
 
+#include "half.h"
 #include "paged_attention.h"
 #include "prefill_gemm.h"
 #include "prefill_gemm_bf16.h"
@@ -121,6 +122,17 @@ struct Scratch {
     }
 };
 
+// One token's k, v [kv_size] into layer l's cache at element `at`, narrowed for a float16 cache.
+void write_kv(const DecoderLayer& l, int64_t at, const float* k, const float* v, int64_t kv_size) {
+    if (l.kv == KvType::f16) {
+        narrow_to_f16(k, kv_size, static_cast<uint16_t*>(l.k_cache) + at);
+        narrow_to_f16(v, kv_size, static_cast<uint16_t*>(l.v_cache) + at);
+        return;
+    }
+    std::memcpy(static_cast<float*>(l.k_cache) + at, k, kv_size * sizeof(float));
+    std::memcpy(static_cast<float*>(l.v_cache) + at, v, kv_size * sizeof(float));
+}
+
 // Self-attention of layer `l` for the step: h [T, D] (normed) -> out [T, D] (o_proj applied).
 void attention(const DecoderLayer& l, const DecoderShape& c, const StepBatch& b, Scratch& t, float* out) {
     const int64_t T = b.T, Dh = c.Dh, q_size = c.Hq * Dh, kv_size = c.Hkv * Dh, width = q_size + 2 * kv_size;
@@ -134,14 +146,14 @@ void attention(const DecoderLayer& l, const DecoderShape& c, const StepBatch& b,
             rope(row + q_size, c.Hkv, Dh, c.rotary_dim, cs);
             const int64_t slot = b.slot_mapping[s];
             if (slot < 0) continue;
-            std::memcpy(l.k_cache + slot * kv_size, row + q_size, kv_size * sizeof(float));
-            std::memcpy(l.v_cache + slot * kv_size, row + q_size + kv_size, kv_size * sizeof(float));
+            write_kv(l, slot * kv_size, row + q_size, row + q_size + kv_size, kv_size);
         }
     });
     PagedPrefill a{};
     a.q = t.q.data();
     a.k_cache = l.k_cache;
     a.v_cache = l.v_cache;
+    a.kv = l.kv;
     a.block_tables = b.block_tables;
     a.seq_lens = b.seq_lens;
     a.S = b.S;

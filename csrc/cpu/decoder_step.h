@@ -1,12 +1,14 @@
 // The whole Llama decoder for one step in one call — a decode step (one new token per sequence) or a prefill
 // (many packed tokens per sequence): every layer's norms, products, RoPE, KV-cache write and paged attention,
 // then the final norm (none for a segment followed by cross-attention layers). float32 activations; each weight in
-// the kind its checkpoint holds (float32, int4, Q8_0). The caller (bindings.cpp) checks every argument.
+// the kind its checkpoint holds (float32, int4, Q8_0); the KV cache float32 or float16. The caller (bindings.cpp)
+// checks every argument.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
+#include "paged_attention.h"
 #include "quant_gemm.h"
 
 namespace smolvlm_cpu {
@@ -49,8 +51,9 @@ struct DecoderLayer {
     const float* post_norm;   // [D]
     Linear gate_up;           // [2 I, D]: gate_proj | up_proj rows
     Linear down;              // [D, I]
-    float* k_cache;           // [num_blocks, block_size, Hkv, Dh]
-    float* v_cache;
+    void* k_cache;            // [num_blocks, block_size, Hkv, Dh] of kv: float, or float16 bits (half.h)
+    void* v_cache;
+    KvType kv = KvType::f32;  // float16: the new K/V rounded to nearest on the way in
 };
 
 struct DecoderShape {

@@ -1,5 +1,7 @@
 // Attention over the paged KV cache, float32 scores, softmax and accumulation. Cache rows are found through the
-// block table: key t of a sequence is row t % block_size of block block_tables[s, t / block_size].
+// block table: key t of a sequence is row t % block_size of block block_tables[s, t / block_size]. A float16 cache
+// (KvType::f16) is widened in registers as decode reads it (the kernels are templates on the element type), and a
+// block at a time into float32 scratch for a prefill tile, whose float32 kernels then run unchanged.
 //
 // Decode (one query per sequence), flash-decoding: each sequence is cut into pieces of keys that the threads share,
 // so one long sequence keeps every core busy. A piece covers every KV head of its keys (it reads whole cache rows,
@@ -23,10 +25,12 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
 
+#include "half.h"
 #include "simd.h"
 #include "simd_math.h"  // exp16 and the exp constants (after the intrinsics' include above)
 #include "thread_pool.h"
@@ -46,6 +50,10 @@ struct V16 {
 inline __mmask16 first_n(int n) { return static_cast<__mmask16>((1u << n) - 1); }  // n in 0 .. 16
 inline V16 load(const float* p) { return {_mm512_loadu_ps(p)}; }
 inline V16 load_n(const float* p, int n) { return {_mm512_maskz_loadu_ps(first_n(n), p)}; }  // lanes >= n: 0
+inline V16 load(const uint16_t* p) {  // 16 float16 -> float32
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
+inline V16 load_n(const uint16_t* p, int n) { return {_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_n(n), p))}; }
 inline void store(float* p, V16 a) { _mm512_storeu_ps(p, a.v); }
 inline void store_n(float* p, V16 a, int n) { _mm512_mask_storeu_ps(p, first_n(n), a.v); }
 inline V16 set1(float x) { return {_mm512_set1_ps(x)}; }
@@ -96,6 +104,15 @@ inline __m256i first_n8(int n) {  // lanes < n (n may be < 0 or > 8) all ones
 inline V16 load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 inline V16 load_n(const float* p, int n) {
     return {_mm256_maskload_ps(p, first_n8(n)), _mm256_maskload_ps(p + 8, first_n8(n - 8))};
+}
+inline V16 load(const uint16_t* p) {  // 16 float16 -> float32
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+}
+inline V16 load_n(const uint16_t* p, int n) {  // no 16-bit masked loads in AVX2: through a zeroed copy
+    alignas(32) uint16_t t[16] = {};
+    std::memcpy(t, p, static_cast<size_t>(n) * sizeof(uint16_t));
+    return load(t);
 }
 inline void store(float* p, V16 a) {
     _mm256_storeu_ps(p, a.lo);
@@ -156,6 +173,16 @@ inline V16 load(const float* p) {
 inline V16 load_n(const float* p, int n) {
     V16 r;
     for (int i = 0; i < 16; ++i) r.v[i] = i < n ? p[i] : 0.f;
+    return r;
+}
+inline V16 load(const uint16_t* p) {
+    V16 r;
+    for (int i = 0; i < 16; ++i) r.v[i] = f16_to_f32(p[i]);
+    return r;
+}
+inline V16 load_n(const uint16_t* p, int n) {
+    V16 r;
+    for (int i = 0; i < 16; ++i) r.v[i] = i < n ? f16_to_f32(p[i]) : 0.f;
     return r;
 }
 inline void store(float* p, V16 a) {
@@ -229,7 +256,7 @@ T* scratch(std::vector<T>& buf, int64_t n) {
     return buf.data() + ((64 - addr % 64) % 64) / sizeof(T);
 }
 
-// off[i] = where KV head h's row of key t0 + i starts in the cache (in floats), for i < n.
+// off[i] = where KV head h's row of key t0 + i starts in the cache (in elements), for i < n.
 void key_offsets(const PagedDecode& a, const int32_t* table, int64_t h, int64_t t0, int64_t n, int64_t* off) {
     const int64_t row = a.Hkv * a.Dh, block = a.block_size * row;
     int64_t b = t0 / a.block_size, o = t0 % a.block_size;
@@ -263,19 +290,26 @@ int64_t piece_keys(int64_t seq_len) {
     return round_up(std::max(kPieceKeys, (seq_len + kMaxPieces - 1) / kMaxPieces), 16);
 }
 
-// Touches the first cache line of the rows at off[0 .. n) ahead of use: a block's rows are contiguous, but the
-// blocks are scattered, and the hardware prefetcher only follows a new block once it is asked for it. (A prefetch
-// per line costs more than it saves while the cache fits in L3.)
-inline void prefetch_rows(const float* cache, const int64_t* off, int64_t n) {
-    for (int64_t j = 0; j < n; ++j) __builtin_prefetch(cache + off[j]);
+// Asks for every cache line of the rows at off[0 .. n) (`row` elements each) ahead of use. A decode step reads
+// the cache once, after the weights have streamed through L3, so the rows come from memory; and a tile reads its
+// rows KV head by KV head (a third of each row, then the next third), which the hardware prefetchers follow badly.
+template <class E>
+inline void prefetch_rows(const E* cache, const int64_t* off, int64_t n, int64_t row) {
+    const uintptr_t bytes = static_cast<uintptr_t>(row) * sizeof(E);
+    for (int64_t j = 0; j < n; ++j) {
+        const auto start = reinterpret_cast<uintptr_t>(cache + off[j]);
+        // into L2 (locality 1: prefetcht2): a piece's rows fit there, and L1 misses stay free for the loads
+        for (uintptr_t line = start & ~uintptr_t{63}; line < start + bytes; line += 64)
+            __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 1);
+    }
 }
 
 // s[g, j] (+)= q_g . k_j for NG <= 3 heads (q [NG, ldq], zero-padded) over one d-chunk of NV <= 4 vectors (the
 // last one `tail` lanes wide), keys j < nk <= 16. Four keys at a time: each key row is loaded once for the NG heads,
 // whose queries stay in registers, and each head's 4 sums are folded at once (sum4), finished every 16 keys.
 // FULL (nk = 16) drops the checks for missing keys.
-template <int NV, int NG, bool FULL>
-void score16(const float* q, int64_t ldq, const float* cache, const int64_t* off, int nk, int tail, float* s,
+template <int NV, int NG, bool FULL, class E>
+void score16(const float* q, int64_t ldq, const E* cache, const int64_t* off, int nk, int tail, float* s,
              int64_t lds, bool add) {
     V16 qv[NG][NV], w[NG][4];
     for (int g = 0; g < NG; ++g)
@@ -289,7 +323,7 @@ void score16(const float* q, int64_t ldq, const float* cache, const int64_t* off
                 for (int g = 0; g < NG; ++g) acc[g][j] = zero();
                 continue;
             }
-            const float* k = cache + off[4 * grp + j];
+            const E* k = cache + off[4 * grp + j];
             V16 kv[NV];
             for (int v = 0; v < NV - 1; ++v) kv[v] = load(k + 16 * v);
             kv[NV - 1] = load_n(k + 16 * (NV - 1), tail);
@@ -311,6 +345,7 @@ void score16(const float* q, int64_t ldq, const float* cache, const int64_t* off
 
 // s [Hq, lds] = q_i . k_j for up to 16 keys (rows at off) and every query head (qs [Hq, ldq], zero-padded): KV head
 // by KV head, so the keys' rows are read front to back; its query heads 3 at a time, d in chunks of 64.
+template <class E>
 void score_tile(const PagedDecode& a, const float* qs, int64_t ldq, const int64_t* off, int nk, float* s,
                 int64_t lds) {
     const int64_t G = a.Hq / a.Hkv;
@@ -319,7 +354,7 @@ void score_tile(const PagedDecode& a, const float* qs, int64_t ldq, const int64_
             for (int64_t d0 = 0; d0 < a.Dh; d0 += 64) {
                 const int64_t width = std::min<int64_t>(64, a.Dh - d0), nv = (width + 15) / 16;
                 const int tail = static_cast<int>(width - 16 * (nv - 1));
-                const float* k = a.k_cache + h * a.Dh + d0;
+                const E* k = static_cast<const E*>(a.k_cache) + h * a.Dh + d0;
                 dispatch<4, 3>(static_cast<int>(nv), static_cast<int>(std::min<int64_t>(3, (h + 1) * G - g0)),
                                [&](auto nvc, auto ng) {
                                    constexpr int NV = decltype(nvc)::value, NG = decltype(ng)::value;
@@ -334,8 +369,8 @@ void score_tile(const PagedDecode& a, const float* qs, int64_t ldq, const int64_
 }
 
 // acc[g, d0 .. d0 + width) += sum_t p[g, t] v_t for NG heads, NV vectors of d and n keys, in registers meanwhile.
-template <int NG, int NV>
-void values_tile(const float* p, int64_t ldp, const float* cache, const int64_t* off, int64_t n, int tail,
+template <int NG, int NV, class E>
+void values_tile(const float* p, int64_t ldp, const E* cache, const int64_t* off, int64_t n, int tail,
                  float* acc, int64_t lda) {
     V16 a[NG][NV];
     for (int g = 0; g < NG; ++g) {
@@ -343,7 +378,7 @@ void values_tile(const float* p, int64_t ldp, const float* cache, const int64_t*
         a[g][NV - 1] = load_n(acc + g * lda + 16 * (NV - 1), tail);
     }
     for (int64_t t = 0; t < n; ++t) {
-        const float* v = cache + off[t];
+        const E* v = cache + off[t];
         V16 vv[NV];
         for (int i = 0; i < NV - 1; ++i) vv[i] = load(v + 16 * i);
         vv[NV - 1] = load_n(v + 16 * (NV - 1), tail);
@@ -360,6 +395,7 @@ void values_tile(const float* p, int64_t ldp, const float* cache, const int64_t*
 
 // acc [Hq, Dh] += p [Hq, ldp] times the value rows at off (n keys), KV head by KV head, in tiles of 4 query heads
 // x 64 features.
+template <class E>
 void values_keys(const PagedDecode& a, const float* p, int64_t ldp, const int64_t* off, int64_t n, float* acc) {
     const int64_t G = a.Hq / a.Hkv, Dh = a.Dh;
     for (int64_t h = 0; h < a.Hkv; ++h)
@@ -370,8 +406,8 @@ void values_keys(const PagedDecode& a, const float* p, int64_t ldp, const int64_
                 dispatch<4, 4>(static_cast<int>(std::min<int64_t>(4, (h + 1) * G - g0)), static_cast<int>(nv),
                                [&](auto ng, auto nvc) {
                                    values_tile<decltype(ng)::value, decltype(nvc)::value>(
-                                       p + g0 * ldp, ldp, a.v_cache + h * Dh + d0, off, n, tail, acc + g0 * Dh + d0,
-                                       Dh);
+                                       p + g0 * ldp, ldp, static_cast<const E*>(a.v_cache) + h * Dh + d0, off, n,
+                                       tail, acc + g0 * Dh + d0, Dh);
                                });
             }
 }
@@ -459,14 +495,14 @@ struct TileState {
     int64_t* off;              // [kKeyBlock] cache offsets of the block's keys
 };
 
-// St = K Qt for the nk keys at off.
-void block_scores(const TileState& t, const float* cache, int64_t nk, int64_t Dh) {
+// St = K Qt for the nk keys at cache + off[i].
+void block_scores(const TileState& t, const float* cache, const int64_t* off, int64_t nk, int64_t Dh) {
     for (int64_t k0 = 0; k0 < nk; k0 += kTileKeys)
         for (int64_t r0 = 0; r0 < t.W / 16; r0 += 4)
             dispatch<kTileKeys, 4>(static_cast<int>(std::min<int64_t>(kTileKeys, nk - k0)),
                                    static_cast<int>(std::min<int64_t>(4, t.W / 16 - r0)), [&](auto kt, auto rv) {
                                        qk_tile<decltype(kt)::value, decltype(rv)::value>(
-                                           cache, t.off + k0, t.qt + 16 * r0, t.W, Dh, t.st + k0 * t.W + 16 * r0, t.W);
+                                           cache, off + k0, t.qt + 16 * r0, t.W, Dh, t.st + k0 * t.W + 16 * r0, t.W);
                                    });
 }
 
@@ -502,17 +538,26 @@ void block_softmax(const TileState& t, int64_t nk) {
     }
 }
 
-// Ot = alpha Ot + V^T P for the nk keys at off.
-void block_values(const TileState& t, const float* cache, int64_t nk, int64_t Dh) {
+// Ot = alpha Ot + V^T P for the nk keys at cache + off[i].
+void block_values(const TileState& t, const float* cache, const int64_t* off, int64_t nk, int64_t Dh) {
     for (int64_t d0 = 0; d0 < Dh; d0 += kTileFeatures)
         for (int64_t r0 = 0; r0 < t.W / 16; r0 += 4)
             dispatch<kTileFeatures, 4>(
                 static_cast<int>(std::min<int64_t>(kTileFeatures, Dh - d0)),
                 static_cast<int>(std::min<int64_t>(4, t.W / 16 - r0)), [&](auto dt, auto rv) {
-                    pv_tile<decltype(dt)::value, decltype(rv)::value>(cache + d0, t.off, nk, t.st + 16 * r0, t.W,
+                    pv_tile<decltype(dt)::value, decltype(rv)::value>(cache + d0, off, nk, t.st + 16 * r0, t.W,
                                                                       t.alpha + 16 * r0, t.ot + d0 * t.W + 16 * r0,
                                                                       t.W);
                 });
+}
+
+// dst [n, Dh] = the float16 rows at src + off[i], widened: a float16 cache's key block for the float32 tiles.
+void widen_rows(const uint16_t* src, const int64_t* off, int64_t n, int64_t Dh, float* dst) {
+    for (int64_t i = 0; i < n; ++i)
+        for (int64_t d0 = 0; d0 < Dh; d0 += 16) {
+            const int w = static_cast<int>(std::min<int64_t>(16, Dh - d0));
+            store_n(dst + i * Dh + d0, load_n(src + off[i] + d0, w), w);
+        }
 }
 
 // ---------------------------------------------------------------- work items
@@ -547,15 +592,17 @@ struct Job {
     void add_decode(int32_t s, int64_t row);
     void add_prefill(int32_t s, int64_t row, int64_t q_len);
     void run();
-    void run_piece(const Item& it);
+    template <class E>
+    void run_piece(const Item& it);  // E: the cache's element type
     void merge(const Split& sp) const;
     void run_tile(const Item& it) const;
 
     static void task(void* ctx, int64_t i) {
         Job& job = *static_cast<Job*>(ctx);
         const Item& it = job.items[static_cast<size_t>(i)];
-        if (it.nq == 0) job.run_piece(it);
-        else job.run_tile(it);
+        if (it.nq != 0) job.run_tile(it);
+        else if (job.a.kv == KvType::f16) job.run_piece<uint16_t>(it);
+        else job.run_piece<float>(it);
     }
 };
 
@@ -603,6 +650,7 @@ void Job::run() {
     parallel_for(&Job::task, this, static_cast<int64_t>(items.size()), work);
 }
 
+template <class E>
 void Job::run_piece(const Item& it) {
     const int64_t Hq = a.Hq, Dh = a.Dh, n = it.t1 - it.t0, W = round_up(Dh, 16), n16 = round_up(n, 16);
     thread_local std::vector<float> floats;
@@ -612,22 +660,27 @@ void Job::run_piece(const Item& it) {
     float* m = sc + Hq * n16;                                        // m [Hq], l [Hq], acc [Hq, Dh]
     float *l = m + Hq, *acc = l + Hq;
     int64_t* off = scratch(offsets, n);                              // KV head 0's row of each key
+    // K, then V, 16 keys at a time, the next 16 keys' rows asked for meanwhile (the first ones before the work
+    // that precedes each pass)
+    const E *kc = static_cast<const E*>(a.k_cache), *vc = static_cast<const E*>(a.v_cache);
+    const int64_t row = a.Hkv * Dh;
+    key_offsets(a, a.block_tables + it.s * a.max_blocks, 0, it.t0, n, off);
+    prefetch_rows(kc, off, std::min<int64_t>(16, n), row);
     const float* q = a.q + it.row * Hq * Dh;
     for (int64_t i = 0; i < Hq; ++i) {
         for (int64_t d = 0; d < Dh; ++d) qs[i * W + d] = q[i * Dh + d] * a.scale;
         std::fill(qs + i * W + Dh, qs + (i + 1) * W, 0.f);
     }
-    key_offsets(a, a.block_tables + it.s * a.max_blocks, 0, it.t0, n, off);
-
     for (int64_t t = 0; t < n; t += 16) {
-        prefetch_rows(a.k_cache, off + t + 16, std::min<int64_t>(16, n - t - 16));
-        score_tile(a, qs, W, off + t, static_cast<int>(std::min<int64_t>(16, n - t)), sc + t, n16);
+        prefetch_rows(kc, off + t + 16, std::min<int64_t>(16, n - t - 16), row);
+        score_tile<E>(a, qs, W, off + t, static_cast<int>(std::min<int64_t>(16, n - t)), sc + t, n16);
     }
+    prefetch_rows(vc, off, std::min<int64_t>(16, n), row);
     for (int64_t i = 0; i < Hq; ++i) m[i] = softmax_numerators(sc + i * n16, n, l + i);
     std::fill(acc, acc + Hq * Dh, 0.f);
     for (int64_t t = 0; t < n; t += 16) {
-        prefetch_rows(a.v_cache, off + t + 16, std::min<int64_t>(16, n - t - 16));
-        values_keys(a, sc + t, n16, off + t, std::min<int64_t>(16, n - t), acc);
+        prefetch_rows(vc, off + t + 16, std::min<int64_t>(16, n - t - 16), row);
+        values_keys<E>(a, sc + t, n16, off + t, std::min<int64_t>(16, n - t), acc);
     }
 
     if (it.split < 0) {
@@ -667,10 +720,15 @@ void Job::run_tile(const Item& it) const {
     const int64_t G = this->G(), Dh = a.Dh, R = G * it.nq, W = round_up(R, 16);
     thread_local std::vector<float> floats;
     thread_local std::vector<int64_t> offsets;
-    float* base = scratch(floats, (2 * Dh + kKeyBlock + 4) * W);
+    const bool f16 = a.kv == KvType::f16;
+    float* base = scratch(floats, (2 * Dh + kKeyBlock + 4) * W + (f16 ? 2 * kKeyBlock * Dh : 0));
     TileState t{W, base, base + Dh * W, base + 2 * Dh * W, nullptr, nullptr, nullptr, nullptr,
-                scratch(offsets, kKeyBlock)};
+                scratch(offsets, 2 * kKeyBlock)};
     t.m = t.st + kKeyBlock * W, t.l = t.m + W, t.alpha = t.l + W, t.j = t.alpha + W;
+    // a float16 cache: each key block's K and V rows widened into kf, vf [kKeyBlock, Dh], row i at dense[i]
+    float *kf = t.j + W, *vf = kf + kKeyBlock * Dh;
+    int64_t* dense = t.off + kKeyBlock;
+    for (int64_t i = 0; i < kKeyBlock; ++i) dense[i] = i * Dh;
 
     // Qt[d, r] = scale q[row + r / G, h G + r % G, d]; padding rows 0
     std::fill(t.qt, t.qt + Dh * W, 0.f);
@@ -687,10 +745,17 @@ void Job::run_tile(const Item& it) const {
     for (int64_t k0 = 0; k0 < it.t1; k0 += kKeyBlock) {
         const int64_t nk = std::min(kKeyBlock, it.t1 - k0);
         key_offsets(a, table, it.h, k0, nk, t.off);
-        block_scores(t, a.k_cache, nk, Dh);
+        const float *kc = static_cast<const float*>(a.k_cache), *vc = static_cast<const float*>(a.v_cache);
+        const int64_t* off = t.off;
+        if (f16) {
+            widen_rows(static_cast<const uint16_t*>(a.k_cache), t.off, nk, Dh, kf);
+            widen_rows(static_cast<const uint16_t*>(a.v_cache), t.off, nk, Dh, vf);
+            kc = kf, vc = vf, off = dense;
+        }
+        block_scores(t, kc, off, nk, Dh);
         if (causal && k0 + nk - 1 > it.t0) causal_mask(t, nk, k0 - it.t0);
         block_softmax(t, nk);
-        block_values(t, a.v_cache, nk, Dh);
+        block_values(t, vc, off, nk, Dh);
     }
 
     for (int64_t r = 0; r < R; ++r) {

@@ -1,15 +1,20 @@
-// Attention over the paged KV cache on the CPU, float32 throughout: decode (one query per sequence) and prefill
-// (several packed queries per sequence, causal). The caller (bindings.cpp) checks every argument; these trust them.
+// Attention over the paged KV cache on the CPU: decode (one query per sequence) and prefill (several packed queries
+// per sequence, causal). float32 queries, scores, softmax and sums; the cache float32 or float16 (KvType), a
+// float16 cache widened to float32 as it is read. The caller (bindings.cpp) checks every argument; these trust them.
 #pragma once
 
 #include <cstdint>
 
 namespace smolvlm_cpu {
 
+// The cache's elements: float, or float16 bits (uint16_t, half.h), half the bytes a decode step reads.
+enum class KvType { f32, f16 };
+
 struct PagedDecode {
     const float* q;              // [S, Hq, Dh], already rotated
-    const float* k_cache;        // [num_blocks, block_size, Hkv, Dh]
-    const float* v_cache;        // [num_blocks, block_size, Hkv, Dh]
+    const void* k_cache;         // [num_blocks, block_size, Hkv, Dh] of kv
+    const void* v_cache;         // [num_blocks, block_size, Hkv, Dh] of kv
+    KvType kv = KvType::f32;
     const int32_t* block_tables; // [S, max_blocks]: ids < num_blocks for the blocks below seq_len
     const int32_t* seq_lens;     // [S]: 1 .. max_blocks * block_size
     int64_t S, Hq, Hkv, Dh, block_size, max_blocks;

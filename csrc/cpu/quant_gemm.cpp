@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "half.h"
 #include "simd.h"
 #include "thread_pool.h"
 
@@ -53,25 +54,6 @@ constexpr int nr_for(int mt) {
 
 // ---------------------------------------------------------------- float16
 
-float half_to_float(uint16_t h) {
-    const uint32_t sign = uint32_t(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0x1f) {
-        bits = sign | 0x7f800000 | (man << 13);
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man == 0) {
-        bits = sign;
-    } else {  // subnormal: normalize
-        exp = 113;
-        while (!(man & 0x400)) { man <<= 1; --exp; }
-        bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-    }
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 void halves_to_floats(const uint16_t* src, int n, float* dst) {
     int i = 0;
 #if SMOLVLM_AVX512
@@ -86,7 +68,7 @@ void halves_to_floats(const uint16_t* src, int n, float* dst) {
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(load16(src + i)));
 #endif
-    for (; i < n; ++i) dst[i] = half_to_float(src[i]);
+    for (; i < n; ++i) dst[i] = f16_to_f32(src[i]);
 }
 
 // Rows per chunk: about 4 chunks per thread (so a late thread costs little), a multiple of 4, at most max_rows.
@@ -296,8 +278,8 @@ void int4_dequantize_row(const Int4Matrix& w, int64_t n, float* o) {
     const uint8_t* q = w.qweight + n * (K / 2);
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int64_t g = 0; g < G; ++g) {
-        const __m512 d = _mm512_set1_ps(half_to_float(w.scales[n * G + g]));
-        const __m512 table = w.mins ? _mm512_fmadd_ps(d, iota, _mm512_set1_ps(half_to_float(w.mins[n * G + g])))
+        const __m512 d = _mm512_set1_ps(f16_to_f32(w.scales[n * G + g]));
+        const __m512 table = w.mins ? _mm512_fmadd_ps(d, iota, _mm512_set1_ps(f16_to_f32(w.mins[n * G + g])))
                                     : _mm512_mul_ps(d, _mm512_sub_ps(iota, _mm512_set1_ps(8.0f)));
         for (int64_t k = g * w.group_size; k < (g + 1) * w.group_size; k += kBlock) {
             const __m512i v = _mm512_cvtepu8_epi32(load16(q + k / 2));
@@ -549,8 +531,8 @@ void int4_dequantize_row(const Int4Matrix& w, int64_t n, float* o) {
     const int64_t K = w.K, G = K / w.group_size;
     const uint8_t* q = w.qweight + n * (K / 2);
     for (int64_t g = 0; g < G; ++g) {
-        const float d = half_to_float(w.scales[n * G + g]);
-        const float m = w.mins ? half_to_float(w.mins[n * G + g]) : 0.0f;
+        const float d = f16_to_f32(w.scales[n * G + g]);
+        const float m = w.mins ? f16_to_f32(w.mins[n * G + g]) : 0.0f;
         for (int64_t k = g * w.group_size; k < (g + 1) * w.group_size; k += kBlock)
             for (int j = 0; j < 16; ++j) {
                 const uint8_t byte = q[k / 2 + j];
@@ -572,7 +554,7 @@ void Int4Kernel<ASYM, BPG>::tile(const float* x, const Int4Matrix& w, int64_t n,
         float acc[MT] = {};
         for (int64_t k = 0; k < w.K; k += kBlock) {
             const int64_t g = (n + r) * (w.K / GS) + k / GS;
-            const float d = half_to_float(w.scales[g]), m = ASYM ? half_to_float(w.mins[g]) : 0.0f;
+            const float d = f16_to_f32(w.scales[g]), m = ASYM ? f16_to_f32(w.mins[g]) : 0.0f;
             const uint8_t* q = w.qweight + (n + r) * (w.K / 2) + k / 2;
             for (int j = 0; j < 16; ++j) {
                 row[j] = ASYM ? d * float(q[j] & 0x0f) + m : d * (float(q[j] & 0x0f) - 8.0f);
@@ -590,7 +572,7 @@ void Q8Kernel::tile(const float* x, const Q8Matrix& w, int64_t n, float* out, in
     for (int r = 0; r < NR; ++r) {
         float acc[MT] = {};
         for (int64_t k = 0; k < w.K; k += kBlock) {
-            const float d = half_to_float(w.scales[((n + r) * w.K + k) / kBlock]);
+            const float d = f16_to_f32(w.scales[((n + r) * w.K + k) / kBlock]);
             const int8_t* q = w.q + (n + r) * w.K + k;
             for (int i = 0; i < MT; ++i)
                 for (int j = 0; j < kBlock; ++j) acc[i] += d * float(q[j]) * x[i * w.K + k + j];
@@ -614,7 +596,7 @@ void F32Kernel::tile(const float* x, const F32Matrix& w, int64_t n, float* out, 
 void q8_dequantize_row(const Q8Matrix& w, int64_t n, float* o) {
     const int64_t G = w.K / kBlock;
     for (int64_t g = 0; g < G; ++g) {
-        const float d = half_to_float(w.scales[n * G + g]);
+        const float d = f16_to_f32(w.scales[n * G + g]);
         const int8_t* q = w.q + n * w.K + g * kBlock;
         for (int j = 0; j < kBlock; ++j) o[g * kBlock + j] = d * float(q[j]);
     }

@@ -78,7 +78,8 @@ def step_arrays(meta) -> tuple:
 
 def step(decoder, x: np.ndarray, meta, kv_caches: list, cos_sin: np.ndarray) -> np.ndarray:
     """x [T, D] embeddings of the step's packed tokens -> final hidden states [T, D] (in place); meta: a
-    StepMetadata or its step_arrays; kv_caches: the decoder's layers' (k_cache, v_cache) pairs."""
+    StepMetadata or its step_arrays; kv_caches: the decoder's layers' (k_cache, v_cache) pairs, float32 or float16
+    (the C++ step narrows the new K/V into a float16 cache, to nearest, and widens it as attention reads it)."""
     positions, slots, tables, seq_lens, starts = meta if isinstance(meta, tuple) else step_arrays(meta)
     x = np.ascontiguousarray(x, dtype=np.float32)
     decoder.step(x, kv_caches, positions, slots, tables, seq_lens, cos_sin, starts)

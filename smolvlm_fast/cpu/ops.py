@@ -1,5 +1,5 @@
 """NumPy implementations of the ops in smolvlm_fast/ops/README.md (the PyTorch-free path), float32
-throughout.
+throughout; the paged KV cache float32 or float16 (kv_cache_dtype), a float16 cache widened wherever it is read.
 
 Same arguments and meaning as ops/reference.py: token-major layouts ([..., tokens, heads, head_dim]), int32 index
 arrays. Attention computes each KV head with its group of query heads together (GQA), never repeating K/V.
@@ -7,9 +7,11 @@ arrays. Attention computes each KV head with its group of query heads together (
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
+from ..errors import InputError
 from .native import _cpu  # None when the extension is not built: the NumPy code runs instead
 
 MAX_SCORES = 1 << 20  # attention scores computed at a time (4 MB of float32): long prompts go in query chunks
@@ -264,7 +266,9 @@ def _dense_attention_in_cpp(kernel, q, k, v, causal: bool, scale: float):
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, cos_sin=None, positions=None, rotary_dim=None):
-    """k/v [T, Hkv, Dh] -> k_cache/v_cache [num_blocks, block_size, Hkv, Dh] at slot_mapping [T] (-1 skips)."""
+    """k/v [T, Hkv, Dh] -> k_cache/v_cache [num_blocks, block_size, Hkv, Dh] at slot_mapping [T] (-1 skips).
+    A float16 cache takes them rounded to nearest (NumPy's cast, as the C++ step's F16C one)."""
+    _check_kv_pair("write_kv_cache", k_cache, v_cache)
     if cos_sin is not None:
         k = apply_rope(k, cos_sin, positions, rotary_dim)
     if len(slot_mapping) and slot_mapping.min() < 0:
@@ -290,6 +294,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start_
     scale = Dh**-0.5 if scale is None else scale
     if cos_sin is not None:
         q = apply_rope(q, cos_sin, positions, rotary_dim)
+    _check_kv_pair("paged_attention", k_cache, v_cache)
     decode = is_decode(T, seq_lens, query_start_loc)
     kernel = _cpp_kernel("paged_decode_attention" if decode else "paged_prefill_attention", q, k_cache, v_cache)
     if kernel is not None and (decode or query_start_loc is not None):
@@ -304,25 +309,66 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start_
     keys, values = k_cache.reshape(-1, *k_cache.shape[2:]), v_cache.reshape(-1, *v_cache.shape[2:])  # [slots, Hkv, Dh]
     if len(plan) == 1 and len(plan[0][1]) == 1:  # one sequence, one chunk: no copy into `out`
         slots, ((a, b, end, mask),) = plan[0]
-        return attend(q, keys[slots][:end], values[slots][:end], mask, scale)
+        return attend(q, _widen(keys[slots][:end]), _widen(values[slots][:end]), mask, scale)
     out = np.empty((T, Hq, Dh), dtype=np.float32)
     for slots, chunks in plan:
-        k, v = keys[slots], values[slots]  # [seq_len, Hkv, Dh]: a view when the blocks are consecutive
+        k, v = _widen(keys[slots]), _widen(values[slots])  # [seq_len, Hkv, Dh]: a view of consecutive float32 blocks
         for a, b, end, mask in chunks:
             out[a:b] = attend(q[a:b], k[:end], v[:end], mask, scale)
     return out
 
 
-def kv_cache_zeros(shape) -> np.ndarray:
-    """A zeroed float32 cache [num_blocks, block_size, Hkv, Dh] that starts on a 64-byte boundary.
+def kv_cache_zeros(shape, dtype=np.float32) -> np.ndarray:
+    """A zeroed cache [num_blocks, block_size, Hkv, Dh] of dtype (float32 or float16) that starts on a 64-byte
+    boundary.
 
     NumPy's large arrays start 16 bytes past one, so every cache row the C++ attention reads straddles two cache
     lines (decode about 15% slower when the cache is in L2).
     """
-    n = math.prod(shape)
-    raw = np.zeros(n + 16, np.float32)
-    start = (-raw.ctypes.data % 64) // 4  # floats to the next 64-byte boundary
+    dtype = np.dtype(dtype)
+    if dtype.name not in KV_DTYPES:
+        raise InputError(f"kv_cache_zeros: dtype must be one of {', '.join(KV_DTYPES)}, got {dtype}")
+    n, size = math.prod(shape), dtype.itemsize
+    raw = np.zeros(n + 64 // size, dtype)
+    start = (-raw.ctypes.data % 64) // size  # elements to the next 64-byte boundary
     return raw[start:start + n].reshape(shape)
+
+
+# The KV cache's dtypes. float16, not bfloat16, for the 16-bit cache: 3 more mantissa bits (about 8x smaller
+# logit error: bench/kv16_precision.py) and one instruction to widen (F16C). Its range (65504) is safe: the
+# norm's output has rms 1, so |k| <= max |k_proj row| * max |input norm weight| * sqrt(hidden), and RoPE adds at
+# most sqrt(2); for SmolLM2-135M (SmolVLM-256M's decoder) that bounds |K| by 376 and |V| by 187, and on text it
+# writes at most 23 and 15.
+KV_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+KV_DTYPE_ENV = "SMOLVLM_FAST_KV_DTYPE"
+
+
+def kv_cache_dtype(option: str | None = None, precision: str | None = None) -> np.dtype:
+    """The KV cache's dtype: `option` (a KV_DTYPES name) when given, else $SMOLVLM_FAST_KV_DTYPE when set, else
+    float16 for a model of precision "bfloat16" (weights rounded to 8 significant bits; K/V rounded to float16's
+    11 add less), else float32 (exact, and the default for float32 models)."""
+    name, source = option, "kv_dtype"
+    if name is None and os.environ.get(KV_DTYPE_ENV):
+        name, source = os.environ[KV_DTYPE_ENV], KV_DTYPE_ENV
+    if name is None:
+        name = "float16" if precision == "bfloat16" else "float32"
+    if name not in KV_DTYPES:
+        raise InputError(f"{source} must be one of {', '.join(KV_DTYPES)}, got {name!r}")
+    return KV_DTYPES[name]
+
+
+def _check_kv_pair(fn: str, k_cache, v_cache) -> None:
+    """k_cache and v_cache: arrays of one KV_DTYPES dtype."""
+    if not (isinstance(k_cache, np.ndarray) and isinstance(v_cache, np.ndarray)):
+        raise InputError(f"{fn}: k_cache and v_cache must be NumPy arrays")
+    if k_cache.dtype.name not in KV_DTYPES or v_cache.dtype != k_cache.dtype:
+        raise InputError(f"{fn}: k_cache and v_cache must both be float32 or both float16, got {k_cache.dtype} "
+                         f"and {v_cache.dtype}")
+
+
+def _widen(x: np.ndarray) -> np.ndarray:
+    """Cache rows as float32 (a float16 cache's, converted)."""
+    return x if x.dtype == np.float32 else x.astype(np.float32)
 
 
 def is_decode(T: int, seq_lens, query_start_loc) -> bool:
@@ -338,9 +384,10 @@ def is_decode(T: int, seq_lens, query_start_loc) -> bool:
 
 
 def _cpp_kernel(name: str, q, k_cache, v_cache):
-    """_cpu.<name> when the extension has it and the arrays suit it (float32, contiguous caches), else None."""
+    """_cpu.<name> when the extension has it and the arrays suit it (float32 q, contiguous float32 or float16
+    caches of one dtype), else None."""
     kernel = getattr(_cpu, name, None)
-    suits = (q.dtype == np.float32 and k_cache.dtype == np.float32 and v_cache.dtype == np.float32
+    suits = (q.dtype == np.float32 and k_cache.dtype in (np.float32, np.float16) and v_cache.dtype == k_cache.dtype
              and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous)
     return kernel if suits else None
 

@@ -59,7 +59,7 @@ class NumpyBackend:
         return out
 
     def kv_itemsize(self, model) -> int:
-        return 4  # the NumPy cache is float32
+        return np.dtype(getattr(model, "kv_dtype", np.float32)).itemsize  # float32 or float16 (NumpyModel.kv_dtype)
 
     def free_memory(self, model) -> tuple[int | None, str]:
         """(bytes free for the KV cache where the model runs, or None when unknown; which memory that is)."""

@@ -164,6 +164,27 @@ def quantize_int4(w: np.ndarray, group_size: int = 64, symmetric: bool = False) 
     return Int4Weight(N, K, group_size, symmetric, pack_int4(q), np.ascontiguousarray(d), mins)
 
 
+def quantize_q8(w: np.ndarray) -> Q8Weight:
+    """GGUF Q8_0 of a float [N, K] matrix (K a multiple of 32), as llama.cpp's quantizer makes it: per block of 32,
+    d = max |w| / 127, q = w / d rounded half away from zero, d stored in float16. Every element lands within
+    d / 2 + 127 |d - fp16(d)| <= 0.57 d of itself."""
+    w = np.asarray(w)
+    if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
+        raise ValueError(f"quantize_q8: w must be a 2-D float array, got {w.dtype} {w.shape}")
+    N, K = w.shape
+    if K <= 0 or K % BLOCK:
+        raise ValueError(f"quantize_q8: K = {K} is not a positive multiple of {BLOCK}")
+    w = w.astype(np.float32)
+    if not np.isfinite(w).all() or np.abs(w).max(initial=0) > 60000:
+        raise ValueError("quantize_q8: w has elements that are not finite or beyond float16's range")
+    g = w.reshape(N, K // BLOCK, BLOCK)
+    d = np.abs(g).max(axis=2, keepdims=True) / 127  # [N, K / 32, 1]
+    inv = np.divide(1, d, out=np.zeros_like(d), where=d != 0)
+    scaled = g * inv
+    q = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)  # half away from zero, as C's roundf
+    return Q8Weight(N, K, q.astype(np.int8).reshape(N, K), np.ascontiguousarray(d[..., 0].astype(np.float16)))
+
+
 def dequantize_int4(w: Int4Weight, rows: slice | np.ndarray | None = None) -> np.ndarray:
     """float32 [N, K] (or the selected rows)."""
     sel = slice(None) if rows is None else rows

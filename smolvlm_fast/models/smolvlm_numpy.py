@@ -19,6 +19,7 @@ from ..cpu.linear import linear
 from ..cpu.ops import (
     cross_attention,
     gelu_tanh,
+    kv_cache_dtype,
     kv_cache_zeros,
     layer_norm,
     paged_attention,
@@ -34,6 +35,7 @@ from ..cpu.weights import (
     GATE_UP,
     QKV,
     QKV_BIAS,
+    head_name,
     load_gguf_weights,
     load_safetensors_weights,
     quantize_weights,
@@ -223,8 +225,7 @@ def decoder(w: dict, config: ModelConfig, x: np.ndarray, step: Step, kv_caches: 
 
 def logits(w: dict, config: ModelConfig, hidden: np.ndarray) -> np.ndarray:
     """hidden [n, D] -> [n, V] float32: lm_head, or the tied input embedding (+ Phi's lm_head bias)."""
-    head = w[text_prefix(config) + "embed_tokens.weight"] if config.text.tie_word_embeddings else w["lm_head.weight"]
-    return linear(hidden, head, w.get("lm_head.bias"))  # [n, V]
+    return linear(hidden, w[head_name(config)], w.get("lm_head.bias"))  # [n, V]
 
 
 # ---------------------------------------------------------------- the model the engine drives
@@ -238,13 +239,14 @@ class NumpyModel:
     PRECISIONS = ("float32", "bfloat16")
 
     def __init__(self, config: ModelConfig, weights: dict, fused: bool | None = None,
-                 int8_activations: bool | None = None, precision: str = "float32"):
+                 int8_activations: bool | None = None, precision: str = "float32", kv_dtype: str | None = None):
         """fused: run each step's decoder layers in C++ (cpu/decoder.py), one call per run of layers between
         cross-attention layers, which stay in NumPy; None means where the extension has it. The C++ step knows
         Llama blocks only: Phi blocks always take the free functions.
         int8_activations: in those steps, int4 products round x to int8 (cpu_decoder.int8_activations_default).
         precision: "float32", or "bfloat16" for products of bf16-rounded inputs accumulated in float32
-        (auto.py's from_pretrained picks it from dtype and the checkpoint)."""
+        (auto.py's from_pretrained picks it from dtype and the checkpoint).
+        kv_dtype: "float32" or "float16" for the KV cache; None: the default (see kv_dtype below)."""
         if precision not in self.PRECISIONS:
             raise InputError(f"precision must be one of {', '.join(self.PRECISIONS)}, got {precision!r}")
         self.precision = precision
@@ -254,6 +256,8 @@ class NumpyModel:
         self.int8_activations = (cpu_decoder.int8_activations_default() if int8_activations is None
                                  else int8_activations)
         self._segments = None  # [(layers, _cpu.Decoder)] (cpu_decoder.build_segments), built on the first step
+        self.kv_dtype_option = kv_dtype
+        kv_cache_dtype(kv_dtype)  # a bad name fails here, not at the first allocation
 
     @classmethod
     def from_checkpoint(cls, location: str | Path, quantize: str | None = None, **options) -> "NumpyModel":
@@ -269,11 +273,18 @@ class NumpyModel:
             weights = quantize_weights(weights, config, quantize)
         return cls(config, weights, **options)
 
+    @property
+    def kv_dtype(self) -> np.dtype:
+        """The KV cache's dtype: the constructor's kv_dtype, else $SMOLVLM_FAST_KV_DTYPE, else float16 for a
+        model of precision "bfloat16", else float32 (cpu.ops.kv_cache_dtype)."""
+        return kv_cache_dtype(self.kv_dtype_option, self.precision)
+
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """One (k_cache, v_cache) pair of float32 [num_blocks, block_size, kv_heads, head_dim] per decoder layer."""
-        t = self.config.text
+        """One (k_cache, v_cache) pair of [num_blocks, block_size, kv_heads, head_dim] per decoder layer, of
+        kv_dtype (float32 or float16: the C++ attention widens float16 as it reads, at half the bytes)."""
+        t, dtype = self.config.text, self.kv_dtype
         shape = (num_blocks, block_size, t.num_key_value_heads, t.head_dim)
-        return [(kv_cache_zeros(shape), kv_cache_zeros(shape)) for _ in range(t.num_hidden_layers)]
+        return [(kv_cache_zeros(shape, dtype), kv_cache_zeros(shape, dtype)) for _ in range(t.num_hidden_layers)]
 
     def image_features_per_row(self, pixel_values, pixel_attention_mask=None) -> list[np.ndarray | None]:
         if not self.config.is_vlm:
