@@ -1,13 +1,16 @@
-"""Decode speed after a long prompt on the NumPy + C++ path, float32 vs float16 KV cache, same run: a
-SmolVLM-256M-shaped text decoder (30 layers, hidden 576, 9 / 3 heads of 64; random weights, its linear layers int4,
-the LM head float32), or (--model real) SmolLM2-135M-Instruct's Q4_1 GGUF (the same decoder shape, a Q8_0 head).
+"""Decode speed after a long prompt on the NumPy + C++ path, by how the decoder holds its weights and its KV cache,
+same run: a SmolVLM-256M-shaped text decoder (30 layers, hidden 576, 9 / 3 heads of 64; random weights) with its
+linear layers int4 and LM head Q8_0 (quantize="int4"), in packed bf16 (precision "bfloat16", what a released bf16
+SmolVLM checkpoint gets) or float32, each with a float32 and/or float16 KV cache; or (--model real)
+SmolLM2-135M-Instruct's Q4_1 GGUF (the same decoder shape, a Q8_0 head).
 
     python bench/bench_kv16.py --prompt 1088 --short 8 --tokens 64 --repeats 3
+    python bench/bench_kv16.py --weights int4,bf16,float32 --kv-dtypes float16
 
-Prints per KV dtype and prompt length: decode tokens/s as 1 / the median step time and 1 / its 10th percentile
+Prints per variant and prompt length: decode tokens/s as 1 / the median step time and 1 / its 10th percentile
 (each step a forward, the LM head and an argmax; --repeats rounds of --tokens steps, interleaved over the cases:
 on a shared machine other processes take a core now and then, and the 10th percentile is what a step costs
-when they do not), the prefill time, and how many greedy tokens equal the first dtype's. The long prompt's step
+when they do not), the prefill time, and how many greedy tokens equal the first variant's. The long prompt's step
 minus the short one's is what the context costs (mostly attention reading the cache); --profile splits a step
 into the decoder layers, the attention kernel alone and the LM head. No model hub, no PyTorch.
 """
@@ -35,15 +38,19 @@ SMOLVLM_256M_TEXT = {"model_type": "llama", "hidden_size": 576, "intermediate_si
                      "tie_word_embeddings": False}
 
 
-def random_model(layers: int, seed: int = 0, std: float = 0.02) -> NumpyModel:
-    """The decoder with N(0, std) weights (norms 1 + N(0, std)), its linear layers quantized to int4."""
+def random_model(layers: int, seed: int = 0, std: float = 0.02) -> tuple[ModelConfig, dict]:
+    """The decoder with N(0, std) weights (norms 1 + N(0, std)), float32."""
     config = ModelConfig.from_dict(dict(SMOLVLM_256M_TEXT, num_hidden_layers=layers))
     rng = np.random.default_rng(seed)
     weights = {}
     for name, shape in tensor_shapes(config).items():
         w = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
         weights[name] = w + 1 if name.endswith("norm.weight") else w
-    return config, quantize_weights(weights, config, "int4")
+    return config, weights
+
+
+# --weights: how a variant holds the decoder (of the random model; the real GGUF is as it is)
+WEIGHTS = {"int4": ("float32", True), "bf16": ("bfloat16", False), "float32": ("float32", False)}
 
 
 def generate(model: NumpyModel, prompt: list[int], tokens: int, block_size: int = 16):
@@ -106,13 +113,20 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--kv-dtypes", default="float32,float16")
+    p.add_argument("--weights", default="int4", help="comma list of int4 (linears int4, LM head Q8_0), bf16 "
+                   "(precision bfloat16: packed bf16 weights), float32; each with each --kv-dtypes")
     p.add_argument("--profile", action="store_true", help="also a step's parts (profile()) per dtype and length")
     args = p.parse_args(argv)
     config, weights = random_model(args.layers) if args.model == "random" else real_model()
     prompt = np.random.default_rng(1).integers(3, config.text.vocab_size, args.prompt).tolist()
     lengths = [args.prompt] + ([args.short] if args.short else [])
     reference = {}
-    models = {kv_dtype: NumpyModel(config, weights, kv_dtype=kv_dtype) for kv_dtype in args.kv_dtypes.split(",")}
+    models = {}
+    for kind in args.weights.split(","):
+        precision, quantize = WEIGHTS[kind]
+        held = quantize_weights(weights, config, "int4") if quantize and args.model == "random" else weights
+        for kv_dtype in args.kv_dtypes.split(","):
+            models[f"{kind}/{kv_dtype}"] = NumpyModel(config, held, precision=precision, kv_dtype=kv_dtype)
     results = {(d, n): ([], [], [0]) for d in models for n in lengths}  # step times, prefill times, [agreeing]
     for _ in range(args.repeats):  # rounds interleaved, so that a busy moment of the machine hits every case
         for n in lengths:
@@ -125,13 +139,13 @@ def main(argv=None) -> None:
         for _ in range(2):  # twice: a busy moment shows as a disagreement
             for n in lengths:
                 for kv_dtype, model in models.items():
-                    print(f"profile kv {kv_dtype:>8} prompt {n:5d}: {profile(model, prompt[:n], args.tokens)}",
+                    print(f"profile {kv_dtype:>13} prompt {n:5d}: {profile(model, prompt[:n], args.tokens)}",
                           flush=True)
     for (kv_dtype, n), (steps, prefills, (same,)) in results.items():
         p10, median = np.percentile(steps, [10, 50])
-        print(f"{args.model} kv {kv_dtype:>8} prompt {n:5d}: decode {1 / median:6.1f} tok/s (median step), "
+        print(f"{args.model} {kv_dtype:>13} prompt {n:5d}: decode {1 / median:6.1f} tok/s (median step), "
               f"{1 / p10:6.1f} (10th percentile) over {len(steps)} steps; "
-              f"prefill {min(prefills):.2f} s; greedy tokens equal to the first dtype's: {same}/{args.tokens + 1}",
+              f"prefill {min(prefills):.2f} s; greedy tokens equal to the first variant's: {same}/{args.tokens + 1}",
               flush=True)
 
 

@@ -72,7 +72,10 @@ def load(which: str, layers: int):
         ids = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)(text)["input_ids"]
         return model, list(ids)
     from bench_kv16 import random_model
+
+    from smolvlm_fast.cpu.weights import quantize_weights
     config, weights = random_model(layers)
+    weights = quantize_weights(weights, config, "int4")
     ids = np.random.default_rng(1).integers(3, config.text.vocab_size, 1 << 14).tolist()
     return NumpyModel(config, weights, fused=False), ids
 

@@ -215,8 +215,10 @@ def _save_generation_config(model, tokenizer):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def build_tiny_vlm(out_dir, model_type: str = "idefics3", dtype=torch.float32, seed: int = 0) -> Path:
-    """Write a tiny random Idefics3/SmolVLM checkpoint with its processor to out_dir and return the path."""
+def build_tiny_vlm(out_dir, model_type: str = "idefics3", dtype=torch.float32, seed: int = 0,
+                   std: float = 0.3) -> Path:
+    """Write a tiny random Idefics3/SmolVLM checkpoint with its processor to out_dir and return the path; std: of
+    its weight matrices (widen_weights)."""
     from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration
 
     out_dir = Path(out_dir)
@@ -224,7 +226,7 @@ def build_tiny_vlm(out_dir, model_type: str = "idefics3", dtype=torch.float32, s
     tokenizer = processor.tokenizer
     config = _vlm_config(model_type, tokenizer)
     cls = Idefics3ForConditionalGeneration if model_type == "idefics3" else SmolVLMForConditionalGeneration
-    return _save_random_model(cls, config, tokenizer, processor, out_dir, dtype, seed)
+    return _save_random_model(cls, config, tokenizer, processor, out_dir, dtype, seed, std)
 
 
 def build_tiny_llama(out_dir, dtype=torch.float32, seed: int = 0) -> Path:
@@ -243,11 +245,11 @@ def build_tiny_llama(out_dir, dtype=torch.float32, seed: int = 0) -> Path:
     return _save_random_model(LlamaForCausalLM, config, tokenizer, tokenizer, out_dir, dtype, seed)
 
 
-def _save_random_model(cls, config, tokenizer, files, out_dir: Path, dtype, seed: int) -> Path:
+def _save_random_model(cls, config, tokenizer, files, out_dir: Path, dtype, seed: int, std: float = 0.3) -> Path:
     """A seeded, widened random `cls(config)` saved in `dtype` beside `files` (the processor or the tokenizer)."""
     torch.manual_seed(seed)
     model = cls(config).eval()
-    widen_weights(model, seed)
+    widen_weights(model, seed, std)
     _save_generation_config(model, tokenizer)
     model.to(dtype).save_pretrained(out_dir, safe_serialization=True)
     files.save_pretrained(out_dir)

@@ -111,10 +111,16 @@ def llama_pair(tiny_llama):
             AutoModelForCausalLM.from_pretrained(tiny_llama, quantize="int4", backend="numpy"))
 
 
-def test_torch_int4_equals_numpy_int4(llama_pair):
+def test_torch_int4_equals_numpy_int4(llama_pair, monkeypatch):
+    """The same int4 linears on both backends. The LM heads differ by design: the torch backend keeps it float
+    (quantize_lm_head is off by default), the numpy one stores it Q8_0 as llama.cpp's Q4 files do, so the numpy
+    model gets torch's float head for the comparison."""
+    from smolvlm_fast.formats.int4 import Q8Weight
     ours, numpy_model = llama_pair
     assert_same_int4_as_numpy(ours, numpy_model)
     assert isinstance(ours.model.lm_head, nn.Linear)  # off by default
+    assert isinstance(numpy_model.model.weights["lm_head.weight"], Q8Weight)
+    monkeypatch.setitem(numpy_model.model.weights, "lm_head.weight", ours.model.lm_head.weight.detach().numpy())
     assert_same_outputs(ours, numpy_model, random_ids(ours.config.text.vocab_size))
 
 
@@ -185,10 +191,11 @@ def test_cli_generates_with_int4_on_torch(tiny_llama, capsys):
 # ---------------------------------------------------------------- GGUF Q4 into Int4Linear
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "F16"])
-def test_gguf_q4_goes_into_int4_linear_as_is(tmp_path, qtype):
+def test_gguf_q4_goes_into_int4_linear_as_is(tmp_path, qtype, monkeypatch):
     """A GGUF's Q4 blocks land in the fused Int4Linear layers bit for bit (the NumPy backend keeps them too), float
-    ones are quantized as from safetensors, and both backends give the same logits and tokens; quantize_lm_head
-    adds an int4 copy of the tied embedding."""
+    ones are quantized as from safetensors, and both backends give the same logits and tokens (the numpy backend's
+    quantize="int4" stores a float tied embedding Q8_0, so it gets torch's float one for the comparison);
+    quantize_lm_head adds an int4 copy of the tied embedding."""
     from gguf import GGMLQuantizationType as Q
 
     from .test_gguf import write_gguf
@@ -200,6 +207,8 @@ def test_gguf_q4_goes_into_int4_linear_as_is(tmp_path, qtype):
     groups = (ours.model.text.layers[0].qkv_proj.group_size, ours.model.text.layers[0].down_proj.group_size)
     assert groups == ((64, 32) if qtype == "F16" else (32, 32))  # K = 64 and 96
     assert ours.model.lm_head is None
+    monkeypatch.setitem(numpy_model.model.weights, "model.embed_tokens.weight",
+                        ours.model.text.embed_tokens.weight.detach().numpy())
     assert_same_outputs(ours, numpy_model, random_ids(ours.config.text.vocab_size, n=10), new_tokens=8)
 
     with_head = AutoModelForCausalLM.from_pretrained(path, quantize="int4", quantize_lm_head=True, **TORCH)

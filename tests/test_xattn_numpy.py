@@ -355,7 +355,7 @@ def test_bad_inputs(tmp_path, rng):
 @pytest.mark.parametrize("arch", ["phi", "llama"])
 def test_quantize_int4(tmp_path, arch, rng):
     """quantize="int4" makes every decoder linear int4, Phi's and the cross layers' included, and the model computes
-    what the same weights dequantized give (lm_head and the vision encoder stay float)."""
+    what the same weights dequantized give (the LM head becomes Q8_0; the vision encoder stays float)."""
     build(tmp_path, rng, arch=arch)
     model = NumpyModel.from_checkpoint(tmp_path / "ckpt", quantize="int4")
     w = model.weights
@@ -365,7 +365,7 @@ def test_quantize_int4(tmp_path, arch, rng):
     names += ["model.text_model.cross_layers.1.cross_attn." + n for n in ("q_proj.weight", "k_proj.weight")]
     names += ["model.text_model.cross_layers.0.mlp." + n for n in ("gate_up_proj.weight", "down_proj.weight")]
     assert all(isinstance(w[n], int4_format.Int4Weight) for n in names)
-    assert isinstance(w.get("lm_head.weight"), np.ndarray)
+    assert isinstance(w["lm_head.weight"], int4_format.Q8Weight)
     dense = NumpyModel(model.config, {n: int4_format.dequantize(t) for n, t in w.items()})
     features, cross = features_and_kv(model, rng)
     ids = prompt(rng)

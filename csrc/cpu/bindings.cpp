@@ -23,13 +23,14 @@ void register_vision(py::module_& m);  // bindings_vision.cpp: the fused vision 
 
 namespace {
 
-enum class DType { f32, f16, u8, i8, i32 };
+enum class DType { f32, f16, u8, u16, i8, i32 };
 
 const char* dtype_name(DType t) {
     switch (t) {
         case DType::f32: return "float32";
         case DType::f16: return "float16";
         case DType::u8: return "uint8";
+        case DType::u16: return "uint16";
         case DType::i8: return "int8";
         case DType::i32: return "int32";
     }
@@ -43,6 +44,7 @@ bool has_dtype(const py::array& a, DType t) {
         case DType::f32: return dt.kind() == 'f' && dt.itemsize() == 4;
         case DType::f16: return dt.kind() == 'f' && dt.itemsize() == 2;
         case DType::u8: return dt.kind() == 'u' && dt.itemsize() == 1;
+        case DType::u16: return dt.kind() == 'u' && dt.itemsize() == 2;
         case DType::i8: return dt.kind() == 'i' && dt.itemsize() == 1;
         case DType::i32: return dt.kind() == 'i' && dt.itemsize() == 4;
     }
@@ -393,7 +395,7 @@ void check_query_starts(const std::string& where, const int32_t* starts, const i
 }
 
 // A weight as smolvlm_fast.quant.cpu_linear_spec describes it: ("f32", w, bias), ("int4", qweight, scales, mins,
-// group_size, bias) or ("q8", q, scales, bias); bias None or float32 [N]. Shape [N, K] must be as expected.
+// group_size, bias), ("q8", q, scales, bias) or ("bf16", packed, N, K, bias) (bf16_pack's layout); bias None or float32 [N]. Shape [N, K] must be as expected.
 smolvlm_cpu::Linear linear_spec(const std::string& name, const py::tuple& spec, int64_t N, int64_t K) {
     using smolvlm_cpu::Linear;
     const std::string fn = "Decoder: " + name;
@@ -409,6 +411,12 @@ smolvlm_cpu::Linear linear_spec(const std::string& name, const py::tuple& spec, 
                                    spec[4].cast<int>(), K));
     } else if (kind == "q8" && spec.size() == 4) {
         w = Linear::of(q8_matrix(fn.c_str(), spec[1].cast<py::array>(), spec[2].cast<py::array>()));
+    } else if (kind == "bf16" && spec.size() == 5) {
+        const int64_t n = spec[2].cast<int64_t>(), k = spec[3].cast<int64_t>();
+        if (n < 1 || k < 1) throw py::value_error(fn + ": a bf16 weight needs N, K >= 1");
+        w = Linear::of(smolvlm_cpu::Bf16Matrix{
+            checked<const uint16_t>(fn.c_str(), "packed", spec[1].cast<py::array>(), DType::u16,
+                                    {smolvlm_cpu::bf16_packed_elems(n, k)}), n, k});
     } else {
         throw py::value_error(fn + ": unknown weight spec (" + kind + " with " + std::to_string(spec.size()) +
                               " fields)");

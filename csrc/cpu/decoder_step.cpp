@@ -196,6 +196,9 @@ bool linear(const float* x, int64_t M, const Linear& w, float* out, bool int8_x,
             any.f32 = &w.f32;
             if (!many_rows()) f32_gemm(x, M, w.f32, out);
             break;
+        case Linear::Kind::bf16:
+            bf16_gemm(x, M, w.K, w.bf16, nullptr, Epilogue::none, false, out, w.N);
+            break;
     }
     if (w.bias)
         for (int64_t m = 0; m < M; ++m)

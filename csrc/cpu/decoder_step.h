@@ -1,13 +1,14 @@
 // The whole Llama decoder for one step in one call — a decode step (one new token per sequence) or a prefill
 // (many packed tokens per sequence): every layer's norms, products, RoPE, KV-cache write and paged attention,
 // then the final norm (none for a segment followed by cross-attention layers). float32 activations; each weight in
-// the kind its checkpoint holds (float32, int4, Q8_0); the KV cache float32 or float16. The caller (bindings.cpp)
+// the kind its checkpoint holds (float32, int4, Q8_0) or bf16 (packed, bf16_gemm.h: precision bfloat16); the KV cache float32 or float16. The caller (bindings.cpp)
 // checks every argument.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
+#include "bf16_gemm.h"
 #include "paged_attention.h"
 #include "quant_gemm.h"
 
@@ -15,17 +16,19 @@ namespace smolvlm_cpu {
 
 // One weight matrix [N, K] of whichever kind, and an optional bias [N].
 struct Linear {
-    enum class Kind { f32, int4, q8 };
+    enum class Kind { f32, int4, q8, bf16 };
     Kind kind = Kind::f32;
     F32Matrix f32{};
     Int4Matrix int4{};
     Q8Matrix q8{};
+    Bf16Matrix bf16{};
     const float* bias = nullptr;
     int64_t N = 0, K = 0;
 
     static Linear of(const F32Matrix& m) { return make(Kind::f32, m.N, m.K, [&](Linear& l) { l.f32 = m; }); }
     static Linear of(const Int4Matrix& m) { return make(Kind::int4, m.N, m.K, [&](Linear& l) { l.int4 = m; }); }
     static Linear of(const Q8Matrix& m) { return make(Kind::q8, m.N, m.K, [&](Linear& l) { l.q8 = m; }); }
+    static Linear of(const Bf16Matrix& m) { return make(Kind::bf16, m.N, m.K, [&](Linear& l) { l.bf16 = m; }); }
 
 private:
     template <class Set>
@@ -41,7 +44,8 @@ private:
 
 // out [M, N] = x [M, K] @ W^T (+ bias), by the kernel that suits M and the weight's kind. int8_x: int4 weights
 // meet x rounded to int8 (int4_gemm_int8, where the build has VNNI); returns whether that happened. bf16: products
-// of many rows in bf16 (prefill_gemm_bf16) where the CPU has bf16 dot products.
+// of many rows in bf16 (prefill_gemm_bf16) where the CPU has bf16 dot products. A bf16 weight always takes
+// bf16_gemm (any M: the same kernel serves decode and prefill).
 bool linear(const float* x, int64_t M, const Linear& w, float* out, bool int8_x = false, bool bf16 = false);
 
 struct DecoderLayer {

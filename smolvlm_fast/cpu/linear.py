@@ -1,45 +1,14 @@
-"""`linear`, the one matrix product the PyTorch-free model calls: float32, int4 or Q8_0 weights (their formats, and
-the one description of the int4 layout, are in formats/int4.py), on the C++ kernels when they are built, else
+"""`linear`, the one matrix product the PyTorch-free model calls: float32, int4, Q8_0 or packed bf16 weights (their
+formats: formats/int4.py, formats/bf16.py), on the C++ kernels when they are built, else
 NumPy + BLAS a chunk of weight rows at a time. Also the C++ pool's thread count. This module never imports torch.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ..formats.bf16 import Bf16Weight, round_bf16
 from ..formats.int4 import Int4Weight, Q8Weight, dequantize
 from .native import _cpu  # None when the extension is not built: the NumPy code runs instead
-
-# ---------------------------------------------------------------- packing
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------- GGUF
-
-
-
-
-
-
-
-
-
-
-
-
 
 # ---------------------------------------------------------------- the product
 
@@ -60,10 +29,12 @@ def get_num_threads() -> int:
 DECODE_ROWS = 16  # float32 products with at most this many rows of x run in C++ (see linear)
 
 
-def linear(x: np.ndarray, w: np.ndarray | Int4Weight | Q8Weight, bias: np.ndarray | None = None) -> np.ndarray:
+def linear(x: np.ndarray, w: np.ndarray | Int4Weight | Q8Weight | Bf16Weight,
+           bias: np.ndarray | None = None) -> np.ndarray:
     """y = x @ W.T (+ bias) in float32: x [..., K] -> [..., N]. Quantized weights: the C++ kernels (decode tiles for
     a few rows of x, a GEMM over dequantized L2-sized panels for many); without them, a chunk of weight rows at a
-    time dequantized and multiplied by BLAS, so memory stays flat."""
+    time dequantized and multiplied by BLAS, so memory stays flat. bf16 weights: x rounded to bf16 too, float32
+    sums (_cpu.bf16_gemm, bias in its epilogue)."""
     x = np.asarray(x)
     N, K = w.shape
     if x.shape[-1:] != (K,):
@@ -74,7 +45,10 @@ def linear(x: np.ndarray, w: np.ndarray | Int4Weight | Q8Weight, bias: np.ndarra
         x2 = x  # the decode step's case: no copy, no reshape (a call costs a few microseconds)
     else:
         x2 = np.ascontiguousarray(x.reshape(-1, K), dtype=np.float32)  # [M, K]
-    if isinstance(w, (Int4Weight, Q8Weight)):
+    if isinstance(w, Bf16Weight):
+        y = _bf16_matmul(x2, w, bias)
+        bias = None  # added by the product
+    elif isinstance(w, (Int4Weight, Q8Weight)):
         y = _quantized_matmul(x2, w)
     elif (_cpu is not None and x2.shape[0] <= DECODE_ROWS and isinstance(w, np.ndarray) and w.dtype == np.float32
           and w.flags.c_contiguous):
@@ -90,6 +64,20 @@ def linear(x: np.ndarray, w: np.ndarray | Int4Weight | Q8Weight, bias: np.ndarra
     return y if x.ndim == 2 else y.reshape(*x.shape[:-1], N)
 
 
+def _bf16_matmul(x: np.ndarray, w: Bf16Weight, bias: np.ndarray | None) -> np.ndarray:
+    out = np.empty((x.shape[0], w.N), dtype=np.float32)
+    if x.shape[0] == 0:
+        return out
+    f32_bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+    if _cpu is not None:
+        _cpu.bf16_gemm(x, w.packed, w.N, w.K, f32_bias, False, False, out)
+        return out
+    _dequantized_matmul(round_bf16(x), w, out)
+    if f32_bias is not None:
+        out += f32_bias
+    return out
+
+
 def _quantized_matmul(x: np.ndarray, w: Int4Weight | Q8Weight) -> np.ndarray:
     M = x.shape[0]
     out = np.empty((M, w.N), dtype=np.float32)
@@ -101,17 +89,25 @@ def _quantized_matmul(x: np.ndarray, w: Int4Weight | Q8Weight) -> np.ndarray:
         else:
             _cpu.q8_gemm(x, w.q, w.scales, out)
         return out
+    _dequantized_matmul(x, w, out)
+    return out
+
+
+def _dequantized_matmul(x: np.ndarray, w, out: np.ndarray) -> None:
+    """out = x @ dequantize(w).T by BLAS, a chunk of weight rows at a time (memory stays flat)."""
     rows = min(w.N, max(1, _CHUNK_ELEMENTS // w.K))
     for n0 in range(0, w.N, rows):
         n1 = min(w.N, n0 + rows)
         np.matmul(x, dequantize(w, slice(n0, n1)).T, out=out[:, n0:n1])
-    return out
 
 
-def cpu_linear_spec(w: np.ndarray | Int4Weight | Q8Weight, bias: np.ndarray | None = None) -> tuple:
+def cpu_linear_spec(w: np.ndarray | Int4Weight | Q8Weight | Bf16Weight, bias: np.ndarray | None = None) -> tuple:
     """A weight as the C++ decode step (_cpu.Decoder) takes it: ("int4", qweight, scales, mins, group_size, bias),
-    ("q8", q, scales, bias) or ("f32", w, bias), arrays as they are (float weights made float32 and contiguous)."""
+    ("q8", q, scales, bias), ("bf16", packed, N, K, bias) or ("f32", w, bias), arrays as they are (float weights
+    made float32 and contiguous)."""
     f32 = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+    if isinstance(w, Bf16Weight):
+        return ("bf16", w.packed, w.N, w.K, f32)
     if isinstance(w, Int4Weight):
         return ("int4", w.qweight, w.scales, w.mins, w.group_size, f32)
     if isinstance(w, Q8Weight):

@@ -104,22 +104,23 @@ class PackedVision:
     connector: Bf16Linear | None   # None: a quantized connector weight, which stays on `linear`
 
 
-_PACKED: dict[int, tuple[weakref.ref, PackedVision]] = {}  # id(weights dict) -> (its anchor array, packed)
+_PACKED: dict[int, tuple[weakref.ref, PackedVision]] = {}  # id(anchor array) -> (a weak reference to it, packed)
 
 
 def packed_vision(w: dict, cfg: VisionConfig) -> PackedVision | None:
     """The bf16 copies for this weights dict, made on its first call and kept while its arrays live; None where the
     extension lacks the encoder or a vision weight is not a float array (a quantized checkpoint). The cache is keyed
-    on the dict's id and checked against a weak reference to one of its arrays, so a new dict that reuses a dead
-    one's id is packed afresh, and an entry goes with its arrays (weights are read at packing, not after)."""
+    on one of the dict's arrays (the post-LayerNorm weight), checked by a weak reference: shallow copies of a dict
+    (a model made again over a model's weights) share one packing, even after pack_and_drop_floats; a new array at
+    a dead one's id is packed afresh, and an entry goes with its array (weights are read at packing, not after)."""
     if not available():
         return None
     anchor = w[VISION + "post_layernorm.weight"]
-    entry = _PACKED.get(id(w))
+    entry = _PACKED.get(id(anchor))
     if entry is not None and entry[0]() is anchor:
         return entry[1]
     names = [n for i in range(cfg.num_hidden_layers) for n in layer_names(i)]
-    if not all(isinstance(w[n], np.ndarray) for n in names):
+    if not all(isinstance(w.get(n), np.ndarray) for n in names):
         return None
     conv = w.get(PATCH + "weight")
     patch = None
@@ -127,13 +128,30 @@ def packed_vision(w: dict, cfg: VisionConfig) -> PackedVision | None:
         patch = Bf16Linear(conv.reshape(conv.shape[0], -1), w.get(PATCH + "bias"))  # [D, C*P*P]
     connector = Bf16Linear(w[CONNECTOR]) if isinstance(w.get(CONNECTOR), np.ndarray) else None
     packed = PackedVision(build_encoder(w, cfg), patch, connector)
-    _PACKED[id(w)] = (weakref.ref(anchor), packed)
-    weakref.finalize(anchor, _drop_dead, id(w))
+    _PACKED[id(anchor)] = (weakref.ref(anchor), packed)
+    weakref.finalize(anchor, _drop_dead, id(anchor))
     return packed
 
 
+def pack_and_drop_floats(w: dict, cfg: VisionConfig) -> int:
+    """For a model in precision "bfloat16" for good: pack w's vision weights now, then delete from w the float32
+    arrays whose bf16 copies the packed encoder, stem and connector own (they copy what they keep), so that the
+    vision tower is held once, in bf16. Returns the bytes let go (0 where nothing was packed). w then serves the
+    bf16 path only: the float32 one reads those arrays."""
+    packed = packed_vision(w, cfg)
+    if packed is None:
+        return 0
+    names = [n for i in range(cfg.num_hidden_layers) for n in layer_names(i)]
+    names += [PATCH + "weight"] if packed.patch is not None else []
+    names += [CONNECTOR] if packed.connector is not None else []
+    freed = sum(w[n].nbytes for n in names if n in w)
+    for n in names:
+        w.pop(n, None)
+    return freed
+
+
 def _drop_dead(key: int) -> None:
-    """An anchor array died: forget its entry, unless a newer dict at the same id has replaced it."""
+    """An anchor array died: forget its entry, unless a newer array at the same id has replaced it."""
     entry = _PACKED.get(key)
     if entry is not None and entry[0]() is None:
         del _PACKED[key]

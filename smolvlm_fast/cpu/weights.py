@@ -9,6 +9,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, InputError
+from ..formats.bf16 import Bf16Weight, bf16_rows, pack_bf16, stack_bf16
 from ..formats.int4 import Int4Weight, Q8Weight, dequantize, quantize_int4, quantize_q8
 from ..formats.layout import check_complete, check_tensor, tensor_shapes
 
@@ -87,6 +88,19 @@ def quantize_weights(weights: dict, config: ModelConfig, method: str) -> dict:
     return out
 
 
+def bf16_weights(weights: dict, config: ModelConfig) -> dict:
+    """precision "bfloat16": the decoder's float linear weights and its LM head packed as bf16 (formats/bf16.py),
+    the float32 copies dropped: half the bytes a decode step reads, and what the bf16 products take as they are.
+    The released SmolVLM checkpoints are bf16, so for them this is the checkpoint's own values. Norms,
+    embeddings (unless tied to the head) and biases stay float32."""
+    out = dict(weights)
+    for name in [*decoder_linears(config), head_name(config)]:
+        w = weights.get(name)
+        if isinstance(w, np.ndarray) and np.issubdtype(w.dtype, np.floating):
+            out[name] = pack_bf16(w)
+    return out
+
+
 def head_name(config: ModelConfig) -> str:
     """The LM head's weight: lm_head.weight, or the input embedding where the checkpoint ties them."""
     return text_prefix(config) + "embed_tokens.weight" if config.text.tie_word_embeddings else "lm_head.weight"
@@ -125,6 +139,8 @@ def stack_rows(parts: list):
     """Weights [N_i, K] of one kind -> [sum N_i, K] of that kind; mixed kinds (a GGUF with Q8_0 v next to Q4 q and k)
     are stacked as float32."""
     first = parts[0]
+    if all(isinstance(w, Bf16Weight) for w in parts):
+        return stack_bf16(parts)
     if all(isinstance(w, np.ndarray) for w in parts):
         return np.concatenate([np.asarray(w, dtype=np.float32) for w in parts])
     same = lambda attr: all(type(w) is type(first) and getattr(w, attr) == getattr(first, attr) for w in parts)
@@ -139,7 +155,9 @@ def stack_rows(parts: list):
 
 
 def row_slice(w, start: int, stop: int):
-    """Rows [start, stop) of a weight, as a view of it."""
+    """Rows [start, stop) of a weight, as a view of it (of bf16 rows not from a multiple of 16 on: a copy)."""
+    if isinstance(w, Bf16Weight):
+        return bf16_rows(w, start, stop)
     if isinstance(w, Int4Weight):
         return Int4Weight(stop - start, w.K, w.group_size, w.symmetric, w.qweight[start:stop], w.scales[start:stop],
                           None if w.mins is None else w.mins[start:stop])

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .bf16 import Bf16Weight, dequantize_bf16
+
 GROUP_SIZES = (32, 64, 128)
 
 
@@ -206,8 +208,11 @@ def dequantize_q8(w: Q8Weight, rows: slice | np.ndarray | None = None) -> np.nda
     return (q.reshape(n, w.K // BLOCK, BLOCK) * w.scales[sel].astype(np.float32)[..., None]).reshape(n, w.K)
 
 
-def dequantize(w: np.ndarray | Int4Weight | Q8Weight, rows: slice | np.ndarray | None = None) -> np.ndarray:
+def dequantize(w: np.ndarray | Int4Weight | Q8Weight | Bf16Weight,
+               rows: slice | np.ndarray | None = None) -> np.ndarray:
     """Any weight as float32 [N, K] (or the selected rows)."""
+    if isinstance(w, Bf16Weight):
+        return dequantize_bf16(w, rows)
     if isinstance(w, Int4Weight):
         return dequantize_int4(w, rows)
     if isinstance(w, Q8Weight):
@@ -265,7 +270,7 @@ def from_gguf(raw: np.ndarray, ggml_type) -> Int4Weight | Q8Weight:
     return q8_from_gguf(raw) if t == GGML_Q8_0 else int4_from_gguf(raw, t)
 
 
-def embedding_rows(w: np.ndarray | Int4Weight | Q8Weight, ids) -> np.ndarray:
+def embedding_rows(w: np.ndarray | Int4Weight | Q8Weight | Bf16Weight, ids) -> np.ndarray:
     """float32 [len(ids), K]: the looked-up rows only, dequantized (token embeddings)."""
     ids = np.asarray(ids)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):

@@ -16,6 +16,7 @@ import numpy as np
 from ..config import ModelConfig, TextConfig
 from ..cpu import decoder as cpu_decoder
 from ..cpu.linear import linear
+from ..cpu.vision import pack_and_drop_floats
 from ..cpu.ops import (
     cross_attention,
     gelu_tanh,
@@ -35,6 +36,7 @@ from ..cpu.weights import (
     GATE_UP,
     QKV,
     QKV_BIAS,
+    bf16_weights,
     head_name,
     load_gguf_weights,
     load_safetensors_weights,
@@ -250,7 +252,11 @@ class NumpyModel:
         if precision not in self.PRECISIONS:
             raise InputError(f"precision must be one of {', '.join(self.PRECISIONS)}, got {precision!r}")
         self.precision = precision
+        if precision == "bfloat16":
+            weights = bf16_weights(weights, config)
         self.config, self.weights = config, stack_projections(weights, config)
+        if precision == "bfloat16" and config.is_vlm:
+            pack_and_drop_floats(self.weights, config.vision)  # the tower held once, in bf16
         self.cos_sin = np.empty((0, config.text.rotary_dim), dtype=np.float32)
         self.fused = (cpu_decoder.available() if fused is None else fused) and config.text.architecture == "llama"
         self.int8_activations = (cpu_decoder.int8_activations_default() if int8_activations is None
