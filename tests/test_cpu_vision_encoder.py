@@ -54,6 +54,7 @@ def rel_err(a, ref, mask):
     (96, 3, 3, 5, False),    # head_dim 32, 25 patches (not a multiple of any block)
     (64, 2, 2, 7, True),     # padding patches masked out, one tile with a single real patch
     (192, 3, 1, 1, False),   # one patch
+    (64, 2, 9, 4, True),     # more tiles than the encoder's attention group (4): groups 4, 4, 1, masks in two
 ])
 def test_bf16_within_twice_transformers_bf16(hidden, heads, tiles, side, padded):
     patch = 4
@@ -65,6 +66,8 @@ def test_bf16_within_twice_transformers_bf16(hidden, heads, tiles, side, padded)
         mask[0, side - 3:, :] = False
         mask[1] = False
         mask[1, 0, 0] = True
+        if tiles > 5:
+            mask[5, :, 1:] = False  # a padded tile in the second group
     ref = transformers_out(model, pixels, mask, torch.float32)
     theirs = transformers_out(model, pixels, mask, torch.bfloat16)
     ours = vision_numpy.vision_encoder(w, cfg, pixels, mask, precision="bfloat16")
