@@ -139,10 +139,11 @@ def smollm2_scenario(args, device, dtype) -> Scenario:
 
 
 def smolvlm_checkpoint(text_layers: int, vision_layers: int, seed: int = 0) -> Path:
-    """A random-weight SmolVLM-256M-shaped checkpoint in the HF layout, built with transformers once and cached."""
+    """A random-weight SmolVLM-256M-shaped checkpoint in the HF layout, built with transformers once and cached;
+    stored in bf16, as the released checkpoints are (a float32 load of it is exact)."""
     from smolvlm_fast.formats.hub import cache_dir
 
-    target = cache_dir() / "bench" / f"smolvlm-256m-random-t{text_layers}-v{vision_layers}-seed{seed}"
+    target = cache_dir() / "bench" / f"smolvlm-256m-random-t{text_layers}-v{vision_layers}-seed{seed}-bf16"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
@@ -158,7 +159,7 @@ def smolvlm_checkpoint(text_layers: int, vision_layers: int, seed: int = 0) -> P
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config).eval()
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    model.save_pretrained(partial)
+    model.to(torch.bfloat16).save_pretrained(partial)
     partial.rename(target)
     return target
 

@@ -178,3 +178,24 @@ def test_bf16_vlm_holds_its_vision_tower_once(checkpoint):
     np.testing.assert_array_equal(ours, untouched)
     again = NumpyModel(bf.config, dict(bf.weights), precision="bfloat16")
     np.testing.assert_array_equal(again.image_features_per_row(pixels)[0], ours)
+
+
+def test_a_bf16_checkpoint_loads_straight_into_packed_bf16(tmp_path, monkeypatch):
+    """precision bfloat16 over a BF16 checkpoint: every decoder product and the head are packed from the file's
+    bits as they are read (no float32 copy of them), and equal, bit for bit, to packing the float32 load."""
+    import torch as _torch
+
+    from smolvlm_fast.cpu import weights as cpu_weights
+
+    from .fixtures import build_tiny_llama
+    path = build_tiny_llama(tmp_path / "bf16", dtype=_torch.bfloat16)
+    packed_from_bits = []
+    real = cpu_weights.pack_bf16_bits
+    monkeypatch.setattr(cpu_weights, "pack_bf16_bits", lambda bits: packed_from_bits.append(bits.shape) or real(bits))
+    bf = NumpyModel.from_checkpoint(path, precision="bfloat16")
+    fp = NumpyModel.from_checkpoint(path)
+    names = [*cpu_weights.decoder_linears(bf.config), "lm_head.weight"]
+    assert len(packed_from_bits) == len(names)
+    for name in names + [f"model.layers.0.{QKV}", f"model.layers.1.{GATE_UP}"]:
+        assert isinstance(bf.weights[name], fb.Bf16Weight), name
+        np.testing.assert_array_equal(fb.dequantize_bf16(bf.weights[name]), fp.weights[name], err_msg=name)

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, InputError
-from ..formats.bf16 import Bf16Weight, bf16_rows, pack_bf16, stack_bf16
+from ..formats.bf16 import Bf16Weight, bf16_rows, pack_bf16, pack_bf16_bits, stack_bf16
 from ..formats.int4 import Int4Weight, Q8Weight, dequantize, quantize_int4, quantize_q8
 from ..formats.layout import check_complete, check_tensor, tensor_shapes
 
@@ -23,21 +23,33 @@ QKV, QKV_BIAS, GATE_UP = "self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias",
 
 
 
-def load_safetensors_weights(model_dir: Path, config: ModelConfig) -> dict:
-    """The checkpoint's tensors as float32 (float32 ones stay views of the memory-mapped file)."""
+def load_safetensors_weights(model_dir: Path, config: ModelConfig, bf16_packed: frozenset[str] = frozenset()) -> dict:
+    """The checkpoint's tensors as float32 (float32 ones stay views of the memory-mapped file); the BF16 ones named
+    in bf16_packed straight into packed bf16 (formats/bf16.py), without a float32 copy on the way."""
     from ..formats.safetensors import load_checkpoint_numpy
 
     expected = tensor_shapes(config)
+    keep = lambda name, bits: pack_bf16_bits(bits) if name in bf16_packed and bits.ndim == 2 else None
     weights = {}
-    for name, array in load_checkpoint_numpy(model_dir).items():
+    for name, array in load_checkpoint_numpy(model_dir, _bf16_or_float32(keep)).items():
         if name not in expected:
             continue  # e.g. rotary inv_freq buffers or a tied lm_head copy
         check_tensor(name, array.shape, expected, str(model_dir))
+        if isinstance(array, Bf16Weight):
+            weights[name] = array
+            continue
         if array.dtype.kind != "f":
             raise CheckpointError(f"{model_dir}: tensor {name} has dtype {array.dtype}, expected a float type")
         weights[name] = array.astype(np.float32, copy=False)
     check_complete(set(weights), expected, str(model_dir))
     return weights
+
+
+def _bf16_or_float32(keep):
+    """read_safetensors' bf16 hook: keep(name, bits), or the float32 values where it gives None."""
+    from ..formats.safetensors import bf16_to_float32
+
+    return lambda name, bits: keep(name, bits) or bf16_to_float32(bits)
 
 
 def load_gguf_weights(path: Path) -> tuple[ModelConfig, dict]:

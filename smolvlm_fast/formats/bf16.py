@@ -69,10 +69,18 @@ def pack_bf16(w: np.ndarray) -> Bf16Weight:
     w = np.asarray(w)
     if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating) or 0 in w.shape:
         raise ValueError(f"pack_bf16: w must be a non-empty 2-D float array, got {w.dtype} {w.shape}")
-    N, K = w.shape
+    return pack_bf16_bits(bf16_bits(w))
+
+
+def pack_bf16_bits(bits: np.ndarray) -> Bf16Weight:
+    """bf16 bit patterns (uint16 [N, K], a BF16 safetensors tensor as stored) into the packed layout."""
+    if bits.ndim != 2 or bits.dtype != np.uint16 or 0 in bits.shape:
+        raise ValueError(f"pack_bf16_bits: bits must be a non-empty 2-D uint16 array, got {bits.dtype} {bits.shape}")
+    N, K = bits.shape
     rows, Kp = -(-N // BLOCK_N) * BLOCK_N, padded_k(K)
-    bits = np.zeros((rows, Kp), np.uint16)
-    bits[:N, :K] = bf16_bits(w)
+    padded = np.zeros((rows, Kp), np.uint16)
+    padded[:N, :K] = bits
+    bits = padded
     blocks = bits.reshape(rows // BLOCK_N, BLOCK_N, Kp // 2, 2).transpose(0, 2, 1, 3)  # [nb, kp, j, t]
     return Bf16Weight(N, K, np.ascontiguousarray(blocks).reshape(-1))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -90,22 +90,27 @@ DTYPES = {
 }
 
 
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Every tensor of one safetensors file, by name: views of the memory-mapped file (BF16 as float32 copies)."""
+def read_safetensors(path: str | Path, bf16: Callable[[str, np.ndarray], object] | None = None) -> dict:
+    """Every tensor of one safetensors file, by name: views of the memory-mapped file (BF16 as float32 copies, or
+    what bf16(name, bits) makes of its uint16 bit patterns: a loader that keeps bf16 never holds the float32)."""
     path = Path(path)
     buffer, entries = _open(path)
     tensors = {}
     for name, (dtype, shape, start, end) in entries.items():
         raw = buffer[start:end].view(DTYPES[dtype]).reshape(shape)
-        tensors[name] = bf16_to_float32(raw) if dtype == "BF16" else raw
+        if dtype == "BF16":
+            tensors[name] = bf16(name, raw) if bf16 is not None else bf16_to_float32(raw)
+        else:
+            tensors[name] = raw
     return tensors
 
 
-def load_checkpoint_numpy(model_dir: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint directory (model.safetensors, or the shards its index lists)."""
-    tensors: dict[str, np.ndarray] = {}
+def load_checkpoint_numpy(model_dir: str | Path, bf16: Callable[[str, np.ndarray], object] | None = None) -> dict:
+    """All tensors of a checkpoint directory (model.safetensors, or the shards its index lists); bf16: as in
+    read_safetensors."""
+    tensors: dict = {}
     for path in checkpoint_files(Path(model_dir)):
-        for name, array in read_safetensors(path).items():
+        for name, array in read_safetensors(path, bf16).items():
             if name in tensors:
                 raise CheckpointError(f"{path}: tensor {name} is also in another shard")
             tensors[name] = array

@@ -37,6 +37,7 @@ from ..cpu.weights import (
     QKV,
     QKV_BIAS,
     bf16_weights,
+    decoder_linears,
     head_name,
     load_gguf_weights,
     load_safetensors_weights,
@@ -274,7 +275,11 @@ class NumpyModel:
             config, weights = load_gguf_weights(location)
         else:
             config = ModelConfig.from_file(location / "config.json")
-            weights = load_safetensors_weights(location, config)
+            # precision bfloat16 (and no int4): the decoder's products and head go from the file's BF16 bits
+            # straight into packed bf16, never all in float32 at once
+            packed = (frozenset([*decoder_linears(config), head_name(config)])
+                      if options.get("precision") == "bfloat16" and quantize is None else frozenset())
+            weights = load_safetensors_weights(location, config, packed)
         if quantize is not None:
             weights = quantize_weights(weights, config, quantize)
         return cls(config, weights, **options)
