@@ -105,12 +105,25 @@ def _backend_lines() -> list[str]:
     if cpu == "numpy":
         lines.append("cpu precision         the checkpoint's: bfloat16 for a bf16 checkpoint, float32 for float32 or "
                      "float16 ones and GGUF files (dtype='bfloat16' / 'float32', --dtype, sets it)")
+        lines.append(f"cpu bf16 products     {_bf16_kernel()}")
     else:
         lines.append("cpu precision         float32 (dtype='bfloat16' / 'float16', --dtype, sets it)")
     source = "SMOLVLM_FAST_NUM_THREADS" if os.environ.get("SMOLVLM_FAST_NUM_THREADS") else "the CPUs it may run on"
     lines.append(f"cpu threads           {cpu_threads()} ({source}: {affinity_cpus()} in this process's affinity; "
                  "torch, where imported, gets at most as many)")
     return lines
+
+
+def _bf16_kernel() -> str:
+    """The kernel the bf16 products run on (csrc/cpu/bf16_gemm.h), and why."""
+    from .cpu.native import _cpu
+
+    isa = _cpu.bf16_isa()
+    why = {"amx": "AMX tiles", "avx512bf16": "AVX512-BF16 vdpbf16ps; no AMX here (or the OS refused it)",
+           "f32": "float32 FMAs over bf16 weights: no AVX512-BF16 here", "amx-emulated": "AMX emulated (tests only)"}
+    if os.environ.get("SMOLVLM_FAST_CPU_ISA"):
+        return f"{isa} (SMOLVLM_FAST_CPU_ISA={os.environ['SMOLVLM_FAST_CPU_ISA']} caps it)"
+    return f"{isa} ({why.get(isa, isa)})"
 
 
 def report() -> list[str]:

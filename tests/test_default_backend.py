@@ -340,6 +340,9 @@ def test_env_says_which_backend_a_cpu_user_gets(machine, fused, expected):
     assert env_field(lines, "cpu backend").startswith(f"{expected} (")
     precision = env_field(lines, "cpu precision")
     assert ("bfloat16 for a bf16 checkpoint" in precision) == (expected == "numpy")
+    if expected == "numpy":
+        from smolvlm_fast import _cpu
+        assert env_field(lines, "cpu bf16 products").startswith(f"{_cpu.bf16_isa()} (")
     assert env_field(lines, "cpu threads").startswith(f"{threads.cpu_threads()} (")
 
 
