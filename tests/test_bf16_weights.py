@@ -199,3 +199,28 @@ def test_a_bf16_checkpoint_loads_straight_into_packed_bf16(tmp_path, monkeypatch
     for name in names + [f"model.layers.0.{QKV}", f"model.layers.1.{GATE_UP}"]:
         assert isinstance(bf.weights[name], fb.Bf16Weight), name
         np.testing.assert_array_equal(fb.dequantize_bf16(bf.weights[name]), fp.weights[name], err_msg=name)
+
+
+def test_a_bf16_vlm_checkpoint_widens_its_vision_tower_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """The vision weights of a BF16 checkpoint reach the packing as their bits (Bf16Bits), each widened to float32
+    only as its layer is packed, and nothing of them is left after: the image features equal those of the bf16
+    path over the float32 load, bit for bit."""
+    import torch as _torch
+
+    from smolvlm_fast.cpu import vision
+    from smolvlm_fast.models.vision_numpy import image_features_per_row
+
+    from .fixtures import build_tiny_vlm
+    path = build_tiny_vlm(tmp_path / "bf16", "idefics3", dtype=_torch.bfloat16, std=0.1)
+    widened = []
+    real = fb.Bf16Bits.float32
+    monkeypatch.setattr(fb.Bf16Bits, "float32", lambda self: widened.append(self.shape) or real(self))
+    bf = NumpyModel.from_checkpoint(path, precision="bfloat16")
+    fp = NumpyModel.from_checkpoint(path)
+    present = [n for n in vision.packed_names(bf.config.vision) if n in fp.weights]
+    assert len(widened) == len(present) and not any(n in bf.weights for n in present)
+    assert not any(isinstance(w, fb.Bf16Bits) for w in bf.weights.values())
+    side = fp.config.vision.image_size
+    pixels = RNG.standard_normal((1, 2, 3, side, side), dtype=np.float32)
+    np.testing.assert_array_equal(bf.image_features_per_row(pixels)[0],
+                                  image_features_per_row(dict(fp.weights), fp.config, pixels, precision="bfloat16")[0])

@@ -33,6 +33,25 @@ def test_float32_float16_and_integers_equal_the_safetensors_library(tmp_path):
     assert not ours["a.weight"].flags.writeable and not ours["a.weight"].flags.owndata  # a view of the mapped file
 
 
+def test_bfloat16_copies_let_their_pages_go(tmp_path, monkeypatch):
+    """A BF16 tensor copied out of the mapping (to float32, or by the bf16 hook) has its pages released
+    (MADV_DONTNEED), a view kept by the hook (Bf16Bits) and float32 views do not; every value stays right."""
+    from smolvlm_fast.formats import safetensors as st
+    from smolvlm_fast.formats.bf16 import Bf16Bits
+
+    tensors = {"big": torch.randn(512, 64, dtype=torch.bfloat16), "kept": torch.randn(512, 64, dtype=torch.bfloat16),
+               "f32": torch.randn(512, 64)}
+    save_torch(tensors, tmp_path / "x.safetensors")
+    released, real = [], st._release
+    monkeypatch.setattr(st, "_release", lambda buffer, start, end: released.append(end - start) or real(buffer, start, end))
+    ours = read_safetensors(tmp_path / "x.safetensors", lambda name, bits: Bf16Bits(bits) if name == "kept" else None
+                            or st.bf16_to_float32(bits))
+    assert released == [512 * 64 * 2]  # "big" only
+    np.testing.assert_array_equal(ours["big"], tensors["big"].float().numpy())
+    np.testing.assert_array_equal(ours["kept"].float32(), tensors["kept"].float().numpy())
+    np.testing.assert_array_equal(ours["f32"], tensors["f32"].numpy())
+
+
 def test_bfloat16_is_exactly_torchs_float32(tmp_path):
     tensors = {"w": torch.randn(33, 17, dtype=torch.bfloat16),
                "special": torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, 3e38], dtype=torch.bfloat16)}

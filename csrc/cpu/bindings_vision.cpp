@@ -94,7 +94,9 @@ void check_tiles(const std::string& fn, int64_t B, int64_t S) {
 // The encoder's weights, packed to bf16 (products) or copied (norms, biases) once, at construction: it owns them.
 class VisionEncoder {
 public:
-    VisionEncoder(const py::list& layers, const py::object& post_w, const py::object& post_b, int64_t heads,
+    // layers: any iterable of dicts, read one at a time (a generator can make each layer's float32 arrays just
+    // before they are packed, so that the whole tower is never float32 at once).
+    VisionEncoder(const py::iterable& layers, const py::object& post_w, const py::object& post_b, int64_t heads,
                   float eps) {
         const std::string fn = "VisionEncoder";
         if (!py::isinstance<py::array>(post_w) || py::reinterpret_borrow<py::array>(post_w).ndim() != 1)
@@ -105,9 +107,10 @@ public:
                                   std::to_string(heads));
         if (!std::isfinite(eps) || eps < 0) throw py::value_error(fn + ": eps must be finite and >= 0");
         int64_t I = -1;
-        for (size_t i = 0; i < layers.size(); ++i) {
-            if (!py::isinstance<py::dict>(layers[i])) throw py::value_error(fn + ": layers must be dicts");
-            const py::dict l = layers[i].cast<py::dict>();
+        size_t i = 0;
+        for (const py::handle item : layers) {
+            if (!py::isinstance<py::dict>(item)) throw py::value_error(fn + ": layers must be dicts");
+            const py::dict l = py::reinterpret_borrow<py::dict>(item);
             const std::string p = fn + ": layer " + std::to_string(i) + " ";
             const auto get = [&](const char* name) -> py::object {
                 if (!l.contains(name)) throw py::value_error(p + "has no " + name);
@@ -132,6 +135,7 @@ public:
             w.fc1 = mat("fc1_weight", I, D), w.fc1_b = vec("fc1_bias", I);
             w.fc2 = mat("fc2_weight", D, I), w.fc2_b = vec("fc2_bias", D);
             layers_.push_back(w);
+            ++i;
         }
         post_w_ = keep(checked_f32(fn + ": post_norm_weight", post_w, {D}), D);
         post_b_ = keep(checked_f32(fn + ": post_norm_bias", post_b, {D}), D);
@@ -209,10 +213,10 @@ void vision_attention(const py::array& qkv, int64_t B, int64_t S, int64_t heads,
 void register_vision(py::module_& m) {
     py::class_<VisionEncoder>(m, "VisionEncoder",
                               "the SigLIP encoder's layers fused in C++ with bf16 products (csrc/cpu/vision_encoder.cpp)"
-                              "; layers: dicts of float32 arrays ln1_weight, ln1_bias, qkv_weight [3D, D] (q | k | v), "
+                              "; layers: an iterable (read once, in order) of dicts of float32 arrays ln1_weight, ln1_bias, qkv_weight [3D, D] (q | k | v), "
                               "qkv_bias, out_weight, out_bias, ln2_weight, ln2_bias, fc1_weight [I, D], fc1_bias, "
                               "fc2_weight [D, I], fc2_bias; packed to bf16 once, here (the object owns the copies)")
-        .def(py::init<const py::list&, const py::object&, const py::object&, int64_t, float>(), py::arg("layers"),
+        .def(py::init<const py::iterable&, const py::object&, const py::object&, int64_t, float>(), py::arg("layers"),
              py::arg("post_norm_weight"), py::arg("post_norm_bias"), py::arg("heads"), py::arg("eps"))
         .def("run", &VisionEncoder::run, py::arg("x"), py::arg("B"), py::arg("S"), py::arg("key_mask") = py::none(),
              py::arg("profile") = false,

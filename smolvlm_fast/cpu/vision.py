@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import VisionConfig
+from ..formats.bf16 import Bf16Bits
 from ..errors import InputError
 from .native import _cpu  # None when the extension is not built: the NumPy code runs instead
 
@@ -33,7 +34,8 @@ def available() -> bool:
 
 
 def _f32(a) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32)
+    """float32 and contiguous; a Bf16Bits (a loader's bits, cpu/weights.py) widened."""
+    return a.float32() if isinstance(a, Bf16Bits) else np.ascontiguousarray(a, dtype=np.float32)
 
 
 def layer_names(i: int) -> list[str]:
@@ -43,15 +45,17 @@ def layer_names(i: int) -> list[str]:
 
 
 def build_encoder(w: dict, cfg: VisionConfig):
-    """A _cpu.VisionEncoder holding bf16 copies of the encoder layers' products (q/k/v stacked into one)."""
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        p = f"{VISION}encoder.layers.{i}."
-        layer = {key: _f32(w[p + name]) for key, name in LAYER_NAMES.items()}
-        layer["qkv_weight"] = _f32(np.concatenate([w[p + f"self_attn.{n}.weight"] for n in QKV]))  # [3D, D]
-        layer["qkv_bias"] = _f32(np.concatenate([w[p + f"self_attn.{n}.bias"] for n in QKV]))  # [3D]
-        layers.append(layer)
-    return _cpu.VisionEncoder(layers, _f32(w[VISION + "post_layernorm.weight"]),
+    """A _cpu.VisionEncoder holding bf16 copies of the encoder layers' products (q/k/v stacked into one). The
+    layers' float32 arrays are made one layer at a time (a generator), so a tower loaded as bf16 bits is never
+    float32 all at once."""
+    def layers():
+        for i in range(cfg.num_hidden_layers):
+            p = f"{VISION}encoder.layers.{i}."
+            layer = {key: _f32(w[p + name]) for key, name in LAYER_NAMES.items()}
+            layer["qkv_weight"] = np.concatenate([_f32(w[p + f"self_attn.{n}.weight"]) for n in QKV])  # [3D, D]
+            layer["qkv_bias"] = np.concatenate([_f32(w[p + f"self_attn.{n}.bias"]) for n in QKV])  # [3D]
+            yield layer
+    return _cpu.VisionEncoder(layers(), _f32(w[VISION + "post_layernorm.weight"]),
                               _f32(w[VISION + "post_layernorm.bias"]), cfg.num_attention_heads, cfg.layer_norm_eps)
 
 
@@ -120,17 +124,23 @@ def packed_vision(w: dict, cfg: VisionConfig) -> PackedVision | None:
     if entry is not None and entry[0]() is anchor:
         return entry[1]
     names = [n for i in range(cfg.num_hidden_layers) for n in layer_names(i)]
-    if not all(isinstance(w.get(n), np.ndarray) for n in names):
+    if not all(isinstance(w.get(n), (np.ndarray, Bf16Bits)) for n in names):
         return None
     conv = w.get(PATCH + "weight")
     patch = None
-    if cfg.patch_stem == "conv" and isinstance(conv, np.ndarray):
-        patch = Bf16Linear(conv.reshape(conv.shape[0], -1), w.get(PATCH + "bias"))  # [D, C*P*P]
-    connector = Bf16Linear(w[CONNECTOR]) if isinstance(w.get(CONNECTOR), np.ndarray) else None
+    if cfg.patch_stem == "conv" and isinstance(conv, (np.ndarray, Bf16Bits)):
+        patch = Bf16Linear(_f32(conv).reshape(conv.shape[0], -1), w.get(PATCH + "bias"))  # [D, C*P*P]
+    connector = Bf16Linear(w[CONNECTOR]) if isinstance(w.get(CONNECTOR), (np.ndarray, Bf16Bits)) else None
     packed = PackedVision(build_encoder(w, cfg), patch, connector)
     _PACKED[id(anchor)] = (weakref.ref(anchor), packed)
     weakref.finalize(anchor, _drop_dead, id(anchor))
     return packed
+
+
+def packed_names(cfg: VisionConfig) -> list[str]:
+    """The vision weights the bf16 packing copies (and pack_and_drop_floats lets go): the encoder layers'
+    weights, the conv stem's kernel and the connector."""
+    return [n for i in range(cfg.num_hidden_layers) for n in layer_names(i)] + [PATCH + "weight", CONNECTOR]
 
 
 def pack_and_drop_floats(w: dict, cfg: VisionConfig) -> int:
@@ -141,9 +151,8 @@ def pack_and_drop_floats(w: dict, cfg: VisionConfig) -> int:
     packed = packed_vision(w, cfg)
     if packed is None:
         return 0
-    names = [n for i in range(cfg.num_hidden_layers) for n in layer_names(i)]
-    names += [PATCH + "weight"] if packed.patch is not None else []
-    names += [CONNECTOR] if packed.connector is not None else []
+    names = [n for n in packed_names(cfg) if n != PATCH + "weight" or packed.patch is not None]
+    names = [n for n in names if n != CONNECTOR or packed.connector is not None]
     freed = sum(w[n].nbytes for n in names if n in w)
     for n in names:
         w.pop(n, None)

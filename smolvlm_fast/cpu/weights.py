@@ -9,7 +9,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, InputError
-from ..formats.bf16 import Bf16Weight, bf16_rows, pack_bf16, pack_bf16_bits, stack_bf16
+from ..formats.bf16 import Bf16Bits, Bf16Weight, bf16_rows, pack_bf16, pack_bf16_bits, stack_bf16
 from ..formats.int4 import Int4Weight, Q8Weight, dequantize, quantize_int4, quantize_q8
 from ..formats.layout import check_complete, check_tensor, tensor_shapes
 
@@ -23,19 +23,26 @@ QKV, QKV_BIAS, GATE_UP = "self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias",
 
 
 
-def load_safetensors_weights(model_dir: Path, config: ModelConfig, bf16_packed: frozenset[str] = frozenset()) -> dict:
+def load_safetensors_weights(model_dir: Path, config: ModelConfig, bf16_packed: frozenset[str] = frozenset(),
+                             bf16_bits: frozenset[str] = frozenset()) -> dict:
     """The checkpoint's tensors as float32 (float32 ones stay views of the memory-mapped file); the BF16 ones named
-    in bf16_packed straight into packed bf16 (formats/bf16.py), without a float32 copy on the way."""
+    in bf16_packed straight into packed bf16 (formats/bf16.py), and those in bf16_bits as their bits (Bf16Bits,
+    for the vision packing to widen one at a time), without a float32 copy of them all on the way."""
     from ..formats.safetensors import load_checkpoint_numpy
 
     expected = tensor_shapes(config)
-    keep = lambda name, bits: pack_bf16_bits(bits) if name in bf16_packed and bits.ndim == 2 else None
+
+    def keep(name, bits):
+        if name in bf16_packed and bits.ndim == 2:
+            return pack_bf16_bits(bits)
+        return Bf16Bits(bits) if name in bf16_bits else None
+
     weights = {}
     for name, array in load_checkpoint_numpy(model_dir, _bf16_or_float32(keep)).items():
         if name not in expected:
             continue  # e.g. rotary inv_freq buffers or a tied lm_head copy
         check_tensor(name, array.shape, expected, str(model_dir))
-        if isinstance(array, Bf16Weight):
+        if isinstance(array, (Bf16Weight, Bf16Bits)):
             weights[name] = array
             continue
         if array.dtype.kind != "f":

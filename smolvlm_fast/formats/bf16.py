@@ -109,3 +109,21 @@ def stack_bf16(parts: list[Bf16Weight]) -> Bf16Weight:
     if all(p.N % BLOCK_N == 0 and p.K == parts[0].K for p in parts[:-1]) and parts[-1].K == parts[0].K:
         return Bf16Weight(sum(p.N for p in parts), parts[0].K, np.concatenate([p.packed for p in parts]))
     return pack_bf16(np.concatenate([dequantize_bf16(p) for p in parts]))
+
+
+@dataclass(frozen=True)
+class Bf16Bits:
+    """A BF16 tensor as its file stores it (uint16 bit patterns, any shape; a view of the memory-mapped file, no
+    copy), for a loader that hands it on to be packed: float32() makes its values one tensor at a time."""
+    bits: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.bits.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits.nbytes
+
+    def float32(self) -> np.ndarray:
+        return (self.bits.astype(np.uint32) << 16).view(np.float32)

@@ -92,17 +92,40 @@ DTYPES = {
 
 def read_safetensors(path: str | Path, bf16: Callable[[str, np.ndarray], object] | None = None) -> dict:
     """Every tensor of one safetensors file, by name: views of the memory-mapped file (BF16 as float32 copies, or
-    what bf16(name, bits) makes of its uint16 bit patterns: a loader that keeps bf16 never holds the float32)."""
+    what bf16(name, bits) makes of its uint16 bit patterns: a loader that keeps bf16 never holds the float32).
+    Once a BF16 tensor has been copied out, its pages of the file are let go (MADV_DONTNEED): they would otherwise
+    stay resident in this process until the mapping closes, a second copy of the checkpoint in its peak memory."""
     path = Path(path)
     buffer, entries = _open(path)
     tensors = {}
     for name, (dtype, shape, start, end) in entries.items():
         raw = buffer[start:end].view(DTYPES[dtype]).reshape(shape)
-        if dtype == "BF16":
-            tensors[name] = bf16(name, raw) if bf16 is not None else bf16_to_float32(raw)
-        else:
+        if dtype != "BF16":
             tensors[name] = raw
+            continue
+        tensors[name] = out = bf16(name, raw) if bf16 is not None else bf16_to_float32(raw)
+        if not _is_view_of(out, buffer):
+            _release(buffer, start, end)
     return tensors
+
+
+def _is_view_of(obj, buffer: np.ndarray) -> bool:
+    """Whether obj (an array, or a wrapper holding one in .bits) reads buffer's memory."""
+    a = getattr(obj, "bits", obj)
+    return isinstance(a, np.ndarray) and np.shares_memory(a, buffer)
+
+
+def _release(buffer: np.ndarray, start: int, end: int) -> None:
+    """Drop the whole pages of buffer[start:end] from this process's resident set (read-only file pages: a later
+    read faults them back in from the page cache)."""
+    mm = buffer.base.obj if isinstance(buffer.base, memoryview) else buffer.base
+    if not isinstance(mm, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    offset = buffer.ctypes.data - np.frombuffer(mm, dtype=np.uint8).ctypes.data  # the data section's start
+    page = mmap.PAGESIZE
+    lo, hi = -(-(offset + start) // page) * page, (offset + end) // page * page
+    if hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def load_checkpoint_numpy(model_dir: str | Path, bf16: Callable[[str, np.ndarray], object] | None = None) -> dict:

@@ -16,7 +16,8 @@ import numpy as np
 from ..config import ModelConfig, TextConfig
 from ..cpu import decoder as cpu_decoder
 from ..cpu.linear import linear
-from ..cpu.vision import pack_and_drop_floats
+from ..cpu.vision import available as vision_available
+from ..cpu.vision import pack_and_drop_floats, packed_names
 from ..cpu.ops import (
     cross_attention,
     gelu_tanh,
@@ -46,6 +47,7 @@ from ..cpu.weights import (
     text_prefix,
 )
 from ..errors import InputError, check_image_tokens
+from ..formats.bf16 import Bf16Bits
 from ..formats.int4 import embedding_rows
 from .batch import StepMetadata, check_images, cross_spans, derived_per_sequence, spliced_features
 from .vision_numpy import image_features_per_row
@@ -258,6 +260,9 @@ class NumpyModel:
         self.config, self.weights = config, stack_projections(weights, config)
         if precision == "bfloat16" and config.is_vlm:
             pack_and_drop_floats(self.weights, config.vision)  # the tower held once, in bf16
+        for name, w in self.weights.items():
+            if isinstance(w, Bf16Bits):  # a loader's bits that no packing took: widened for the float32 code
+                self.weights[name] = w.float32()
         self.cos_sin = np.empty((0, config.text.rotary_dim), dtype=np.float32)
         self.fused = (cpu_decoder.available() if fused is None else fused) and config.text.architecture == "llama"
         self.int8_activations = (cpu_decoder.int8_activations_default() if int8_activations is None
@@ -277,9 +282,10 @@ class NumpyModel:
             config = ModelConfig.from_file(location / "config.json")
             # precision bfloat16 (and no int4): the decoder's products and head go from the file's BF16 bits
             # straight into packed bf16, never all in float32 at once
-            packed = (frozenset([*decoder_linears(config), head_name(config)])
-                      if options.get("precision") == "bfloat16" and quantize is None else frozenset())
-            weights = load_safetensors_weights(location, config, packed)
+            bf16 = options.get("precision") == "bfloat16"
+            packed = frozenset([*decoder_linears(config), head_name(config)]) if bf16 and quantize is None else ()
+            bits = frozenset(packed_names(config.vision)) if bf16 and config.is_vlm and vision_available() else ()
+            weights = load_safetensors_weights(location, config, frozenset(packed), frozenset(bits))
         if quantize is not None:
             weights = quantize_weights(weights, config, quantize)
         return cls(config, weights, **options)
