@@ -1,0 +1,238 @@
+"""The vision encoder fused in C++ with bf16 products (csrc/cpu/vision_encoder.cpp, vision_attention.cpp;
+smolvlm_fast._cpu.VisionEncoder, vision_attention; cpu/vision.py) against float64 references of the same
+arithmetic (tests/vision_bf16_reference.py) and against the float32 NumPy encoder. (The bf16 products alone:
+test_cpu_bf16_gemm.py; the encoder against transformers: test_cpu_vision_encoder.py, test_bf16_weights.py.)
+
+Two layers of checks:
+- the parts, with bounds derived from the float32 sums: the attention (q/k/v rounded from the same float32 inputs; the
+  probabilities are the kernel's own float32 values, so the bound counts one bf16 step for each probability whose
+  float32 error can reach a rounding midpoint, and nothing else). These catch a missing or misplaced rounding.
+- the whole encoder, where the kernel's LN outputs, q/k/v, attention outputs and GELU outputs are its own float32
+  values before rounding, so a few roundings land on the other bf16 neighbour of the reference's and propagate
+  (through attention, one flipped key moves every query of its tile). No bound on the sums alone holds there;
+  instead a second reference rounds the other way every value whose likely float32 error (3 sqrt(n) u32, Higham
+  and Mary's probabilistic bound for an n-term sum) reaches a rounding midpoint: the kernel flips a subset of
+  those, so it is no further (RMS) from the same-arithmetic reference than this flip-everything one. (Measured on
+  150 draws of the shapes below: at most half as far.) That catches a wrong weight, bias, norm, mask or residual;
+  the roundings themselves are the parts' checks.
+  And against the float32 NumPy encoder: ours is no further from it than 2x the same-arithmetic reference is.
+
+Fresh random inputs every test (the per-test seed), NaN-poisoned outputs where the op writes a fresh array."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from smolvlm_fast.config import VisionConfig
+from smolvlm_fast.cpu import ops as numpy_ops
+from smolvlm_fast.cpu import vision as cpu_vision
+from smolvlm_fast.cpu.native import _cpu
+from smolvlm_fast.errors import InputError
+from smolvlm_fast.models import vision_numpy
+from tests import vision_bf16_reference as ref
+
+pytestmark = pytest.mark.skipif(not cpu_vision.available(), reason="the C++ vision encoder is not built")
+RNG = np.random.default_rng()  # replaced for each test by one from that test's seed (tests/conftest_seed.py)
+DOTS = [False] + ([True] if _cpu is not None and _cpu.vision_attention_isa() == "avx512bf16" else [])
+EPS = 1e-6
+
+
+def key_mask(B: int, S: int, kind: str) -> np.ndarray | None:
+    """None ("none"), or [B, S] bool with random padding ("pad"); the last tile keeps one real patch ("one")."""
+    if kind == "none":
+        return None
+    mask = RNG.random((B, S)) < 0.7
+    mask[np.arange(B), RNG.integers(0, S, B)] = True  # every tile keeps a real patch
+    if kind == "one":
+        mask[-1] = False
+        mask[-1, RNG.integers(0, S)] = True
+    return mask
+
+
+def scale_of(Dh: int) -> float:
+    return float(np.float32(1) / np.sqrt(np.float32(Dh)))  # the kernel's float32 scale
+
+
+# ---------------------------------------------------------------- the attention alone
+
+ATTENTION_SHAPES = [(1, 1, 2, 32), (2, 3, 2, 64), (3, 17, 4, 32), (1, 64, 3, 64), (2, 100, 2, 32), (3, 100, 4, 24),
+                    (2, 130, 2, 64)]  # (B, S, H, Dh): S across key blocks of 64 and query groups of 6; Dh 24 padded
+
+
+@pytest.mark.parametrize("B,S,H,Dh", ATTENTION_SHAPES)
+@pytest.mark.parametrize("mask_kind", ["none", "pad", "one"])
+@pytest.mark.parametrize("bf16_dot", DOTS)
+def test_attention_matches_float64(B, S, H, Dh, mask_kind, bf16_dot):
+    qkv = (RNG.standard_normal((B * S, 3 * H * Dh)) * RNG.choice([0.5, 2.0])).astype(np.float32)
+    mask = key_mask(B, S, mask_kind)
+    out = np.full((B * S, H * Dh), np.nan, np.float32)
+    _cpu.vision_attention(qkv, B, S, H, mask, out, bf16_dot)
+    expect, bound = ref.attention(qkv.astype(np.float64), B, S, H, mask, scale_of(Dh))
+    assert np.isfinite(out).all()
+    assert (np.abs(out - expect) <= bound).all(), float((np.abs(out - expect) / bound).max())
+
+
+def test_attention_masked_keys_are_ignored():
+    """Changing masked keys' k and v changes nothing (padding patches' own rows are still computed)."""
+    B, S, H, Dh = 2, 40, 2, 32
+    qkv = RNG.standard_normal((B * S, 3 * H * Dh), dtype=np.float32)
+    mask = key_mask(B, S, "pad")
+    out, other = (np.full((B * S, H * Dh), np.nan, np.float32) for _ in range(2))
+    _cpu.vision_attention(qkv, B, S, H, mask, out)
+    changed = qkv.copy()
+    changed[~mask.reshape(-1), H * Dh:] = 1e3  # masked rows' k and v
+    _cpu.vision_attention(changed, B, S, H, mask, other)
+    np.testing.assert_array_equal(out, other)
+
+
+def test_attention_bad_arguments():
+    B, S, H, Dh = 2, 5, 2, 32
+    qkv, out = np.ones((B * S, 3 * H * Dh), np.float32), np.empty((B * S, H * Dh), np.float32)
+    with pytest.raises(ValueError, match="qkv must be float32"):
+        _cpu.vision_attention(qkv.astype(np.float64), B, S, H, None, out)
+    with pytest.raises(ValueError, match="qkv must have shape"):
+        _cpu.vision_attention(qkv, B, S + 1, H, None, out)
+    with pytest.raises(ValueError, match=r"qkv must be \[B \* S, 3 \* heads"):
+        _cpu.vision_attention(qkv, B, S, 5, None, out)
+    with pytest.raises(ValueError, match="out must have shape"):
+        _cpu.vision_attention(qkv, B, S, H, None, out[:-1])
+    with pytest.raises(ValueError, match="out overlaps qkv"):
+        _cpu.vision_attention(qkv, B, S, H, None, qkv.reshape(-1)[:out.size].reshape(out.shape))
+    with pytest.raises(ValueError, match="masks every key"):
+        _cpu.vision_attention(qkv, B, S, H, np.zeros((B, S), bool), out)
+    with pytest.raises(ValueError, match="key_mask must be uint8 or bool"):
+        _cpu.vision_attention(qkv, B, S, H, np.ones((B, S), np.int32), out)
+    with pytest.raises(ValueError, match="need B >= 0 tiles of S >= 1"):
+        _cpu.vision_attention(qkv[:0], 1, 0, H, None, out[:0])
+
+
+# ---------------------------------------------------------------- the whole encoder
+
+def random_checkpoint(D: int, H: int, layers: int = 2) -> tuple[dict, VisionConfig]:
+    """A random SigLIP encoder under the checkpoint's names (q/k scaled up so that attention is far from flat)."""
+    cfg = VisionConfig(hidden_size=D, intermediate_size=4 * D, num_hidden_layers=layers, num_attention_heads=H,
+                       image_size=64, patch_size=8)
+    f = lambda *shape, s=1.0: (RNG.standard_normal(shape) * s).astype(np.float32)
+    w = {}
+    for i in range(layers):
+        p = f"{vision_numpy.VISION}encoder.layers.{i}."
+        for n, sd in (("q_proj", 3.0), ("k_proj", 3.0), ("v_proj", 1.0), ("out_proj", 1.0)):
+            w[p + f"self_attn.{n}.weight"], w[p + f"self_attn.{n}.bias"] = f(D, D, s=sd / np.sqrt(D)), f(D, s=0.1)
+        w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"] = f(4 * D, D, s=1 / np.sqrt(D)), f(4 * D, s=0.1)
+        w[p + "mlp.fc2.weight"], w[p + "mlp.fc2.bias"] = f(D, 4 * D, s=1 / np.sqrt(4 * D)), f(D, s=0.1)
+        for n in ("layer_norm1", "layer_norm2"):
+            w[p + f"{n}.weight"], w[p + f"{n}.bias"] = 1 + f(D, s=0.1), f(D, s=0.1)
+    w[vision_numpy.VISION + "post_layernorm.weight"] = 1 + f(D, s=0.1)
+    w[vision_numpy.VISION + "post_layernorm.bias"] = f(D, s=0.1)
+    return w, cfg
+
+
+def reference_layers(w: dict, cfg: VisionConfig) -> tuple[list[dict], tuple]:
+    """The checkpoint in the reference's terms (float64), q/k/v stacked."""
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"{vision_numpy.VISION}encoder.layers.{i}."
+        L = {key: w[p + name].astype(np.float64) for key, name in cpu_vision.LAYER_NAMES.items()}
+        L["qkv_weight"] = np.concatenate([w[p + f"self_attn.{n}.weight"] for n in cpu_vision.QKV]).astype(np.float64)
+        L["qkv_bias"] = np.concatenate([w[p + f"self_attn.{n}.bias"] for n in cpu_vision.QKV]).astype(np.float64)
+        layers.append(L)
+    post = tuple(w[vision_numpy.VISION + f"post_layernorm.{t}"].astype(np.float64) for t in ("weight", "bias"))
+    return layers, post
+
+
+def numpy_float32(w: dict, cfg: VisionConfig, x: np.ndarray, mask) -> np.ndarray:
+    """vision_numpy's float32 encoder layers and post norm over x [B, S, D]."""
+    for i in range(cfg.num_hidden_layers):
+        x = vision_numpy.vision_layer(w, f"{vision_numpy.VISION}encoder.layers.{i}.", cfg, x, mask)
+    return numpy_ops.layer_norm(x, w[vision_numpy.VISION + "post_layernorm.weight"],
+                                w[vision_numpy.VISION + "post_layernorm.bias"], cfg.layer_norm_eps)
+
+
+def rms(a: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(a))))
+
+
+@pytest.mark.parametrize("B,S,D,H", [(1, 1, 64, 2), (2, 3, 64, 2), (3, 17, 128, 4), (1, 64, 192, 3), (2, 100, 128, 2),
+                                     (3, 100, 96, 3)])
+@pytest.mark.parametrize("mask_kind", ["none", "one"])
+def test_encoder_matches_the_same_arithmetic(B, S, D, H, mask_kind):
+    w, cfg = random_checkpoint(D, H)
+    x = RNG.standard_normal((B, S, D), dtype=np.float32)
+    mask = key_mask(B, S, mask_kind)
+    ours = cpu_vision.run_encoder(cpu_vision.build_encoder(w, cfg), x, mask)  # [B, S, D]
+    assert ours.shape == x.shape and np.isfinite(ours).all()
+
+    layers, post = reference_layers(w, cfg)
+    args = (layers, post, H, EPS, x.reshape(B * S, D), B, S, mask)
+    same = ref.encoder(*args).reshape(B, S, D)
+    flipped = ref.encoder(*args, flip=True).reshape(B, S, D)
+    floor = 8 * ref.U32 * rms(same)  # where nothing can flip: a few float32 roundings of the result
+    assert rms(ours - same) <= rms(flipped - same) + floor, (rms(ours - same), rms(flipped - same))
+
+    f32 = numpy_float32(w, cfg, x, mask)
+    assert np.abs(ours - f32).max() <= 2 * np.abs(same - f32).max()
+    assert rms(ours - f32) <= 2 * rms(same - f32)
+
+
+def test_encoder_tiles_are_independent():
+    """Each tile's rows depend on that tile alone: run together or one at a time, the same result."""
+    w, cfg = random_checkpoint(64, 2)
+    encoder = cpu_vision.build_encoder(w, cfg)
+    x = RNG.standard_normal((3, 17, 64), dtype=np.float32)
+    mask = key_mask(3, 17, "one")
+    together = cpu_vision.run_encoder(encoder, x, mask)
+    for b in range(3):
+        alone = cpu_vision.run_encoder(encoder, x[b:b + 1], mask[b:b + 1])
+        np.testing.assert_allclose(alone[0], together[b], rtol=0, atol=1e-5)  # (only the products' blocking differs)
+
+
+def test_encoder_bad_arguments():
+    w, cfg = random_checkpoint(64, 2, layers=1)
+    encoder = cpu_vision.build_encoder(w, cfg)
+    assert (len(encoder), encoder.hidden_size, encoder.intermediate_size, encoder.num_heads) == (1, 64, 256, 2)
+    x = np.zeros((2 * 5, 64), np.float32)
+    with pytest.raises(ValueError, match="x must have shape"):
+        encoder.run(x, 2, 4)
+    with pytest.raises(ValueError, match="x must be float32"):
+        encoder.run(x.astype(np.float64), 2, 5)
+    with pytest.raises(ValueError, match="x must be C-contiguous"):
+        encoder.run(np.zeros((64, 10), np.float32).T, 2, 5)
+    x.flags.writeable = False
+    with pytest.raises(ValueError, match="x must be writeable"):
+        encoder.run(x, 2, 5)
+    x = np.zeros((2 * 5, 64), np.float32)
+    with pytest.raises(ValueError, match="key_mask must have shape"):
+        encoder.run(x, 2, 5, np.ones((2, 4), bool))
+    with pytest.raises(ValueError, match=r"key_mask\[1\] masks every key"):
+        encoder.run(x, 2, 5, np.array([[1, 0, 0, 0, 0], [0] * 5], np.uint8))
+    with pytest.raises(ValueError, match="need B >= 0 tiles of S >= 1"):
+        encoder.run(x[:0], 2, 0)
+    with pytest.raises(InputError, match="no real patch"):
+        cpu_vision.run_encoder(encoder, x.reshape(2, 5, 64), np.zeros((2, 5), bool))
+
+    layers, post = reference_layers(w, cfg)
+    good = [{k: v.astype(np.float32) for k, v in layers[0].items()}]
+    post32 = [p.astype(np.float32) for p in post]
+    with pytest.raises(ValueError, match="layer 0 has no fc2_bias"):
+        _cpu.VisionEncoder([{k: v for k, v in good[0].items() if k != "fc2_bias"}], *post32, 2, EPS)
+    with pytest.raises(ValueError, match="layer 0 qkv_weight must have shape"):
+        _cpu.VisionEncoder([dict(good[0], qkv_weight=good[0]["qkv_weight"][:-1])], *post32, 2, EPS)
+    with pytest.raises(ValueError, match="layer 0 ln1_weight must be float32"):
+        _cpu.VisionEncoder([dict(good[0], ln1_weight=layers[0]["ln1_weight"])], *post32, 2, EPS)
+    with pytest.raises(ValueError, match="multiple of heads"):
+        _cpu.VisionEncoder(good, *post32, 3, EPS)
+    with pytest.raises(ValueError, match="eps must be finite"):
+        _cpu.VisionEncoder(good, *post32, 2, float("nan"))
+
+
+def test_precision_is_checked(tiny_idefics3):
+    from smolvlm_fast.models.smolvlm_numpy import NumpyModel
+
+    model = NumpyModel.from_checkpoint(tiny_idefics3)
+    size = model.config.vision.image_size
+    pixels = RNG.uniform(-1, 1, (1, 1, 3, size, size)).astype(np.float32)
+    with pytest.raises(InputError, match="precision must be one of"):
+        vision_numpy.image_features_per_row(model.weights, model.config, pixels, precision="float16")
+    default = vision_numpy.image_features_per_row(model.weights, model.config, pixels)[0]
+    np.testing.assert_array_equal(default, vision_numpy.image_features_per_row(
+        model.weights, model.config, pixels, precision="float32")[0])
