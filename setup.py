@@ -56,7 +56,7 @@ def cpu_extension():
                                        "csrc/cpu/simd.h", "csrc/cpu/simd_math.h", "csrc/cpu/half.h", "csrc/cpu/bf16_gemm.h",
                                        "csrc/cpu/bf16_kernels.h", "csrc/cpu/amx_tiles.h",
                                        "csrc/cpu/prefill_gemm_bf16.h", "csrc/cpu/vision_attention.h",
-                                       "csrc/cpu/vision_encoder.h"], extra_compile_args=CPU_FLAGS,
+                                       "csrc/cpu/vision_encoder.h", "csrc/cpu/py_checks.h"], extra_compile_args=CPU_FLAGS,
                              extra_link_args=["-pthread"], cxx_std=17)
 
 

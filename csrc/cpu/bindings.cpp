@@ -12,11 +12,13 @@
 
 #include "decoder_step.h"
 #include "paged_attention.h"
+#include "py_checks.h"
 #include "quant_gemm.h"
 #include "small_ops.h"
 #include "thread_pool.h"
 
 namespace py = pybind11;
+using namespace smolvlm_cpu::py_checks;
 
 void register_bf16(py::module_& m);    // bindings_bf16.cpp: the bf16 products
 void register_vision(py::module_& m);  // bindings_vision.cpp: the fused vision encoder
@@ -51,17 +53,6 @@ bool has_dtype(const py::array& a, DType t) {
     return false;
 }
 
-std::string shape_str(const std::vector<int64_t>& shape) {
-    std::string s = "[";
-    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-    return s + "]";
-}
-
-std::string shape_of(const py::array& a) {
-    std::vector<int64_t> s(a.shape(), a.shape() + a.ndim());
-    return shape_str(s);
-}
-
 // The array's data, after checking dtype, layout and shape (-1 in `shape`: any size, returned through it).
 template <class T>
 T* checked(const char* fn, const char* name, const py::array& a, DType t, std::vector<int64_t> shape,
@@ -69,17 +60,8 @@ T* checked(const char* fn, const char* name, const py::array& a, DType t, std::v
     const std::string where = std::string(fn) + ": " + name;
     if (!has_dtype(a, t))
         throw py::value_error(where + " must be " + dtype_name(t) + ", got " + std::string(py::str(a.dtype())));
-    if (a.ndim() != static_cast<py::ssize_t>(shape.size()))
-        throw py::value_error(where + " must have " + std::to_string(shape.size()) + " dimensions, got shape " +
-                              shape_of(a));
-    for (size_t i = 0; i < shape.size(); ++i)
-        if (shape[i] >= 0 && a.shape(i) != shape[i])
-            throw py::value_error(where + " must have shape " + shape_str(shape) + ", got " + shape_of(a));
-    const int flags = py::detail::array_proxy(a.ptr())->flags;
-    if (!(flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
-        throw py::value_error(where + " must be C-contiguous (np.ascontiguousarray)");
-    if (!(flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) throw py::value_error(where + " must be aligned");
-    if (writeable && !a.writeable()) throw py::value_error(where + " must be writeable");
+    check_shape(where, a, shape);
+    check_layout(where, a, writeable);
     return static_cast<T*>(const_cast<void*>(a.data()));
 }
 

@@ -11,18 +11,14 @@
 #include "bf16_gemm.h"
 #include "bf16_kernels.h"
 #include "prefill_gemm_bf16.h"
+#include "py_checks.h"
 
 namespace py = pybind11;
+using namespace smolvlm_cpu::py_checks;
 
 namespace {
 
 using smolvlm_cpu::Bf16Isa;
-
-std::string shape_of(const py::array& a) {
-    std::string s = "[";
-    for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-    return s + "]";
-}
 
 // kind 'f' / 'u' / 'i' and itemsize, native byte order.
 void check_dtype(const std::string& where, const py::array& a, char kind, int itemsize, const char* name) {
@@ -31,27 +27,13 @@ void check_dtype(const std::string& where, const py::array& a, char kind, int it
         throw py::value_error(where + " must be " + name + ", got " + std::string(py::str(dt)));
 }
 
-int flags_of(const py::array& a) { return py::detail::array_proxy(a.ptr())->flags; }
-
-void check_aligned(const std::string& where, const py::array& a) {
-    if (!(flags_of(a) & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) throw py::value_error(where + " must be aligned");
-}
-
 // A C-contiguous array of the given dtype and shape.
 template <class T>
 T* contiguous(const std::string& where, const py::array& a, char kind, const char* dtype,
               const std::vector<int64_t>& shape) {
     check_dtype(where, a, kind, sizeof(T), dtype);
-    bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
-    for (size_t i = 0; ok && i < shape.size(); ++i) ok = a.shape(i) == shape[i];
-    if (!ok) {
-        std::string want = "[";
-        for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
-        throw py::value_error(where + " must have shape " + want + "], got " + shape_of(a));
-    }
-    if (!(flags_of(a) & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
-        throw py::value_error(where + " must be C-contiguous (np.ascontiguousarray)");
-    check_aligned(where, a);
+    check_shape(where, a, shape);
+    check_layout(where, a);
     return static_cast<T*>(const_cast<void*>(a.data()));
 }
 

@@ -11,18 +11,14 @@
 #include <vector>
 
 #include "bf16_gemm.h"
+#include "py_checks.h"
 #include "vision_attention.h"
 #include "vision_encoder.h"
 
 namespace py = pybind11;
+using namespace smolvlm_cpu::py_checks;
 
 namespace {
-
-std::string shape_of(const py::array& a) {
-    std::string s = "[";
-    for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-    return s + "]";
-}
 
 enum class Kind { f32, mask, u16 };  // float32; uint8 or bool; uint16
 
@@ -48,18 +44,8 @@ const void* checked(const std::string& where, const py::handle& obj, Kind kind, 
         throw py::value_error(where + " must be " + names[static_cast<int>(kind)] + ", got " +
                               std::string(py::str(a.dtype())));
     }
-    bool same = a.ndim() == static_cast<py::ssize_t>(shape.size());
-    for (size_t i = 0; same && i < shape.size(); ++i) same = a.shape(i) == shape[i];
-    if (!same) {
-        std::string want = "[";
-        for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
-        throw py::value_error(where + " must have shape " + want + "], got " + shape_of(a));
-    }
-    const int flags = py::detail::array_proxy(a.ptr())->flags;
-    if (!(flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
-        throw py::value_error(where + " must be C-contiguous (np.ascontiguousarray)");
-    if (!(flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) throw py::value_error(where + " must be aligned");
-    if (writeable && !a.writeable()) throw py::value_error(where + " must be writeable");
+    check_shape(where, a, shape);
+    check_layout(where, a, writeable);
     return a.data();
 }
 
