@@ -175,15 +175,23 @@ def test_encoder_matches_the_same_arithmetic(B, S, D, H, mask_kind):
 
 
 def test_encoder_tiles_are_independent():
-    """Each tile's rows depend on that tile alone: run together or one at a time, the same result."""
+    """Each tile's rows depend on that tile alone: run together or one at a time, the same result up to bf16 flips.
+
+    Only the products' blocking differs between the two runs, so each is within the flip bound of
+    test_encoder_matches_the_same_arithmetic of the same-arithmetic reference, and the two are within twice that
+    of each other (triangle inequality). A mask or offset that leaked one tile into another moves rows by O(1)."""
     w, cfg = random_checkpoint(64, 2)
     encoder = cpu_vision.build_encoder(w, cfg)
     x = RNG.standard_normal((3, 17, 64), dtype=np.float32)
     mask = key_mask(3, 17, "one")
     together = cpu_vision.run_encoder(encoder, x, mask)
+    layers, post = reference_layers(w, cfg)
     for b in range(3):
-        alone = cpu_vision.run_encoder(encoder, x[b:b + 1], mask[b:b + 1])
-        np.testing.assert_allclose(alone[0], together[b], rtol=0, atol=1e-5)  # (only the products' blocking differs)
+        alone = cpu_vision.run_encoder(encoder, x[b:b + 1], mask[b:b + 1])[0]  # [17, 64]
+        args = (layers, post, 2, EPS, x[b], 1, 17, mask[b:b + 1])
+        same = ref.encoder(*args)
+        flip_bound = rms(ref.encoder(*args, flip=True) - same) + 8 * ref.U32 * rms(same)
+        assert rms(alone - together[b]) <= 2 * flip_bound, (b, rms(alone - together[b]), flip_bound)
 
 
 def test_encoder_bad_arguments():
