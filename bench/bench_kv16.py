@@ -50,7 +50,9 @@ def random_model(layers: int, seed: int = 0, std: float = 0.02) -> tuple[ModelCo
 
 
 # --weights: how a variant holds the decoder (of the random model; the real GGUF is as it is)
-WEIGHTS = {"int4": ("float32", True), "bf16": ("bfloat16", False), "float32": ("float32", False)}
+# name: (precision, int4 linears, int8 activations in the int4 products)
+WEIGHTS = {"int4": ("float32", True, False), "int4-i8": ("float32", True, True), "bf16": ("bfloat16", False, False),
+           "float32": ("float32", False, False)}
 
 
 def generate(model: NumpyModel, prompt: list[int], tokens: int, block_size: int = 16):
@@ -113,7 +115,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--kv-dtypes", default="float32,float16")
-    p.add_argument("--weights", default="int4", help="comma list of int4 (linears int4, LM head Q8_0), bf16 "
+    p.add_argument("--weights", default="int4", help="comma list of int4 (linears int4, LM head Q8_0), int4-i8 (the same, "
+                   "x rounded to int8 in the int4 products), bf16 "
                    "(precision bfloat16: packed bf16 weights), float32; each with each --kv-dtypes")
     p.add_argument("--profile", action="store_true", help="also a step's parts (profile()) per dtype and length")
     args = p.parse_args(argv)
@@ -123,10 +126,11 @@ def main(argv=None) -> None:
     reference = {}
     models = {}
     for kind in args.weights.split(","):
-        precision, quantize = WEIGHTS[kind]
+        precision, quantize, int8 = WEIGHTS[kind]
         held = quantize_weights(weights, config, "int4") if quantize and args.model == "random" else weights
         for kv_dtype in args.kv_dtypes.split(","):
-            models[f"{kind}/{kv_dtype}"] = NumpyModel(config, held, precision=precision, kv_dtype=kv_dtype)
+            models[f"{kind}/{kv_dtype}"] = NumpyModel(config, held, precision=precision, kv_dtype=kv_dtype,
+                                                       int8_activations=int8)
     results = {(d, n): ([], [], [0]) for d in models for n in lengths}  # step times, prefill times, [agreeing]
     for _ in range(args.repeats):  # rounds interleaved, so that a busy moment of the machine hits every case
         for n in lengths:

@@ -224,3 +224,32 @@ def test_a_bf16_vlm_checkpoint_widens_its_vision_tower_one_tensor_at_a_time(tmp_
     pixels = RNG.standard_normal((1, 2, 3, side, side), dtype=np.float32)
     np.testing.assert_array_equal(bf.image_features_per_row(pixels)[0],
                                   image_features_per_row(dict(fp.weights), fp.config, pixels, precision="bfloat16")[0])
+
+
+def test_quantize_int4_over_a_bf16_checkpoint_quantizes_as_it_reads(tmp_path, monkeypatch):
+    """quantize="int4" over a BF16 checkpoint: each decoder linear and the head is quantized as it is read (from
+    its own bits widened, never the whole decoder in float32 at once), equal, bit for bit, to quantizing the float32
+    load afterwards."""
+    import torch as _torch
+
+    from smolvlm_fast.cpu import weights as cpu_weights
+    from smolvlm_fast.formats import int4 as fi
+
+    from .fixtures import build_tiny_llama
+    path = build_tiny_llama(tmp_path / "bf16", dtype=_torch.bfloat16)
+    left_float, real = [], cpu_weights.quantize_weights
+    from smolvlm_fast.models import smolvlm_numpy
+
+    def quantize_after_load(weights, config, method):
+        left_float.extend(n for n in cpu_weights.quantized_names(config, method) if isinstance(weights[n], np.ndarray))
+        return real(weights, config, method)
+    monkeypatch.setattr(smolvlm_numpy, "quantize_weights", quantize_after_load)
+    at_read = NumpyModel.from_checkpoint(path, quantize="int4")
+    names = cpu_weights.quantized_names(at_read.config, "int4")
+    assert left_float == []  # the loader handed over every one of them quantized already
+    fp = NumpyModel.from_checkpoint(path)
+    after = cpu_weights.quantize_weights(fp.weights, fp.config, "int4")
+    for name in names:
+        ours, theirs = at_read.weights[name], after[name]
+        assert type(ours) is type(theirs) and type(ours) in (fi.Int4Weight, fi.Q8Weight), name
+        np.testing.assert_array_equal(fi.dequantize(ours), fi.dequantize(theirs), err_msg=name)

@@ -24,17 +24,20 @@ QKV, QKV_BIAS, GATE_UP = "self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias",
 
 
 def load_safetensors_weights(model_dir: Path, config: ModelConfig, bf16_packed: frozenset[str] = frozenset(),
-                             bf16_bits: frozenset[str] = frozenset()) -> dict:
+                             bf16_bits: frozenset[str] = frozenset(), int4: frozenset[str] = frozenset()) -> dict:
     """The checkpoint's tensors as float32 (float32 ones stay views of the memory-mapped file); the BF16 ones named
-    in bf16_packed straight into packed bf16 (formats/bf16.py), and those in bf16_bits as their bits (Bf16Bits,
-    for the vision packing to widen one at a time), without a float32 copy of them all on the way."""
-    from ..formats.safetensors import load_checkpoint_numpy
+    in bf16_packed straight into packed bf16 (formats/bf16.py), those in bf16_bits as their bits (Bf16Bits, for
+    the vision packing to widen one at a time), and those in int4 quantized as they are read (quantize_one), without
+    a float32 copy of them all on the way."""
+    from ..formats.safetensors import bf16_to_float32, load_checkpoint_numpy
 
     expected = tensor_shapes(config)
 
     def keep(name, bits):
         if name in bf16_packed and bits.ndim == 2:
             return pack_bf16_bits(bits)
+        if name in int4:
+            return quantize_one(name, bf16_to_float32(bits), config)
         return Bf16Bits(bits) if name in bf16_bits else None
 
     weights = {}
@@ -42,7 +45,7 @@ def load_safetensors_weights(model_dir: Path, config: ModelConfig, bf16_packed: 
         if name not in expected:
             continue  # e.g. rotary inv_freq buffers or a tied lm_head copy
         check_tensor(name, array.shape, expected, str(model_dir))
-        if isinstance(array, (Bf16Weight, Bf16Bits)):
+        if isinstance(array, (Bf16Weight, Bf16Bits, Int4Weight, Q8Weight)):
             weights[name] = array
             continue
         if array.dtype.kind != "f":
@@ -94,17 +97,27 @@ def quantize_weights(weights: dict, config: ModelConfig, method: str) -> dict:
     llama.cpp's Q4 files store it: the head is the largest single product of a decode step (49,280 x 576 for
     SmolVLM: 113 MB in float32, 30 MB in Q8_0), and int8 with a scale per 32 puts every weight within 1/254 of its
     block's largest magnitude (int4: 1/16 of the block's range)."""
+    out = dict(weights)
+    for name in quantized_names(config, method):
+        if isinstance(weights.get(name), np.ndarray):
+            out[name] = quantize_one(name, weights[name], config)
+    return out
+
+
+def quantized_names(config: ModelConfig, method: str) -> list[str]:
+    """The weights quantize=method quantizes: the decoder's linears and its LM head."""
     if method != "int4":
         raise InputError(f"quantize={method!r} is not supported (only 'int4')")
-    out = dict(weights)
-    for name in decoder_linears(config):
-        w = weights[name]
-        if isinstance(w, np.ndarray) and w.shape[1] % 32 == 0:
-            out[name] = quantize_int4(w, group_size=64 if w.shape[1] % 64 == 0 else 32)
-    head = head_name(config)
-    if isinstance(weights.get(head), np.ndarray) and weights[head].shape[1] % 32 == 0:
-        out[head] = quantize_q8(weights[head])
-    return out
+    return [*decoder_linears(config), head_name(config)]
+
+
+def quantize_one(name: str, w: np.ndarray, config: ModelConfig):
+    """One weight of quantized_names [N, K] float32: the head Q8_0, a linear int4; w itself where K % 32 != 0."""
+    if w.ndim != 2 or w.shape[1] % 32:
+        return w
+    if name == head_name(config):
+        return quantize_q8(w)
+    return quantize_int4(w, group_size=64 if w.shape[1] % 64 == 0 else 32)
 
 
 def bf16_weights(weights: dict, config: ModelConfig) -> dict:

@@ -43,6 +43,7 @@ from ..cpu.weights import (
     load_gguf_weights,
     load_safetensors_weights,
     quantize_weights,
+    quantized_names,
     stack_projections,
     text_prefix,
 )
@@ -285,7 +286,9 @@ class NumpyModel:
             bf16 = options.get("precision") == "bfloat16"
             packed = frozenset([*decoder_linears(config), head_name(config)]) if bf16 and quantize is None else ()
             bits = frozenset(packed_names(config.vision)) if bf16 and config.is_vlm and vision_available() else ()
-            weights = load_safetensors_weights(location, config, frozenset(packed), frozenset(bits))
+            # quantize: the decoder's BF16 weights quantized as they are read, not all widened to float32 first
+            int4 = frozenset(quantized_names(config, quantize)) if quantize is not None else frozenset()
+            weights = load_safetensors_weights(location, config, frozenset(packed), frozenset(bits), int4)
         if quantize is not None:
             weights = quantize_weights(weights, config, quantize)
         return cls(config, weights, **options)
