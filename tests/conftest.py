@@ -46,6 +46,13 @@ def tiny_llama(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
+@pytest.fixture
+def float32_kv_cache(monkeypatch):
+    """The numpy model's KV cache in float32 whatever the model (a quantized or bfloat16 one gets float16 by
+    default), for tests that compare products to 1e-4; the float16 cache itself is checked in test_cpu_kv16.py."""
+    monkeypatch.setenv("SMOLVLM_FAST_KV_DTYPE", "float32")
+
+
 def _rng(image_seed: int) -> np.random.Generator:
     return np.random.default_rng(image_seed)
 

@@ -62,6 +62,7 @@ def test_fused_equals_numpy_float32(tiny_llama, block_size):
                        block_size=block_size)
 
 
+@pytest.mark.usefixtures("float32_kv_cache")  # compares products; the float16 cache: test_cpu_kv16.py
 def test_fused_equals_numpy_int4(tiny_llama):
     model = NumpyModel.from_checkpoint(tiny_llama, quantize="int4")
     assert_same_decode(model, prompts_for(16, seed=1), steps=20, block_size=16)
@@ -82,6 +83,7 @@ def test_fused_with_qkv_bias(tiny_llama):
     assert_same_decode(model, prompts_for(16, seed=3), steps=6, block_size=16)
 
 
+@pytest.mark.usefixtures("float32_kv_cache")  # compares products; the float16 cache: test_cpu_kv16.py
 def test_fused_on_the_real_gguf(smollm2_gguf):
     """Q4_1 layers and the Q8_0 tied embedding, as shipped."""
     model = NumpyModel.from_checkpoint(smollm2_gguf)

@@ -206,6 +206,8 @@ def test_kv_dtype_policy(tiny_llama, monkeypatch):
     assert numpy_ops.kv_cache_dtype(precision="float32") == np.float32
     assert numpy_ops.kv_cache_dtype(precision="bfloat16") == np.float16
     assert numpy_ops.kv_cache_dtype("float32", precision="bfloat16") == np.float32
+    assert numpy_ops.kv_cache_dtype(precision="float32", quantized=True) == np.float16
+    assert numpy_ops.kv_cache_dtype("float32", quantized=True) == np.float32
     monkeypatch.setenv(numpy_ops.KV_DTYPE_ENV, "float16")
     assert numpy_ops.kv_cache_dtype(precision="float32") == np.float16
     assert numpy_ops.kv_cache_dtype("float32") == np.float32  # an explicit option wins
@@ -220,6 +222,9 @@ def test_kv_dtype_policy(tiny_llama, monkeypatch):
     model.precision = "bfloat16"  # as a bfloat16 checkpoint's model would say
     assert model.kv_dtype == np.float16 and NumpyBackend().kv_itemsize(model) == 2
     assert all(k.dtype == v.dtype == np.float16 for k, v in model.allocate_kv_cache(2, 16))
+    int4 = NumpyModel.from_checkpoint(tiny_llama, quantize="int4")  # float32 precision, int4 decoder
+    assert int4.precision == "float32" and int4.kv_dtype == np.float16
+    assert NumpyModel.from_checkpoint(tiny_llama, quantize="int4", kv_dtype="float32").kv_dtype == np.float32
 
 
 def test_python_wrappers_reject_mixed_or_wrong_cache_dtypes():

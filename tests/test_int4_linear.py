@@ -28,6 +28,10 @@ NUMPY_NAMES = {"qkv_proj": QKV, "o_proj": "self_attn.o_proj.weight", "gate_up_pr
                "down_proj": "mlp.down_proj.weight"}
 
 
+# the products are compared (to 1e-4), so the numpy model keeps a float32 KV cache (conftest.float32_kv_cache)
+pytestmark = pytest.mark.usefixtures("float32_kv_cache")
+
+
 def relative_error(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())

@@ -23,6 +23,10 @@ HF_CLASSES = {"idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVL
               "llama": "LlamaForCausalLM"}
 
 
+# the products are compared (to 1e-4), so the numpy model keeps a float32 KV cache (conftest.float32_kv_cache)
+pytestmark = pytest.mark.usefixtures("float32_kv_cache")
+
+
 def reference_model(path, model_type):
     import transformers
     return getattr(transformers, HF_CLASSES[model_type]).from_pretrained(path, dtype=torch.float32).eval()

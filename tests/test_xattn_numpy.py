@@ -352,6 +352,7 @@ def test_bad_inputs(tmp_path, rng):
         model.forward(ids, meta, run.kv, [SequenceImages.of(features[:, :10])])
 
 
+@pytest.mark.usefixtures("float32_kv_cache")  # compares products; the float16 cache: test_cpu_kv16.py
 @pytest.mark.parametrize("arch", ["phi", "llama"])
 def test_quantize_int4(tmp_path, arch, rng):
     """quantize="int4" makes every decoder linear int4, Phi's and the cross layers' included, and the model computes

@@ -55,6 +55,7 @@ def assert_close(ours, ref):
 
 @pytest.mark.parametrize("cross, quantize", [((0,), None), ((2,), None), ((LAYERS - 1,), None),
                                              ((0, 2, LAYERS - 1), None), ((1, 3), "int4")])
+@pytest.mark.usefixtures("float32_kv_cache")  # compares products; the float16 cache: test_cpu_kv16.py
 def test_fused_equals_free_functions(tmp_path, cross, quantize, rng):
     """A packed prefill (the image's sequence first or second), then 8 greedy decode steps of both sequences
     together: every logit of the fused model equals the free functions'."""

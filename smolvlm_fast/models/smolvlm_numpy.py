@@ -49,7 +49,7 @@ from ..cpu.weights import (
 )
 from ..errors import InputError, check_image_tokens
 from ..formats.bf16 import Bf16Bits
-from ..formats.int4 import embedding_rows
+from ..formats.int4 import Int4Weight, Q8Weight, embedding_rows
 from .batch import StepMetadata, check_images, cross_spans, derived_per_sequence, spliced_features
 from .vision_numpy import image_features_per_row
 
@@ -296,8 +296,9 @@ class NumpyModel:
     @property
     def kv_dtype(self) -> np.dtype:
         """The KV cache's dtype: the constructor's kv_dtype, else $SMOLVLM_FAST_KV_DTYPE, else float16 for a
-        model of precision "bfloat16", else float32 (cpu.ops.kv_cache_dtype)."""
-        return kv_cache_dtype(self.kv_dtype_option, self.precision)
+        model of precision "bfloat16" or with quantized weights, else float32 (cpu.ops.kv_cache_dtype)."""
+        quantized = any(isinstance(w, (Int4Weight, Q8Weight)) for w in self.weights.values())
+        return kv_cache_dtype(self.kv_dtype_option, self.precision, quantized)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """One (k_cache, v_cache) pair of [num_blocks, block_size, kv_heads, head_dim] per decoder layer, of
