@@ -22,6 +22,7 @@ from .engine.engine import new_cache, prefill
 from .engine.sequence import Request
 from .errors import CheckpointError, InputError, SmolVLMError
 from .formats.hub import resolve_model
+from .ops import use_kernels
 
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
                "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -181,7 +182,7 @@ class SmolVLMForConditionalGeneration:
     def from_pretrained(cls, pretrained_model_name_or_path=None, *, device=None, dtype=None, torch_dtype=None,
                         backend: str | None = None, gguf_file=None, quantize: str | None = None,
                         quantize_vision: bool = False, quantize_lm_head: bool = False,
-                        block_size: int = 16, **_ignored):
+                        block_size: int = 16, kernels: str | None = None, **_ignored):
         """backend: None picks one (engine/backend.choose_backend): on the CPU (device "cpu", or None with no
         CUDA GPU) "numpy", the NumPy + C++ path, whether or not torch is installed (where smolvlm_fast._cpu lacks
         its fused decoder step: torch if installed); on CUDA "torch"; and "torch" whenever quantize_vision or
@@ -192,7 +193,12 @@ class SmolVLMForConditionalGeneration:
         CUDA and float32 on the CPU.
         quantize="int4": the decoder's linear layers in int4 (group 64, or 32 where 64 does not divide K; GGUF
         Q4_0 / Q4_1 weights as they are). quantize_vision / quantize_lm_head (torch backend) add the vision encoder
-        with the connector, and the output projection."""
+        with the connector, and the output projection.
+        kernels: the order the ops try their implementations in, "cuda,triton,reference", a subset or one name
+        (ops.use_kernels: it is one setting for the whole process, every thread and model; None leaves it as it is,
+        by default SMOLVLM_FAST_KERNELS's or that one)."""
+        if kernels is not None:
+            use_kernels(kernels, "from_pretrained(kernels=...)")
         backend = choose_backend(backend, device, torch_only_options=quantize_vision or quantize_lm_head)
         if quantize not in (None, "int4"):
             raise InputError(f"quantize must be None or 'int4', got {quantize!r}")

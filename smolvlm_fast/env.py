@@ -3,9 +3,9 @@
 Prints the versions (smolvlm_fast, Python, NumPy, PyTorch, Triton, CUDA), the GPU, whether the C++ extensions are
 built (smolvlm_fast._cpu with its SIMD level, smolvlm_fast._C with its GPU architectures), the backend a caller
 who names none gets on the CPU and by default (with why: engine/backend.py decides), the precision it computes in,
-the C++ pool's threads, and for each op its
-implementations in the order ops/registry.py tries them on a CUDA tensor (CUDA kernel, Triton, PyTorch reference),
-with what each kernel covers.
+the C++ pool's threads, the kernel order (SMOLVLM_FAST_KERNELS, kernels=, --kernels) and the self-check, and
+for each op the implementations it gets on a CUDA tensor in the order ops/registry.py tries them, why any other is
+left out (not in the order, not built, disabled by a failed self-check), and what each kernel covers.
 Works without PyTorch (it says so) and without a GPU.
 """
 from __future__ import annotations
@@ -78,17 +78,77 @@ def _gpu_lines(torch, _C) -> list[str]:
     return ["GPU                   none visible"]
 
 
-def _op_lines() -> list[str]:
-    """From the registry the ops dispatch with (ops/registry.py): per op its implementations in the order tried, the
-    first one (what a CUDA tensor gets where it covers the call), and under it what each kernel covers."""
+def _op_lines(torch) -> list[str]:
+    """From the registry the ops dispatch with (ops/registry.py): the kernel order and who chose it, the self-check,
+    then per op the implementation a CUDA tensor gets first, the ones it may get in the order tried, why the others
+    are left out (not in the order, not in this install, disabled by a failed self-check), and what each covers."""
     from . import ops
+    from .ops import registry, selfcheck
 
-    lines = ["ops on a CUDA tensor: the first implementation in brackets that covers a call runs it",
-             "(the reference covers every call; ops.explain(op, *args) says which one runs a call, and why):"]
+    try:
+        registry.kernel_order()
+    except ValueError as e:
+        return [f"kernel order          {e}"]
+    lines = [(f"kernel order          {', '.join(registry.kernel_order())} ({registry.kernel_order_source()}; "
+              f"{registry.KERNELS_ENV}, kernels=, --kernels set it)"),
+             f"self-check            {_self_check_mode(selfcheck)}"]
+    lines += _cuda_build_lines(torch)
+    lines += ["ops on a CUDA tensor: the first implementation in brackets that covers a call runs it",
+              "(the reference covers every call; ops.explain(op, *args) says which one runs a call, and why):"]
     for name in ops.OPS:
-        impls = ops.implementations(name)
-        lines.append(f"  {name:<20} {impls[0].name:<10} [{', '.join(i.name for i in impls)}]")
+        impls = registry.walk(name, None)
+        left_out = "; ".join(f"{impl}: {why}" for impl, why in _left_out(name, impls))
+        lines.append(f"  {name:<20} {impls[0].name:<10} [{', '.join(i.name for i in impls)}]"
+                     + (f"  ({left_out})" if left_out else ""))
         lines += [f"      {i.name:<9} {i.scope}" for i in impls if i.name != "reference"]
+    return lines
+
+
+def _left_out(name: str, impls) -> list[tuple[str, str]]:
+    from .ops import registry
+
+    tried, have = {i.name for i in impls}, registry.available(name)
+    return [(impl, _why_not(name, impl, impl in have)) for impl in registry.ORDER if impl not in tried]
+
+
+def _why_not(name: str, impl: str, installed: bool) -> str:
+    from .ops import registry
+
+    if registry.disabled(name, impl):
+        return f"disabled, failed its first use: {registry.disabled(name, impl)}"
+    if installed:
+        return "not in the kernel order"
+    if impl == "triton":
+        return "triton not installed"
+    return "no CUDA kernel for this op" if _cuda_built() else "smolvlm_fast._C not built"
+
+
+def _cuda_built() -> bool:
+    from .ops.cuda_limits import _C
+    return _C is not None
+
+
+def _self_check_mode(selfcheck) -> str:
+    try:
+        mode = selfcheck.mode()
+    except ValueError as e:
+        return str(e)
+    return {"gpu": f"on for calls on a CUDA device ({selfcheck.MODE_ENV}=0 turns it off, =all checks every call)",
+            "off": f"off ({selfcheck.MODE_ENV}=0)",
+            "all": f"on for every call ({selfcheck.MODE_ENV}=all)"}[mode]
+
+
+def _cuda_build_lines(torch) -> list[str]:
+    """Whether smolvlm_fast._C runs on each visible GPU (ops/cuda.py: unusable)."""
+    if not _cuda_built() or not torch.cuda.is_available():
+        return []
+    from .ops import cuda
+
+    lines = []
+    for i in range(torch.cuda.device_count()):
+        problem = cuda.unusable(i)
+        lines.append(f"_C on GPU {i}           " + ("runs" if problem is None else f"cannot run: {problem} (the "
+                                                                                         "next implementation runs)"))
     return lines
 
 
@@ -147,7 +207,7 @@ def report() -> list[str]:
     lines += ext_lines
     lines += _backend_lines()
     if torch is not None:
-        lines += _op_lines()
+        lines += _op_lines(torch)
     return lines
 
 

@@ -36,7 +36,8 @@ def test_prints_versions_gpu_and_extensions():
 
 def test_names_the_implementation_of_every_op():
     """One line per op: the CUDA kernel where _C has it, else Triton, else the reference (the registry's order),
-    then, under it, what each kernel covers, read from the same registry the ops dispatch with."""
+    why any of the three is left out, then, under it, what each kernel covers, read from the same registry the ops
+    dispatch with."""
     report = env.report()
     op_lines = [line for line in report if line.startswith("  ") and not line.startswith("   ")]
     lines = {line.split()[0]: line.split() for line in op_lines}
@@ -45,7 +46,10 @@ def test_names_the_implementation_of_every_op():
         have = ops.available(name)
         expect = "cuda" if "cuda" in have else "triton" if "triton" in have else "reference"
         assert lines[name][1] == expect, lines[name]
-        assert " ".join(lines[name][2:]) == f"[{', '.join(have)}]"
+        line = " ".join(lines[name][2:])
+        assert line.split("]")[0] + "]" == f"[{', '.join(have)}]"
+        for impl in set(ops.ORDER) - set(have):
+            assert f"{impl}: " in line, line  # why it is left out
         at = report.index(next(line for line in op_lines if line.split()[0] == name))
         scopes = [(i.name, i.scope) for i in ops.implementations(name) if i.name != "reference"]
         assert [line.split(None, 1) for line in report[at + 1:at + 1 + len(scopes)]] == [list(s) for s in scopes]
@@ -68,3 +72,13 @@ def test_works_without_torch():
     assert field(out, "torch").startswith("not installed")
     assert "ops on a CUDA tensor" not in out
     field(out, "smolvlm_fast._C")
+
+
+def test_shows_the_kernel_order_and_who_chose_it():
+    out = run_env('import os\nos.environ["SMOLVLM_FAST_KERNELS"] = "reference"')
+    assert field(out, "kernel order").startswith("reference (SMOLVLM_FAST_KERNELS=reference")
+    ops_lines = [line.split() for line in out.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+    assert ops_lines and all(line[1] == "reference" for line in ops_lines), ops_lines
+    assert "not in the kernel order" in out or "cuda" not in out.split("ops on a CUDA tensor")[1]
+    bad = run_env('import os\nos.environ["SMOLVLM_FAST_KERNELS"] = "cuda,fast"')
+    assert "give one or more of cuda, triton, reference" in field(bad, "kernel order")

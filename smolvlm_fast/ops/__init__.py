@@ -3,19 +3,24 @@ ops/registry.py picks for it.
 
 On CUDA tensors the CUDA kernel (csrc/cuda/, smolvlm_fast._C, through ops/cuda.py) runs the calls it covers, the
 Triton kernel (smolvlm_fast.kernels) the calls it covers of the rest, the PyTorch reference (ops/reference.py) what
-is left; elsewhere the reference. `explain(name, *args)` says which runs a call and why; `python -m
-smolvlm_fast.env` lists what each implementation covers. `impl="reference"|"triton"|"cuda"` forces one for a call;
-`with ops.prefer("triton"):` forces one for a block of code (the tests use it to run a whole model through the
-kernels in Triton's CPU interpreter).
+is left; elsewhere the reference. `use_kernels("triton,reference")` (or SMOLVLM_FAST_KERNELS, `kernels=`,
+`--kernels`) sets that order for the whole process, every thread included. `explain(name, *args)` says which runs a
+call and why; `python -m smolvlm_fast.env` lists what each op gets. `impl="reference"|"triton"|"cuda"` forces one for
+a call; `with ops.prefer("triton"):` forces one for a block of code in this thread (the tests use it to run a whole
+model through the kernels in Triton's CPU interpreter). The first call of each kind on a GPU is checked against the
+reference (ops/selfcheck.py; SMOLVLM_FAST_SELF_CHECK=0 turns it off): a kernel that fails it is disabled, with one
+KernelWarning.
 """
 from __future__ import annotations
 
-from .registry import OPS, ORDER, TRITON_MODULES, available, explain, implementations, prefer
+from .registry import (OPS, ORDER, TRITON_MODULES, KernelWarning, available, explain, implementations, kernel_order,
+                       prefer, use_kernels)
 from .registry import run as _run
 
-__all__ = ["OPS", "ORDER", "TRITON_MODULES", "available", "cross_attention", "dwsep_patch_embed", "explain",
-           "gelu_tanh", "implementations", "int4_gemm", "layer_norm", "paged_attention", "patch_embed", "prefer",
-           "rms_norm", "rope_attention", "rope_table", "silu_and_mul", "write_kv_cache"]
+__all__ = ["OPS", "ORDER", "TRITON_MODULES", "KernelWarning", "available", "cross_attention", "dwsep_patch_embed",
+           "explain", "gelu_tanh", "implementations", "int4_gemm", "kernel_order", "layer_norm", "paged_attention",
+           "patch_embed", "prefer", "rms_norm", "rope_attention", "rope_table", "silu_and_mul", "use_kernels",
+           "write_kv_cache"]
 
 
 def rms_norm(x, weight, eps, residual=None, *, impl=None):

@@ -9,11 +9,18 @@ addresses, sizes, strides in elements, dtype codes and the current CUDA stream. 
 (`cuda.int4_gemm`, ...) check the predicate themselves and refuse a call outside the kernel. They all take the
 reference's arguments plus `out=` and tuning keywords.
 
-Importing this module needs torch; `available()` says whether _C is built.
+Importing this module needs torch; `available()` says whether _C is built, `unusable(device)` whether it runs on
+a GPU (the registry asks on a call's first use, and falls back with one warning where it does not).
+
+SMOLVLM_FAST_CUDA_SYNC=1 (debugging): before each launch the index arguments (positions, slot_mapping, block_tables,
+seq_lens, query_start_loc, position_ids, kv_lens) are bounds-checked on the host, since the kernels trust them, and
+after it the device is synchronized, so that an error is raised by the launch that caused it, naming the op.
 """
 from __future__ import annotations
 
 import functools
+import inspect
+import os
 
 import torch
 
@@ -26,8 +33,42 @@ BLOCKS_PER_SPLIT = 4   # int4_gemm: 32-element blocks of K per split at least (o
 PROGRAMS_PER_SM = 2    # thread blocks per SM the split choices aim for
 
 
+SYNC_ENV = "SMOLVLM_FAST_CUDA_SYNC"
+
+
 def available() -> bool:
+    """_C is built (whether it runs on a given GPU: unusable())."""
     return _C is not None
+
+
+@functools.cache
+def unusable(device: int | None = None) -> str | None:
+    """Why _C cannot run on this GPU, or None: a driver older than the CUDA runtime it was built with, or no kernel
+    image for the GPU's architecture. Where it cannot tell, None (the first launch's error then speaks)."""
+    if _C is None:
+        return "smolvlm_fast._C is not built"
+    runtime, driver = _C.cuda_runtime_version(), _C.cuda_driver_version()
+    if 0 < driver and driver // 1000 < runtime // 1000:
+        return (f"CUDA driver version is insufficient for CUDA runtime version: smolvlm_fast._C needs CUDA "
+                f"{runtime // 1000}.x, the driver supports {driver // 1000}.{driver % 1000 // 10}")
+    index = device if device is not None else torch.cuda.current_device()
+    return arch_mismatch(_C.archs, _C.compute_capability(index))
+
+
+def arch_mismatch(archs: str, capability: str) -> str | None:
+    """Why a module built for `archs` ("sm_80;sm_90", the last with PTX: setup.py) has no kernel image for a GPU of
+    compute capability `capability` ("8.6"), or None where it has one (or either is in a form not known here)."""
+    built = [a.strip().removeprefix("sm_") for a in archs.split(";") if a.strip()]
+    parts = capability.split(".")
+    if not built or not all(b.isdigit() for b in built) or len(parts) != 2 or not all(p.isdigit() for p in parts):
+        return None
+    major, minor = int(parts[0]), int(parts[1])
+    numbers = sorted(int(b) for b in built)
+    # SASS runs on its major version at the same or a higher minor one; the highest one's PTX on any newer GPU
+    if any(n // 10 == major and n % 10 <= minor for n in numbers) or numbers[-1] <= major * 10 + minor:
+        return None
+    return (f"no kernel image is available for execution on the device: smolvlm_fast._C was built for {archs}, the "
+            f"GPU has compute capability {capability} (rebuild with SMOLVLM_FAST_CUDA_ARCH={capability})")
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -342,9 +383,76 @@ def _dwsep_patch_embed(pixels, dw_weight, dw_bias, pw_weight, pw_bias, pos_embed
 # ---------------------------------------------------------------- the table the registry reads
 
 OPS = ("int4_gemm", "paged_attention", "write_kv_cache", "cross_attention", "patch_embed", "dwsep_patch_embed")
+
+def _below(op: str, what: str, t, low: int, high: int) -> None:
+    """Every element of index tensor t in [low, high), else a ValueError naming the first one outside."""
+    if t is None or t.numel() == 0:
+        return
+    t = torch.as_tensor(t).reshape(-1).long().cpu()
+    bad = ((t < low) | (t >= high)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"ops.{op}: {what}[{i}] = {int(t[i])} is outside [{low}, {high}) "
+                         f"({len(bad)} of {t.numel()} elements are; {SYNC_ENV}=1 checked it before the launch)")
+
+
+def _check_paged(a: dict) -> None:
+    block_tables, seq_lens, k_cache = a["block_tables"], a["seq_lens"].long().cpu(), a["k_cache"]
+    num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+    _below("paged_attention", "seq_lens", seq_lens, 0, block_tables.shape[1] * block_size + 1)
+    for s, n in enumerate(seq_lens.tolist()):
+        _below("paged_attention", f"block_tables[{s}]", block_tables[s, :-(-n // block_size)], 0, num_blocks)
+    starts = a.get("query_start_loc")
+    if starts is not None:
+        steps = starts.long().cpu().diff()
+        if int(starts[0]) != 0 or int(starts[-1]) != a["q"].shape[0] or (steps < 0).any() or (steps > seq_lens).any():
+            raise ValueError(f"ops.paged_attention: query_start_loc must rise from 0 to {a['q'].shape[0]} by at most "
+                             f"each sequence's seq_lens ({SYNC_ENV}=1 checked it before the launch)")
+
+
+def _check_positions(op: str, a: dict) -> None:
+    if a.get("cos_sin") is not None:
+        _below(op, "positions", a.get("positions"), 0, a["cos_sin"].shape[0])
+
+
+def check_indices(op: str, *args, **kwargs) -> None:
+    """The index arguments of a launch of `op` within what they index (the kernels read them unchecked)."""
+    a = inspect.signature(_LAUNCHERS[op]).bind(*args, **kwargs).arguments
+    if op == "paged_attention":
+        _check_paged(a)
+        _check_positions(op, a)
+    elif op == "write_kv_cache":
+        cache = a["k_cache"]
+        _below(op, "slot_mapping", a["slot_mapping"], -1, cache.shape[0] * cache.shape[1])
+        _check_positions(op, a)
+    elif op == "cross_attention" and a.get("kv_lens") is not None:
+        _below(op, "kv_lens", a["kv_lens"], 0, a["k"].shape[1] + 1)
+    elif op in ("patch_embed", "dwsep_patch_embed") and a.get("pos_embed") is not None:
+        _below(op, "position_ids", a.get("position_ids"), 0, a["pos_embed"].shape[0])
+
+
+def _synchronized(op: str, launch):
+    """launch, and with SMOLVLM_FAST_CUDA_SYNC=1 its indices checked before and the device synchronized after."""
+    @functools.wraps(launch)
+    def call(*args, **kwargs):
+        if os.environ.get(SYNC_ENV) != "1":
+            return launch(*args, **kwargs)
+        check_indices(op, *args, **kwargs)
+        out = launch(*args, **kwargs)
+        try:
+            torch.cuda.synchronize(args[0].device)
+        except RuntimeError as e:
+            raise RuntimeError(f"ops.{op}: the CUDA kernel failed: {e} ({SYNC_ENV}=1 synchronized after it)") from e
+        return out
+
+    return call
+
+
+_LAUNCHERS = {"int4_gemm": _int4_gemm, "paged_attention": _paged_attention, "write_kv_cache": _write_kv_cache,
+              "cross_attention": _cross_attention, "patch_embed": _patch_embed,
+              "dwsep_patch_embed": _dwsep_patch_embed}
 # op -> its launcher, for the calls COVERS[op] accepts (the registry has asked COVERS before it calls one)
-LAUNCH = {"int4_gemm": _int4_gemm, "paged_attention": _paged_attention, "write_kv_cache": _write_kv_cache,
-          "cross_attention": _cross_attention, "patch_embed": _patch_embed, "dwsep_patch_embed": _dwsep_patch_embed}
+LAUNCH = {op: _synchronized(op, launch) for op, launch in _LAUNCHERS.items()}
 
 
 def _checked(name: str):

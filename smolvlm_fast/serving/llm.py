@@ -30,6 +30,7 @@ from ..engine.engine import Engine, EngineStats
 from ..engine.memory import choose_num_blocks
 from ..engine.sequence import ImageInput, Request, Sequence
 from ..errors import InputError, SmolVLMError
+from ..ops import use_kernels
 from .prompts import as_prompt_list, is_processor
 from .prompts import encode as encode_prompt
 
@@ -62,14 +63,19 @@ class LLM:
     def __init__(self, model=None, *, backend: str | None = None, device=None, dtype=None, quantize: str | None = None,
                  tokenizer=None, max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
                  num_blocks: int | None = None, kv_cache_bytes: int | None = None, block_size: int = 16,
-                 enable_prefix_caching: bool = True, feature_cache_bytes: int = 256 << 20, ignore_eos: bool = False):
+                 enable_prefix_caching: bool = True, feature_cache_bytes: int = 256 << 20, ignore_eos: bool = False,
+                 kernels: str | None = None):
         """model: a checkpoint (path or hub name, loaded as AutoModelForVision2Seq loads it, backend and dtype
         chosen as it chooses them; None: the default model), an AutoModelForVision2Seq model, or a bare models.smolvlm_torch / models.smolvlm_numpy model (pass tokenizer=
         for text). num_blocks: KV-cache blocks of block_size tokens; by default as many as kv_cache_bytes hold, and
         kv_cache_bytes by default a fraction of the memory free where the model runs (engine/memory.py), at most
         enough for max_num_seqs sequences of the model's whole context; the size chosen is logged. ignore_eos:
         stop only at max_new_tokens, stop token ids and stop strings, not at the checkpoint's end-of-sequence
-        tokens."""
+        tokens. kernels: the order the ops try their implementations in ("cuda,triton,reference", a subset or one
+        name): one process-wide setting (ops.use_kernels), so the engine's thread gets it too; None leaves it as it
+        is (SMOLVLM_FAST_KERNELS's, else the default)."""
+        if kernels is not None:
+            use_kernels(kernels, "LLM(kernels=...)")
         self.model, self.processor, generation = load(model, backend, device, dtype, quantize, tokenizer)
         self.backend = backend_of(self.model)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
