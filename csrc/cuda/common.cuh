@@ -5,11 +5,27 @@
 // their sizes and strides in elements, a dtype code (DType below, the same numbers as smolvlm_fast/ops/cuda.py)
 // and the caller's CUDA stream as an integer. Every entry point checks what it is given and throws
 // std::invalid_argument (Python: ValueError) for a bad argument, std::runtime_error (RuntimeError) when CUDA fails.
+//
+// The device-only constructs the .cu files need beyond CUDA C++ functions go through the macros below, so that the
+// same files also compile as host C++ under the CPU emulator (emu/cuda_emu.h, with SMOLVLM_CUDA_EMU defined), which
+// defines them its own way: SMOLVLM_LAUNCH(grid, block, shared, stream, kernel)(args) for
+// kernel<<<grid, block, shared, stream>>>(args), SMOLVLM_SHARED(type, name, [dims]) and
+// SMOLVLM_SHARED_ALIGNED(bytes, type, name, [dims]) for __shared__ [__align__(bytes)] type name[dims],
+// SMOLVLM_DYNAMIC_SHARED(type, name) for extern __shared__ type name[], and the inline PTX of mma_16x8x16.
 #pragma once
 
+#if defined(SMOLVLM_CUDA_EMU)
+#include "emu/cuda_emu.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#define SMOLVLM_LAUNCH(grid, block, shared, stream, ...) __VA_ARGS__<<<grid, block, shared, stream>>>
+#define SMOLVLM_SHARED(type, name, dims) __shared__ type name dims
+#define SMOLVLM_SHARED_ALIGNED(bytes, type, name, dims) __shared__ __align__(bytes) type name dims
+#define SMOLVLM_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -104,18 +120,26 @@ template <typename T> __device__ __forceinline__ void mma_16x8x16(float (&d)[4],
 
 template <> __device__ __forceinline__ void mma_16x8x16<__half>(float (&d)[4], const uint32_t (&a)[4],
                                                                  const uint32_t (&b)[2]) {
+#if defined(SMOLVLM_CUDA_EMU)
+  smolvlm_emu::mma_m16n8k16<__half>(d, a, b);
+#else
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
                "{%0, %1, %2, %3};\n"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 template <> __device__ __forceinline__ void mma_16x8x16<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
                                                                         const uint32_t (&b)[2]) {
+#if defined(SMOLVLM_CUDA_EMU)
+  smolvlm_emu::mma_m16n8k16<__nv_bfloat16>(d, a, b);
+#else
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
                "{%0, %1, %2, %3};\n"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // ---------------------------------------------------------------- host: checks and launches

@@ -106,9 +106,10 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(KvAccess kv, const 
   using TileT = Tile<T, HEAD_DIM>;
   constexpr int kVec = TileT::kVec;
   constexpr int kTpk = TileT::kThreadsPerKey;
-  __shared__ __align__(16) float q_s[kMaxGroup][HEAD_DIM];
-  __shared__ float work[TileT::kSharedFloats];  // scores [kMaxGroup][kMaxSplit], then the P V row sums
-  __shared__ float max_s[kMaxGroup], sum_s[kMaxGroup];
+  SMOLVLM_SHARED_ALIGNED(16, float, q_s, [kMaxGroup][HEAD_DIM]);
+  SMOLVLM_SHARED(float, work, [TileT::kSharedFloats]);  // scores [kMaxGroup][kMaxSplit], then the P V row sums
+  SMOLVLM_SHARED(float, max_s, [kMaxGroup]);
+  SMOLVLM_SHARED(float, sum_s, [kMaxGroup]);
 
   const int64_t token = blockIdx.x;
   const int kv_head = blockIdx.y / shape.slices;
@@ -275,11 +276,12 @@ void launch(const KvAccess& kv, const Query& qa, const Output& oa, const Shape& 
             cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(shape.num_kv_heads * shape.slices),
                   static_cast<unsigned>(oa.num_splits));
-  attention_kernel<T, HEAD_DIM, KvAccess><<<grid, kThreads, 0, stream>>>(kv, qa, oa, shape);
+  SMOLVLM_LAUNCH(grid, kThreads, 0, stream, attention_kernel<T, HEAD_DIM, KvAccess>)(kv, qa, oa, shape);
   check_launch("decode attention kernel");
   if (oa.num_splits > 1) {
     const dim3 combine_grid(static_cast<unsigned>(tokens), static_cast<unsigned>(shape.num_q_heads));
-    combine_splits_kernel<T, HEAD_DIM, KvAccess><<<combine_grid, kThreads, 0, stream>>>(kv, oa, shape);
+    SMOLVLM_LAUNCH(combine_grid, kThreads, 0, stream, combine_splits_kernel<T, HEAD_DIM, KvAccess>)(kv, oa,
+                                                                                                   shape);
     check_launch("decode attention combine kernel");
   }
 }

@@ -125,9 +125,9 @@ __device__ __forceinline__ void stage_x(const Int4Args& a, uint4 (*xs)[kRowUnits
 template <typename T, bool SYMMETRIC, int TOKEN_TILES>
 __global__ void __launch_bounds__(kThreads) int4_gemm_kernel(const Int4Args a) {
   constexpr int kTokens = 8 * TOKEN_TILES;
-  __shared__ uint4 xs[kTokens][kRowUnits];
-  __shared__ float xsum[kTokens][kChunkBlocks + 1];  // sum of x over each staged block (asymmetric only); +1: rows
-                                                  // 2t of the 4 lanes t fall in different banks
+  SMOLVLM_SHARED(uint4, xs, [kTokens][kRowUnits]);
+  // sum of x over each staged block (asymmetric only); +1: rows 2t of the 4 lanes t fall in different banks
+  SMOLVLM_SHARED(float, xsum, [kTokens][kChunkBlocks + 1]);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -255,15 +255,15 @@ void launch(const Int4Args& a, int splits, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(cdiv(a.N, kRowsPerBlock)), static_cast<unsigned>(splits));
   const bool symmetric = a.mins == nullptr;
   const bool two_tiles = a.M > 8;
-  if (symmetric && two_tiles) int4_gemm_kernel<T, true, 2><<<grid, kThreads, 0, stream>>>(a);
-  else if (symmetric) int4_gemm_kernel<T, true, 1><<<grid, kThreads, 0, stream>>>(a);
-  else if (two_tiles) int4_gemm_kernel<T, false, 2><<<grid, kThreads, 0, stream>>>(a);
-  else int4_gemm_kernel<T, false, 1><<<grid, kThreads, 0, stream>>>(a);
+  if (symmetric && two_tiles) SMOLVLM_LAUNCH(grid, kThreads, 0, stream, int4_gemm_kernel<T, true, 2>)(a);
+  else if (symmetric) SMOLVLM_LAUNCH(grid, kThreads, 0, stream, int4_gemm_kernel<T, true, 1>)(a);
+  else if (two_tiles) SMOLVLM_LAUNCH(grid, kThreads, 0, stream, int4_gemm_kernel<T, false, 2>)(a);
+  else SMOLVLM_LAUNCH(grid, kThreads, 0, stream, int4_gemm_kernel<T, false, 1>)(a);
   check_launch("int4_gemm_kernel");
   if (splits > 1) {
     const int threads = 256;
     const int64_t blocks = cdiv((int64_t)a.M * a.N, threads);
-    sum_splits_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+    SMOLVLM_LAUNCH(static_cast<unsigned>(blocks), threads, 0, stream, sum_splits_kernel<T>)(
         static_cast<T*>(a.y), a.partial, a.bias, a.bias_dtype, a.M, a.N, splits, a.stride_y);
     check_launch("sum_splits_kernel");
   }

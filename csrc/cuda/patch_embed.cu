@@ -103,8 +103,8 @@ struct Staged {
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) patch_embed_kernel(const PatchArgs a) {
-  __shared__ __align__(16) T as[kBM][kRowElems];
-  __shared__ __align__(16) T ws[kBN][kRowElems];
+  SMOLVLM_SHARED_ALIGNED(16, T, as, [kBM][kRowElems]);
+  SMOLVLM_SHARED_ALIGNED(16, T, ws, [kBN][kRowElems]);
   const int n0 = blockIdx.x * kBN, m0 = blockIdx.y * kBM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int wm = warp / 2, wn = warp % 2;  // the warp's 32 x 32 quarter of the tile
@@ -164,7 +164,7 @@ constexpr int kDwsepPatches = 16;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dwsep_patch_embed_kernel(const PatchArgs a) {
-  extern __shared__ float dw_s[];  // [kDwsepPatches][C]
+  SMOLVLM_DYNAMIC_SHARED(float, dw_s);  // [kDwsepPatches][C]
   const int m0 = blockIdx.x * kDwsepPatches;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int pp = a.P * a.P;
@@ -252,11 +252,11 @@ void patch_embed(const PatchEmbedArgs& args) {
   const dim3 grid(static_cast<unsigned>(cdiv(args.dim, kBN)), static_cast<unsigned>(cdiv(M, kBM)));
   cudaStream_t s = as_stream(args.stream);
   if (args.dtype == kFloat16) {
-    if (vectorized) patch_embed_kernel<__half, 8><<<grid, kThreads, 0, s>>>(a);
-    else patch_embed_kernel<__half, 1><<<grid, kThreads, 0, s>>>(a);
+    if (vectorized) SMOLVLM_LAUNCH(grid, kThreads, 0, s, patch_embed_kernel<__half, 8>)(a);
+    else SMOLVLM_LAUNCH(grid, kThreads, 0, s, patch_embed_kernel<__half, 1>)(a);
   } else {
-    if (vectorized) patch_embed_kernel<__nv_bfloat16, 8><<<grid, kThreads, 0, s>>>(a);
-    else patch_embed_kernel<__nv_bfloat16, 1><<<grid, kThreads, 0, s>>>(a);
+    if (vectorized) SMOLVLM_LAUNCH(grid, kThreads, 0, s, patch_embed_kernel<__nv_bfloat16, 8>)(a);
+    else SMOLVLM_LAUNCH(grid, kThreads, 0, s, patch_embed_kernel<__nv_bfloat16, 1>)(a);
   }
   check_launch("patch_embed_kernel");
 }
@@ -275,9 +275,9 @@ void dwsep_patch_embed(const DwsepPatchEmbedArgs& args) {
   const size_t shared = sizeof(float) * kDwsepPatches * args.channels;  // <= 32 KB: under the default 48 KB limit
   cudaStream_t s = as_stream(args.stream);
   switch (args.dtype) {
-    case kFloat32: dwsep_patch_embed_kernel<float><<<grid, kThreads, shared, s>>>(a); break;
-    case kFloat16: dwsep_patch_embed_kernel<__half><<<grid, kThreads, shared, s>>>(a); break;
-    default: dwsep_patch_embed_kernel<__nv_bfloat16><<<grid, kThreads, shared, s>>>(a); break;
+    case kFloat32: SMOLVLM_LAUNCH(grid, kThreads, shared, s, dwsep_patch_embed_kernel<float>)(a); break;
+    case kFloat16: SMOLVLM_LAUNCH(grid, kThreads, shared, s, dwsep_patch_embed_kernel<__half>)(a); break;
+    default: SMOLVLM_LAUNCH(grid, kThreads, shared, s, dwsep_patch_embed_kernel<__nv_bfloat16>)(a); break;
   }
   check_launch("dwsep_patch_embed_kernel");
 }

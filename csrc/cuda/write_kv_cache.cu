@@ -86,8 +86,8 @@ __global__ void __launch_bounds__(kThreads) write_kv_cache_kernel(const KvArgs a
 template <typename T>
 void launch(const KvArgs& a, bool vectorized, int64_t num_tokens, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(num_tokens));
-  if (vectorized) write_kv_cache_kernel<T, 16 / sizeof(T)><<<grid, kThreads, 0, stream>>>(a);
-  else write_kv_cache_kernel<T, 1><<<grid, kThreads, 0, stream>>>(a);
+  if (vectorized) SMOLVLM_LAUNCH(grid, kThreads, 0, stream, write_kv_cache_kernel<T, 16 / sizeof(T)>)(a);
+  else SMOLVLM_LAUNCH(grid, kThreads, 0, stream, write_kv_cache_kernel<T, 1>)(a);
   check_launch("write_kv_cache_kernel");
 }
 
