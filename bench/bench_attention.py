@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch
 import torch.nn.functional as F
 
-from bench.common import run_kernel_bench
+from bench.common import run_kernel_bench, take_quick
 
 BENCH = "bench_attention"
 BASELINE = "torch SDPA"
@@ -148,10 +148,14 @@ def check(case: Case) -> None:
     torch.testing.assert_close(case.ours().float(), case.theirs().float(), rtol=2e-2, atol=2e-2)
 
 
+
+
+
 def main(argv=None) -> int:
     def measure(case):
         return case.metric, rates(case, case.ours), {BASELINE: rates(case, case.theirs)}
-    return run_kernel_bench(BENCH, __doc__, CASES, measure, check, dtypes=["bfloat16", "float16"], argv=argv)
+    argv, cases = take_quick(argv, CASES)
+    return run_kernel_bench(BENCH, __doc__, cases, measure, check, dtypes=["bfloat16", "float16"], argv=argv)
 
 
 if __name__ == "__main__":

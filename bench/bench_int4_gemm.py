@@ -46,6 +46,8 @@ LAYERS_500M = [("500m.qkv", 1600, 960), ("500m.o", 960, 960), ("500m.gate_up", 5
 LAYERS_VISION = [("vision.qkv", 2304, 768), ("vision.fc1", 3072, 768), ("vision.fc2", 768, 3072),
                  ("connector.256m", 576, 12288)]
 
+QUICK_LAYERS = ["256m.qkv", "256m.down"]  # --quick: decode-sized N and K both ways, M = 1, 16 and PREFILL_M
+
 
 @dataclass
 class Case:
@@ -177,7 +179,11 @@ def main(argv=None) -> int:
     p.add_argument("--kv-tokens", type=int, default=4096)
     p.add_argument("--no-gemm", action="store_true")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a bring-up run's smoke numbers: layers {' '.join(QUICK_LAYERS)} only, no memory row")
     args = p.parse_args(argv)
+    if args.quick:
+        args.layers, args.no_memory = args.layers or QUICK_LAYERS, True
     if gpu_skipped(BENCH):
         return 0
     dtype, device = getattr(torch, args.dtype), "cuda"

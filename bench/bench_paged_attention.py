@@ -123,7 +123,12 @@ def parse_args(argv=None):
     p.add_argument("--no-baseline", action="store_true", help="measure the kernel only, no gather+SDPA")
     p.add_argument("--no-save", action="store_true", help="print only; append no rows to the results file")
     p.add_argument("--results-dir", type=Path, default=None, help="default bench/results")
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true",
+                   help="a bring-up run's smoke numbers: batches 1 and 16, contexts 1024 and 4096, 50 ms each")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batches, args.contexts, args.rep_ms = [1, 16], [1024, 4096], 50
+    return args
 
 
 def main(argv=None) -> None:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch
 import torch.nn.functional as F
 
-from bench.common import run_kernel_bench
+from bench.common import run_kernel_bench, take_quick
 
 BENCH = "bench_patch_embed"
 
@@ -128,11 +128,15 @@ def check(case: Case) -> None:
     torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2, atol=5e-2)
 
 
+
+
+
 def main(argv=None) -> int:
     def measure(case):
         return "TFLOP/s", tflops(case.flops, case.ours), {name: tflops(case.flops, fn)
                                                           for name, fn in case.baselines.items()}
-    return run_kernel_bench(BENCH, __doc__, CASES, measure, check, dtypes=["bfloat16", "float16", "float32"],
+    argv, cases = take_quick(argv, CASES)
+    return run_kernel_bench(BENCH, __doc__, cases, measure, check, dtypes=["bfloat16", "float16", "float32"],
                             argv=argv)
 
 

@@ -15,6 +15,7 @@ cases: a second column, rows with impl "cuda".
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch
 
-from bench.common import append_row, format_row, make_row, run_kernel_bench
+from bench.common import QUICK_CASES, append_row, format_row, make_row, run_kernel_bench, take_quick
 
 BENCH = "bench_small_ops"
 BASELINE = "torch eager"
@@ -132,8 +133,9 @@ def check(case: Case) -> None:
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
-def cuda_column(argv=None) -> None:
-    """The CUDA column: CUDA_CASES of the selected groups, timed like the Triton rows, saved with impl "cuda"."""
+def cuda_column(argv=None, quick=False) -> None:
+    """The CUDA column: CUDA_CASES of the selected groups, timed like the Triton rows, saved with impl "cuda"
+    (quick: the first QUICK_CASES of each, as the Triton rows under --quick)."""
     import argparse
 
     from smolvlm_fast.ops import cuda
@@ -147,7 +149,8 @@ def cuda_column(argv=None) -> None:
     p.add_argument("--results-dir", type=Path, default=None)
     args, _ = p.parse_known_args(argv)
     for group in args.ops:
-        for case in CUDA_CASES.get(group, lambda dtype, device: [])(getattr(torch, args.dtype), "cuda"):
+        group_cases = CUDA_CASES.get(group, lambda dtype, device: [])(getattr(torch, args.dtype), "cuda")
+        for case in itertools.islice(group_cases, QUICK_CASES if quick else None):
             check(case)
             row = make_row(bench=BENCH, case=case.op, shape=case.shape, dtype=args.dtype, device="cuda", metric="GB/s",
                            ours=gbps(case.nbytes, case.ours), baseline=BASELINE, theirs=gbps(case.nbytes, case.theirs),
@@ -157,12 +160,16 @@ def cuda_column(argv=None) -> None:
                 append_row(BENCH, row, args.results_dir)
 
 
+
+
+
 def main(argv=None) -> int:
     def measure(case):
         return "GB/s", gbps(case.nbytes, case.ours), {BASELINE: gbps(case.nbytes, case.theirs)}
-    code = run_kernel_bench(BENCH, __doc__, CASES, measure, check, dtypes=["bfloat16", "float16", "float32"],
+    argv, cases = take_quick(argv, CASES)
+    code = run_kernel_bench(BENCH, __doc__, cases, measure, check, dtypes=["bfloat16", "float16", "float32"],
                             argv=argv)
-    cuda_column(argv)
+    cuda_column(argv, quick=cases is not CASES)
     return code
 
 

@@ -142,7 +142,12 @@ def main(argv=None) -> None:
     p.add_argument("--vision-layers", type=int, default=12)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--quick", action="store_true", help="a bring-up run's smoke numbers: the torch backend, llama, "
+                   "4 text and 2 vision layers, 8 new tokens, 1 repeat")
     args = p.parse_args(argv)
+    if args.quick:
+        args.backend, args.text_arch, args.text_layers, args.vision_layers = ["torch"], ["llama"], 4, 2
+        args.new_tokens, args.repeats = 8, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     for backend in list(args.backend):

@@ -5,6 +5,7 @@ A result row is one JSON line in bench/results/<bench>.jsonl (fields in bench/RE
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import platform
@@ -286,3 +287,16 @@ def run_kernel_bench(bench: str, doc: str, cases: dict, measure, check, *, dtype
                 if not args.no_save:
                     append_row(bench, row, args.results_dir)
     return 0
+
+
+QUICK_CASES = 2  # --quick: the first cases of each group, a bring-up run's smoke numbers (bench/gpu_check.py)
+
+
+def take_quick(argv, cases: dict) -> tuple[list[str], dict]:
+    """(argv without --quick, the case groups cut to their first QUICK_CASES cases when it was given)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--quick" not in argv:
+        return argv, cases
+    argv.remove("--quick")
+    return argv, {name: (lambda *a, group=group: itertools.islice(group(*a), QUICK_CASES))
+                  for name, group in cases.items()}

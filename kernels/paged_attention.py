@@ -10,14 +10,15 @@ Layouts (token-major, smolvlm_fast/ops/README.md; the last dimension of every te
   partial_acc      [T, Hq, num_splits, Dh] fp32   partial_max / partial_sum [T, Hq, num_splits] fp32
 
 Query j of sequence s (q_len_s queries) sits at position seq_lens[s] - q_len_s + j and sees the keys at
-positions <= its own.
+positions <= its own; a query that sees no key (a padding sequence of length 0) is written as zeros.
 
 Work split. One program per (query tile, kv head, context split). A query tile is BLOCK_Q consecutive
 queries of one sequence times the GROUP query heads that share the kv head: the BLOCK_M rows of the
 tl.dot (row r = query r // GROUP, head r % GROUP, padded to a power of two >= 16), so each K/V tile is
 loaded once for the whole group. Sequence s owns the global tiles from query_start_loc[s] // BLOCK_Q + s
 on (found by binary search, no host sync); T // BLOCK_Q + num_seqs tiles cover every layout.
-Split i covers the keys [i * split_size, (i + 1) * split_size) (flash-decoding): the attention kernel
+Split i covers the keys [i * split_size, (i + 1) * split_size) (flash-decoding), the last split all keys from
+its start on (so a max_seq_len below a real length costs speed, never keys): the attention kernel
 writes the split's unnormalised (max, sum, acc) and a second kernel combines the splits. With one split
 the attention kernel normalises and writes the output itself. Softmax runs in base 2 with the scale
 folded in; scores and accumulators are fp32.
@@ -25,6 +26,7 @@ folded in; scores and accumulators are fp32.
 from __future__ import annotations
 
 import functools
+import operator
 import os
 
 import torch
@@ -130,7 +132,8 @@ def _paged_attention_kernel(
     # this split's keys; the tile's last query sees the first kv_len keys of the sequence
     kv_len = seq_len - q_len + tl.minimum((q_tile + 1) * BLOCK_Q, q_len)
     lo = (split * split_size).to(tl.int32)
-    hi = tl.minimum(lo + split_size, kv_len).to(tl.int32)
+    last_split = split == tl.num_programs(2) - 1
+    hi = tl.where(last_split, kv_len, tl.minimum(lo + split_size, kv_len)).to(tl.int32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scaled base-2 scores
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
@@ -169,7 +172,7 @@ def _paged_attention_kernel(
         part = partial_acc_ptr + tok[:, None] * stride_pat + head[:, None] * stride_pah + split * stride_pas
         tl.store(part + offs_d[None, :], acc, mask=out_mask)
     else:
-        out = acc / l_i[:, None]
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that saw no key: zeros
         out_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -193,7 +196,8 @@ def _combine_splits_kernel(
     s_ok = offs_s < num_splits
     m = tl.load(partial_max_ptr + stats + offs_s, mask=s_ok, other=float("-inf"))
     l = tl.load(partial_sum_ptr + stats + offs_s, mask=s_ok, other=0.0)
-    m_all = tl.max(m, 0)  # finite: split 0 holds key 0, which every query sees
+    m_all = tl.max(m, 0)
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # -inf: the query saw no key (its result is zeros)
     total = tl.sum(tl.exp2(m - m_all) * l, 0)
 
     offs_d = tl.arange(0, DH_PAD)
@@ -207,7 +211,7 @@ def _combine_splits_kernel(
         part = tl.load(part_row + offs[:, None] * stride_pas + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
                        other=0.0)  # [SPLIT_TILE, DH_PAD]
         acc += tl.sum(part * w[:, None], 0)
-    out = acc / total
+    out = acc / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + tok * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
@@ -260,6 +264,24 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, cos_sin
                              f"and <= the table's {cos_sin.shape[-1]} columns")
 
 
+def check_max_seq_len(max_seq_len, seq_lens: torch.Tensor) -> int | None:
+    """max_seq_len as an int (None stays None), or a ValueError: it must be >= 0 and, where seq_lens is on the host
+    (a free check), >= every length. Device lengths are not checked, as that costs the host sync max_seq_len saves;
+    the kernel then still reads every key (its last split runs to the end of the sequence)."""
+    if max_seq_len is None:
+        return None
+    try:
+        max_seq_len = operator.index(max_seq_len)
+    except TypeError:
+        raise ValueError(f"paged_attention: max_seq_len must be an int, got {max_seq_len!r}") from None
+    if max_seq_len < 0:
+        raise ValueError(f"paged_attention: max_seq_len must be >= 0, got {max_seq_len}")
+    if seq_lens.device.type == "cpu" and seq_lens.numel() and int(seq_lens.max()) > max_seq_len:
+        raise ValueError(f"paged_attention: max_seq_len {max_seq_len} is below the longest sequence "
+                         f"({int(seq_lens.max())} tokens); it must bound every seq_lens entry")
+    return max_seq_len
+
+
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, cos_sin, positions, rotary_dim, scale,
             out, max_seq_len, split_size):
     T, Hq, Dh = q.shape
@@ -280,6 +302,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, cos_si
 
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())  # one host sync; pass max_seq_len to avoid it (CUDA graphs)
+    max_seq_len = max(max_seq_len, 0)
     if split_size is None:
         split_size = choose_split_size(max_seq_len, num_tiles * Hkv, q.device, multi_query=T > num_seqs)
     if split_size < 1:
@@ -326,14 +349,15 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start_
                     positions=None, rotary_dim=None, scale=None, out=None, max_seq_len=None, split_size=None):
     """Packed queries q [T, Hq, Dh] over the paged cache -> [T, Hq, Dh] (smolvlm_fast/ops/README.md).
 
-    Extensions: `out` [T, Hq, Dh] to write into; `max_seq_len`, an upper bound of seq_lens (keys past
-    ceil(max_seq_len / split_size) splits are never read) so that the launch needs no host sync, as under CUDA
-    graphs; `split_size`, keys per context split (default: from the context length and the GPU's size, see
-    choose_split_size).
+    Extensions: `out` [T, Hq, Dh] to write into; `max_seq_len`, an upper bound of seq_lens that sizes the
+    context splits so that the launch needs no host sync, as under CUDA graphs (checked against seq_lens when they
+    are on the host, see check_max_seq_len); `split_size`, keys per context split (default: from the context length
+    and the GPU's size, see choose_split_size).
     """
     if cos_sin is not None:
         rotary_dim = rotary_dim or cos_sin.shape[-1]
     _check(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, cos_sin, positions, rotary_dim)
+    max_seq_len = check_max_seq_len(max_seq_len, seq_lens)
     T, Hq, Dh = q.shape
     scale = Dh**-0.5 if scale is None else float(scale)
     if q.stride(-1) != 1:

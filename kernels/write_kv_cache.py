@@ -2,7 +2,8 @@
 
 Layout: k, v `[T, Hkv, Dh]` (token and head strides free, unit stride along Dh: a slice of a fused qkv
 output works); k_cache, v_cache `[num_blocks, block_size, Hkv, Dh]` (unit stride along Dh);
-slot_mapping `[T]` with slot = block * block_size + offset, -1 skips the token; positions `[T]`;
+slot_mapping `[T]` with slot = block * block_size + offset; a slot outside [0, num_blocks * block_size) skips
+the token (-1 is the padding value; a slot past the cache is never written out of bounds); positions `[T]`;
 cos_sin `[max_position, >= rotary_dim]`, columns [0, R/2) cos and [R/2, R) sin (R = rotary_dim).
 Grid (T, cdiv(Hkv, BLOCK_H)): one program per token and block of heads, a [BLOCK_H, BLOCK_D] tile.
 
@@ -24,7 +25,7 @@ MAX_TILE = 4096  # elements of one program's [BLOCK_H, BLOCK_D] tile
 @triton.jit
 def _write_kv_cache_kernel(
     k_cache_ptr, v_cache_ptr, k_ptr, v_ptr, slot_mapping_ptr, cos_sin_ptr, positions_ptr,
-    num_heads, head_dim, block_size, rotary_half,
+    num_heads, head_dim, block_size, num_slots, rotary_half,
     stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_kc_block, stride_kc_slot, stride_kc_head,
     stride_vc_block, stride_vc_slot, stride_vc_head,
@@ -34,7 +35,7 @@ def _write_kv_cache_kernel(
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot < 0:
+    if (slot < 0) | (slot >= num_slots):  # padding, or past the cache: skipped, as in the reference
         return
     block = slot // block_size
     offset = slot % block_size
@@ -111,7 +112,7 @@ def _write_kv_cache_fwd(k, v, k_cache, v_cache, slot_mapping, cos_sin, positions
     grid = (num_tokens, triton.cdiv(num_heads, block_h))
     _write_kv_cache_kernel[grid](
         k_cache, v_cache, k, v, slot_mapping, cos_sin, positions,
-        num_heads, head_dim, k_cache.shape[1], rotary_dim // 2,
+        num_heads, head_dim, k_cache.shape[1], k_cache.shape[0] * k_cache.shape[1], rotary_dim // 2,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -124,6 +125,6 @@ def _write_kv_cache_fwd(k, v, k_cache, v_cache, slot_mapping, cos_sin, positions
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor, *, cos_sin: torch.Tensor | None = None,
                    positions: torch.Tensor | None = None, rotary_dim: int | None = None) -> None:
-    """k_cache/v_cache[slot // block_size, slot % block_size] = rope(k), v for each token whose slot is not -1.
-    In place; nothing is returned."""
+    """k_cache/v_cache[slot // block_size, slot % block_size] = rope(k), v for each token whose slot lies in
+    [0, num_blocks * block_size); other slots (-1: padding) are skipped. In place; nothing is returned."""
     _write_kv_cache_fwd(k, v, k_cache, v_cache, slot_mapping, cos_sin, positions, rotary_dim)

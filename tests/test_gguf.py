@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as Q
-from gguf.quants import dequantize, quantize
 
-from smolvlm_fast.config import ModelConfig
-from smolvlm_fast.errors import CheckpointError
-from smolvlm_fast.formats import int4 as int4_format
-from smolvlm_fast.formats.gguf import load_gguf, load_gguf_tokenizer, load_gguf_weights, raw_rows
-from smolvlm_fast.formats.gguf_reader import SUPPORTED_TYPES, open_gguf
-from smolvlm_fast.formats.gguf_tokenizer import BYTE_TO_CHAR
+gguf = pytest.importorskip("gguf")  # gguf-py writes the test files (and smolvlm_fast's GGUF reader needs it)
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+from gguf.quants import dequantize, quantize  # noqa: E402
 
-from tests.conftest_gguf import smollm2_gguf  # noqa: F401  (until tests/conftest.py imports it)
+from smolvlm_fast.config import ModelConfig  # noqa: E402
+from smolvlm_fast.errors import CheckpointError  # noqa: E402
+from smolvlm_fast.formats import int4 as int4_format  # noqa: E402
+from smolvlm_fast.formats.gguf import load_gguf, load_gguf_tokenizer, load_gguf_weights, raw_rows  # noqa: E402
+from smolvlm_fast.formats.gguf_reader import SUPPORTED_TYPES, open_gguf  # noqa: E402
+from smolvlm_fast.formats.gguf_tokenizer import BYTE_TO_CHAR  # noqa: E402
+
+from tests.conftest_gguf import smollm2_gguf  # noqa: E402, F401  (until tests/conftest.py imports it)
 
 # --- a tiny llama in GGUF, written as llama.cpp's converter writes one -------------------------------------------
 

@@ -14,15 +14,17 @@ import types
 from pathlib import Path
 
 import pytest
-from gguf import GGMLQuantizationType as Q
-from gguf import GGUFValueType as V
 
-from smolvlm_fast.errors import CheckpointError
-from smolvlm_fast.formats import hub
-from smolvlm_fast.formats.gguf_reader import INT64_MAX, MAX_ARRAY_ELEMENTS
-from smolvlm_fast.formats.safetensors import iter_safetensors, iter_safetensors_file
-from smolvlm_fast.formats.safetensors import load_checkpoint_numpy, read_safetensors
-from tests.hostile_files import (MERGES, MISSED_BY_CHECKS, TOKENS, RawArray, gguf_fields, gguf_kvs, gguf_tensors,
+pytest.importorskip("gguf")  # the hostile GGUF files are written with its types (and the reader under test needs it)
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+from gguf import GGUFValueType as V  # noqa: E402
+
+from smolvlm_fast.errors import CheckpointError  # noqa: E402
+from smolvlm_fast.formats import hub  # noqa: E402
+from smolvlm_fast.formats.gguf_reader import INT64_MAX, MAX_ARRAY_ELEMENTS  # noqa: E402
+from smolvlm_fast.formats.safetensors import iter_safetensors, iter_safetensors_file  # noqa: E402
+from smolvlm_fast.formats.safetensors import load_checkpoint_numpy, read_safetensors  # noqa: E402
+from tests.hostile_files import (MERGES, MISSED_BY_CHECKS, TOKENS, RawArray, gguf_fields, gguf_kvs, gguf_tensors,  # noqa: E402
                                  read_gguf_everything, safetensors_bytes, safetensors_parts)
 
 

@@ -171,8 +171,18 @@ def _paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start
                      positions=None, rotary_dim=None, scale=None, out=None, max_seq_len=None, split_size=None):
     """Packed queries q [T, Hq, Dh] over the paged cache -> [T, Hq, Dh] (ops/README.md), one query per sequence.
 
-    max_seq_len: an upper bound of seq_lens (default: the block tables' width x block_size, so no host sync);
+    max_seq_len: an upper bound of seq_lens that sizes the context splits; the kernel reads ceil(max_seq_len /
+    split_size) splits, so it must bound every length (checking that against device seq_lens would cost the host
+    sync it saves: pass max(seq_lens) from the host lists the tensors were made of). Default: the block tables'
+    capacity, width x block_size, the only bound known without a sync (tight for the engine's tables, which are as
+    wide as the step's longest sequence; loose for tables padded to a fixed width, as under CUDA graphs: there it
+    gives many empty splits and a split size chosen for a long context, so pass max_seq_len).
     split_size: keys per context split (default: choose_split_size)."""
+    if max_seq_len is not None:  # checked first: it needs no device
+        index = getattr(max_seq_len, "__index__", None)  # ints, NumPy ints
+        if index is None or index() < 0:
+            raise ValueError(f"paged_attention: max_seq_len must be an int >= 0, got {max_seq_len!r}")
+        max_seq_len = index()
     _require_cuda("paged_attention", q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, cos_sin, positions,
                   out)
     T, Hq, Dh = q.shape
@@ -198,7 +208,8 @@ def _paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start
     query_start_loc = None if query_start_loc is None else _i32(query_start_loc)
     device = _device(q)
     slices = _head_slices(Hq // Hkv)
-    max_len = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
+    capacity = block_tables.shape[1] * block_size  # no sequence is longer than its table
+    max_len = capacity if max_seq_len is None else min(max_seq_len, capacity)
     split = split_size or choose_split_size(max_len, T * Hkv * slices, device)
     splits = max(1, -(-max_len // split))
     acc, mx, sm, keep = _partials(T, Hq, splits, Dh, q.device)
@@ -251,8 +262,8 @@ def _cross_attention(q, k, v, *, kv_lens=None, scale=None, out=None, split_size=
 
 
 def _write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, cos_sin=None, positions=None, rotary_dim=None) -> None:
-    """k_cache/v_cache[slot // block_size, slot % block_size] = rope(k), v for each token whose slot is not -1.
-    In place (slots past the cache are skipped, not written)."""
+    """k_cache/v_cache[slot // block_size, slot % block_size] = rope(k), v for each token whose slot lies in
+    [0, num_blocks * block_size); other slots (-1: padding) are skipped, as in the reference. In place."""
     _require_cuda("write_kv_cache", k, v, k_cache, v_cache, slot_mapping, cos_sin, positions)
     T, H, Dh = k.shape
     if tuple(slot_mapping.shape) != (T,) or slot_mapping.dtype not in INDEX_DTYPES:

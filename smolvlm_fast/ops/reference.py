@@ -78,11 +78,17 @@ def apply_rope(x, cos_sin, positions, rotary_dim=None):
 def _attend(q, k, v, mask, scale):
     """q [Sq, Hq, Dh], k/v [Sk, Hkv, Dh], mask [Sq, Sk] bool (True = attend) or None -> [Sq, Hq, Dh].
 
-    PyTorch's SDPA (the math transformers runs too), with GQA inside it rather than by copying K/V heads.
+    PyTorch's SDPA (the math transformers runs too), with GQA inside it rather than by copying K/V heads. A query
+    row that sees no key is 0 (the contract of every attention op), set here rather than left to SDPA's backend.
     """
+    if k.shape[0] == 0:
+        return torch.zeros_like(q)
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                          attn_mask=mask, scale=scale, enable_gqa=True)  # [1, Hq, Sq, Dh]
-    return out[0].transpose(0, 1)
+    out = out[0].transpose(0, 1)
+    if mask is not None:
+        out = out.masked_fill(~mask.any(-1)[:, None, None], 0)  # [Sq] rows with no key -> 0
+    return out
 
 
 def rope_attention(q, k, v, *, cos_sin=None, positions=None, rotary_dim=None, causal=True, scale=None,
@@ -109,15 +115,17 @@ def rope_attention(q, k, v, *, cos_sin=None, positions=None, rotary_dim=None, ca
             keep &= key_mask[b][None, :]
         out[b] = _attend(q[b], k[b], v[b], None if bool(keep.all()) else keep, scale)
         if seq_lens is not None:
-            out[b, int(seq_lens[b]):] = 0
+            out[b, max(0, int(seq_lens[b])):] = 0
     return out
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, cos_sin=None, positions=None, rotary_dim=None):
-    """k/v [T, Hkv, Dh] -> k_cache/v_cache [num_blocks, block_size, Hkv, Dh] at slot_mapping [T] (-1 skips)."""
+    """k/v [T, Hkv, Dh] -> k_cache/v_cache [num_blocks, block_size, Hkv, Dh] at slot_mapping [T].
+
+    A slot outside [0, num_blocks * block_size) skips its token (-1 is the padding value)."""
     if cos_sin is not None:
         k = apply_rope(k, cos_sin, positions, rotary_dim)
-    keep = slot_mapping >= 0
+    keep = (slot_mapping >= 0) & (slot_mapping < k_cache.shape[0] * k_cache.shape[1])
     slots = slot_mapping[keep].long()
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
@@ -127,7 +135,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start_
                     positions=None, rotary_dim=None, scale=None):
     """Packed queries q [T, Hq, Dh] over the paged cache -> [T, Hq, Dh].
 
-    Query j of sequence s (q_len_s queries) sits at position seq_lens[s] - q_len_s + j and sees keys <= it.
+    Query j of sequence s (q_len_s queries) sits at position seq_lens[s] - q_len_s + j and sees keys <= it; a query
+    at a negative position (seq_lens[s] < q_len_s, e.g. a padding sequence of length 0) sees none and is 0.
     """
     T, Hq, Dh = q.shape
     block_size = k_cache.shape[1]
@@ -139,6 +148,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start_
     starts = query_start_loc.tolist()
     out = torch.empty_like(q)
     for s, seq_len in enumerate(seq_lens.tolist()):
+        seq_len = max(0, seq_len)
         q_s = q[starts[s]:starts[s + 1]]  # [q_len, Hq, Dh]
         blocks = block_tables[s, :(seq_len + block_size - 1) // block_size].long()
         k_s = k_cache[blocks].flatten(0, 1)[:seq_len]  # [seq_len, Hkv, Dh]
@@ -155,8 +165,8 @@ def cross_attention(q, k, v, *, kv_lens=None, scale=None):
     scale = Dh**-0.5 if scale is None else scale
     out = torch.empty_like(q)
     for b in range(B):
-        n = k.shape[1] if kv_lens is None else int(kv_lens[b])
-        out[b] = _attend(q[b], k[b, :n], v[b, :n], None, scale) if n else 0  # no image tokens: no update
+        n = k.shape[1] if kv_lens is None else min(max(0, int(kv_lens[b])), k.shape[1])
+        out[b] = _attend(q[b], k[b, :n], v[b, :n], None, scale)  # n = 0 (no image token): 0, no update
     return out
 
 
