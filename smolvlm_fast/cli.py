@@ -261,6 +261,9 @@ def main(argv=None) -> int:
         if getattr(args, "kernels", None) is not None:  # one setting for the process: the engine's thread reads it too
             from .ops import use_kernels
             use_kernels(args.kernels, "--kernels")
+        else:  # a bad SMOLVLM_FAST_KERNELS is an error here, even where no op call would read it (the CPU path)
+            from .ops.registry import kernel_order
+            kernel_order()
         return getattr(args, "run", run_generate)(args)
     except SmolVLMError as e:
         print(f"smolvlm-fast: error: {e}", file=sys.stderr)

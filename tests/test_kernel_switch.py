@@ -119,3 +119,11 @@ def test_the_command_line_sets_it_before_the_command_runs(monkeypatch):
     monkeypatch.setattr(cli, "run_generate", lambda args: seen.append(ops.kernel_order()) or 0)
     assert cli.main(["generate", "hi", "--kernels", "reference"]) == 0
     assert seen == [("reference",)]
+
+
+def test_a_bad_environment_order_is_a_command_error_on_the_cpu_path(monkeypatch, capsys):
+    """The numpy path calls no op, so only the command's own check catches a bad SMOLVLM_FAST_KERNELS."""
+    from smolvlm_fast.cli import main
+    monkeypatch.setenv("SMOLVLM_FAST_KERNELS", "bogus")
+    assert main(["generate", "hi", "--max-new-tokens", "1"]) == 2
+    assert "SMOLVLM_FAST_KERNELS='bogus'" in capsys.readouterr().err
