@@ -30,7 +30,7 @@ class Tolerance:
     tests: str               # where the rule comes from
 
 
-# float32: KERNELS.md's 1e-5 relative; float16 / bfloat16: one rounding of the largest output (half an ulp, 2^-11 and
+# float32: 1e-5 relative (the project's float32 contract); float16 / bfloat16: one rounding of the largest output (half an ulp, 2^-11 and
 # 2^-8 relative) on top of twice the plain op's error, so that an op the plain reference computes exactly (a copy,
 # a sum that rounds the same way) is not held to zero
 FLOORS = {"float32": 1e-5, "float16": 2.0**-11, "bfloat16": 2.0**-8, "float64": 1e-12}
