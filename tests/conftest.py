@@ -53,6 +53,16 @@ def float32_kv_cache(monkeypatch):
     monkeypatch.setenv("SMOLVLM_FAST_KV_DTYPE", "float32")
 
 
+@pytest.fixture
+def default_kernel_order(monkeypatch):
+    """The ops' kernel order at its default (no SMOLVLM_FAST_KERNELS, no use_kernels) for the test, and after it."""
+    from smolvlm_fast.ops import registry
+    monkeypatch.delenv(registry.KERNELS_ENV, raising=False)
+    registry.use_kernels(None)
+    yield
+    registry.use_kernels(None)
+
+
 def _rng(image_seed: int) -> np.random.Generator:
     return np.random.default_rng(image_seed)
 

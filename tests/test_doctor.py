@@ -9,12 +9,8 @@ from smolvlm_fast.ops import cuda, reference, registry
 from smolvlm_fast.ops.registry import Impl, any_call
 
 
-@pytest.fixture(autouse=True)
-def fresh(monkeypatch):
-    monkeypatch.delenv(registry.KERNELS_ENV, raising=False)
-    registry.use_kernels(None)
-    yield
-    registry.use_kernels(None)
+# each test starts from the default kernel order and leaves it so (conftest.default_kernel_order)
+pytestmark = pytest.mark.usefixtures("default_kernel_order")
 
 
 def rows_of(text: str) -> dict[str, list[str]]:

@@ -13,12 +13,8 @@ from smolvlm_fast.ops.registry import Impl, any_call
 from .test_cuda_kernels import cuda_like
 
 
-@pytest.fixture(autouse=True)
-def fresh(monkeypatch):
-    monkeypatch.delenv(registry.KERNELS_ENV, raising=False)
-    registry.use_kernels(None)
-    yield
-    registry.use_kernels(None)
+# each test starts from the default kernel order and leaves it so (conftest.default_kernel_order)
+pytestmark = pytest.mark.usefixtures("default_kernel_order")
 
 
 @pytest.mark.parametrize("spec, order", [
