@@ -201,6 +201,7 @@ def steps(python: str, arch: str) -> list[Step]:
         Step("racecheck", 90, SANITIZE + ["racecheck", *pytest, *SMALL_CUDA]) if sanitizer else None,
         Step("synccheck", 60, SANITIZE + ["synccheck", *pytest, *SMALL_CUDA]) if sanitizer else None,
         Step("triton_tests", 120, pytest + ["-m", "gpu", *TRITON_TESTS]),
+        Step("bench_cuda_graphs", 60, bench + ["bench/bench_cuda_graphs.py", "--quick"]),
         Step("bench_paged_attention", 45, bench + ["bench/bench_paged_attention.py", "--quick"]),
         Step("bench_small_ops", 40, bench + ["bench/bench_small_ops.py", "--quick"]),
         Step("bench_int4_gemm", 45, bench + ["bench/bench_int4_gemm.py", "--quick"]),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -59,14 +60,19 @@ def kernel_order(value: str) -> str:
     return value
 
 
-def add_kernels_flag(parser) -> None:
+def add_kernels_flag(parser, graphs: bool = True) -> None:
+    """--kernels, and (graphs) --cuda-graphs: both one setting for the process, the engine's thread included."""
     parser.add_argument("--kernels", type=kernel_order, default=None, metavar="ORDER", help=KERNELS_HELP)
+    if graphs:
+        parser.add_argument("--cuda-graphs", action="store_true",
+                            help="replay decode steps from CUDA graphs (torch backend on a GPU; off by default "
+                                 "until measured there; the same as SMOLVLM_FAST_CUDA_GRAPHS=1)")
 
 
 def add_doctor_command(commands) -> None:
     doc = commands.add_parser("doctor", help="check every kernel against its reference on this machine: a report to "
                                              "attach to a bug report (exits 1 when a chosen kernel fails)")
-    add_kernels_flag(doc)
+    add_kernels_flag(doc, graphs=False)
     doc.add_argument("--repeat", type=int, default=5, metavar="N", help="calls timed per kernel (default: 5)")
     doc.set_defaults(run=run_doctor)
 
@@ -264,6 +270,9 @@ def main(argv=None) -> int:
         else:  # a bad SMOLVLM_FAST_KERNELS is an error here, even where no op call would read it (the CPU path)
             from .ops.registry import kernel_order
             kernel_order()
+        if getattr(args, "cuda_graphs", False):
+            from .models.decode_graphs import GRAPHS_ENV
+            os.environ[GRAPHS_ENV] = "1"  # read by every engine this process makes (Engine's cuda_graphs=None)
         return getattr(args, "run", run_generate)(args)
     except SmolVLMError as e:
         print(f"smolvlm-fast: error: {e}", file=sys.stderr)

@@ -207,8 +207,21 @@ def report() -> list[str]:
     lines += ext_lines
     lines += _backend_lines()
     if torch is not None:
+        lines.append(f"cuda graphs           {_graphs_line()}")
         lines += _op_lines(torch)
     return lines
+
+
+def _graphs_line() -> str:
+    from .errors import InputError
+    from .models.decode_graphs import GRAPHS_ENV, graphs_wanted
+    try:
+        wanted = graphs_wanted(None)
+    except InputError as e:
+        return str(e)
+    if wanted:
+        return f"on ({GRAPHS_ENV}=1): decode steps of the torch backend on a GPU are replayed from graphs"
+    return f"off (the default until measured on a GPU; {GRAPHS_ENV}=1, cuda_graphs=True or --cuda-graphs turns them on)"
 
 
 def main() -> None:

@@ -109,6 +109,18 @@ def test_max_seq_len_below_a_length_is_an_error():
     assert_matches_fp32(out, reference_f64(args, kwargs))
 
 
+def test_reference_checks_max_seq_len():
+    """The reference takes max_seq_len too (the model passes it to every implementation) and holds it to its
+    promise; a bound that holds changes nothing."""
+    args, kwargs = make_inputs([17, 90, 40], None)
+    for bad in (89, -1, 1.5, "90"):
+        with pytest.raises(ValueError, match="max_seq_len must be an int >= 0 that bounds every seq_lens entry"):
+            reference.paged_attention(*args, **kwargs, max_seq_len=bad)
+    for bound in (90, 1000):
+        torch.testing.assert_close(reference.paged_attention(*args, **kwargs, max_seq_len=bound),
+                                   reference.paged_attention(*args, **kwargs), rtol=0, atol=0)
+
+
 def test_cuda_launcher_checks_max_seq_len_before_the_device():
     """The CUDA launcher refuses a max_seq_len that is no length before it looks at devices (no GPU needed)."""
     args, kwargs = make_inputs([17, 90], None)

@@ -65,6 +65,11 @@ class NumpyBackend:
         """(bytes free for the KV cache where the model runs, or None when unknown; which memory that is)."""
         return host_available_bytes(), "host"
 
+    def decode_graphs(self, model, kv_caches, block_size: int, max_batch: int, option: bool | None):
+        """None: CUDA graphs are for the torch backend on a GPU (cuda_graphs=True here is an error; the
+        environment's SMOLVLM_FAST_CUDA_GRAPHS=1 applies where it can)."""
+        return _no_graphs(option, "the numpy backend")
+
 
 class TorchBackend:
     name = "torch"
@@ -99,8 +104,26 @@ class TorchBackend:
             return int(free), "cuda"
         return host_available_bytes(), "host"
 
+    def decode_graphs(self, model, kv_caches, block_size: int, max_batch: int, option: bool | None):
+        """A DecodeGraphs over the model and its caches where graphs are wanted and can run (a CUDA device, a
+        spliced model), else None (cuda_graphs=True where they cannot is an error)."""
+        from ..models.decode_graphs import DecodeGraphs, graphs_wanted
+        if not graphs_wanted(option):
+            return None
+        if model.device.type != "cuda" or model.config.is_xattn:
+            where = "a cross-attention model" if model.config.is_xattn else f"device {model.device.type!r}"
+            return _no_graphs(option, where)
+        return DecodeGraphs(model, kv_caches, block_size=block_size, max_batch=max_batch)
+
 
 BACKENDS = {b.name: b for b in (NumpyBackend(), TorchBackend())}
+
+
+def _no_graphs(option: bool | None, where: str) -> None:
+    """No CUDA graphs for `where`: an InputError when cuda_graphs=True asked for them, else None."""
+    if option:
+        raise InputError(f"cuda_graphs=True needs the torch backend on a CUDA GPU with a spliced model; {where} "
+                         "runs every step eagerly")
 
 
 def backend_named(name: str):

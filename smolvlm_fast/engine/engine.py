@@ -43,6 +43,7 @@ class EngineStats:
     feature_cache_hits: int = 0      # images whose features came from the LRU instead
     preemptions: int = 0
     evictions: int = 0               # cached blocks reused for other tokens
+    graph_replays: int = 0           # steps replayed from a CUDA graph (cuda_graphs on; models/decode_graphs.py)
     # gauges: the engine's state when the stats were read
     running: int = 0                 # sequences in the running batch
     waiting: int = 0                 # sequences waiting to join it
@@ -79,10 +80,13 @@ class Engine:
 
     def __init__(self, model, *, num_blocks: int, block_size: int = 16, max_num_batched_tokens: int = 512,
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True, feature_cache_bytes: int = 256 << 20,
-                 decode: Callable[[list[int]], str] | None = None):
+                 decode: Callable[[list[int]], str] | None = None, cuda_graphs: bool | None = None):
+        """cuda_graphs: replay decode steps from CUDA graphs (torch on a GPU); None: SMOLVLM_FAST_CUDA_GRAPHS=1."""
         self.model, self.decode, self.backend = model, decode, backend_of(model)
         self.cache = PagedCache(num_blocks, block_size, enable_prefix_caching)
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
+        # what runs a step's forward: the model, or its decode steps from CUDA graphs (models/decode_graphs.py)
+        self.graphs = self.backend.decode_graphs(model, self.kv_caches, block_size, max_num_seqs, cuda_graphs)
         self.scheduler = Scheduler(self.cache, SchedulerConfig(max_num_batched_tokens, max_num_seqs))
         self.features = FeatureCache(feature_cache_bytes)
         self._counts = EngineStats()
@@ -96,7 +100,8 @@ class Engine:
                        cached_prompt_tokens=self.scheduler.cached_prompt_tokens, evictions=allocator.evictions,
                        running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                        kv_blocks_total=allocator.num_blocks, kv_blocks_free=allocator.num_free,
-                       kv_blocks_cached=allocator.num_cached)
+                       kv_blocks_cached=allocator.num_cached,
+                       graph_replays=self.graphs.replays if self.graphs is not None else 0)
 
     @property
     def capacity(self) -> int:
@@ -174,7 +179,7 @@ class Engine:
         spans = [(seq, seq.num_computed, seq.num_computed + n) for seq, n in zip(batch.seqs, batch.num_tokens)]
         ids = np.array([t for seq, start, end in spans for t in seq.token_ids[start:end]], dtype=np.int64)
         images = [self._step_images(*span) for span in spans]
-        hidden = self.model.forward(ids, batch.meta, self.kv_caches, images)
+        hidden = (self.graphs or self.model).forward(ids, batch.meta, self.kv_caches, images)
         for seq, _, _ in spans:
             if seq.model_images is not None and seq.model_images.kept is not None:
                 seq.features.clear()  # the model keeps what it derived from them: the features are not needed

@@ -25,14 +25,15 @@ class ForwardBatch:
     block_tables: torch.Tensor       # [num_seqs, max_blocks] int32
     seq_lens: torch.Tensor           # [num_seqs] int32
     query_start_loc: torch.Tensor    # [num_seqs + 1] int32
-    last_token_indices: torch.Tensor  # [num_seqs] int64
+    max_seq_len: int                 # a bound of seq_lens, known on the host: sizes the attention's context splits
+    #                                  and the RoPE table without reading seq_lens back (no sync; graphs capture it)
 
     @classmethod
     def from_metadata(cls, meta: StepMetadata, device) -> "ForwardBatch":
         def i32(values):
             return torch.tensor(values, dtype=torch.int32, device=device)
         return cls(i32(meta.positions), i32(meta.slot_mapping), i32(meta.block_tables), i32(meta.seq_lens),
-                   i32(meta.query_start_loc), torch.tensor(meta.last_token_indices, dtype=torch.long, device=device))
+                   i32(meta.query_start_loc), max(meta.seq_lens, default=0))
 
 
 # ---------------------------------------------------------------- vision encoder (SigLIP, variable size)
@@ -143,7 +144,8 @@ class TextLayer(nn.Module):
         k_cache, v_cache = kv_cache
         ops.write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping, cos_sin=cos_sin, positions=batch.positions)
         out = ops.paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
-                                  query_start_loc=batch.query_start_loc, cos_sin=cos_sin, positions=batch.positions)
+                                  query_start_loc=batch.query_start_loc, cos_sin=cos_sin, positions=batch.positions,
+                                  max_seq_len=batch.max_seq_len)
         return self.o_proj(out.reshape(T, self.q_size))
 
     def forward(self, x, residual, batch, kv_cache, cos_sin):
@@ -262,7 +264,7 @@ class TextModel(nn.Module):
 
     def forward(self, embeds, batch: ForwardBatch, kv_caches, cross_spans=None):
         """embeds [T, D] -> final hidden states [T, D]. cross_spans: CrossLayer.forward's spans (None: no images)."""
-        cos_sin = self.rope(int(batch.seq_lens.max()))
+        cos_sin = self.rope(batch.max_seq_len)
         x, residual = embeds, None
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             x, residual = layer(x, residual, batch, kv_cache, cos_sin)

@@ -132,11 +132,13 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, cos_sin=None, positi
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start_loc=None, cos_sin=None,
-                    positions=None, rotary_dim=None, scale=None):
+                    positions=None, rotary_dim=None, scale=None, max_seq_len=None):
     """Packed queries q [T, Hq, Dh] over the paged cache -> [T, Hq, Dh].
 
     Query j of sequence s (q_len_s queries) sits at position seq_lens[s] - q_len_s + j and sees keys <= it; a query
     at a negative position (seq_lens[s] < q_len_s, e.g. a padding sequence of length 0) sees none and is 0.
+    max_seq_len: the caller's bound of every seq_lens entry (the kernels size their splits by it); here it only
+    has to hold, and is checked, since this reads seq_lens on the host anyway.
     """
     T, Hq, Dh = q.shape
     block_size = k_cache.shape[1]
@@ -145,9 +147,10 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start_
         q = apply_rope(q, cos_sin, positions, rotary_dim)
     if query_start_loc is None:
         query_start_loc = torch.arange(T + 1, device=q.device)
-    starts = query_start_loc.tolist()
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    _check_bound(max_seq_len, lens)
     out = torch.empty_like(q)
-    for s, seq_len in enumerate(seq_lens.tolist()):
+    for s, seq_len in enumerate(lens):
         seq_len = max(0, seq_len)
         q_s = q[starts[s]:starts[s + 1]]  # [q_len, Hq, Dh]
         blocks = block_tables[s, :(seq_len + block_size - 1) // block_size].long()
@@ -157,6 +160,16 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start_
         mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, seq_len]
         out[starts[s]:starts[s + 1]] = _attend(q_s, k_s.to(q.dtype), v_s.to(q.dtype), mask, scale)
     return out
+
+
+def _check_bound(max_seq_len, lens: list[int]) -> None:
+    """A ValueError unless max_seq_len is None or an int >= 0 that bounds every length."""
+    if max_seq_len is None:
+        return
+    bound = getattr(max_seq_len, "__index__", None)  # ints, NumPy ints
+    if bound is None or bound() < 0 or max(lens, default=0) > bound():
+        raise ValueError(f"paged_attention: max_seq_len must be an int >= 0 that bounds every seq_lens entry "
+                         f"(longest {max(lens, default=0)}), got {max_seq_len!r}")
 
 
 def cross_attention(q, k, v, *, kv_lens=None, scale=None):

@@ -64,7 +64,7 @@ class LLM:
                  tokenizer=None, max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
                  num_blocks: int | None = None, kv_cache_bytes: int | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, feature_cache_bytes: int = 256 << 20, ignore_eos: bool = False,
-                 kernels: str | None = None):
+                 kernels: str | None = None, cuda_graphs: bool | None = None):
         """model: a checkpoint (path or hub name, loaded as AutoModelForVision2Seq loads it, backend and dtype
         chosen as it chooses them; None: the default model), an AutoModelForVision2Seq model, or a bare models.smolvlm_torch / models.smolvlm_numpy model (pass tokenizer=
         for text). num_blocks: KV-cache blocks of block_size tokens; by default as many as kv_cache_bytes hold, and
@@ -73,7 +73,8 @@ class LLM:
         stop only at max_new_tokens, stop token ids and stop strings, not at the checkpoint's end-of-sequence
         tokens. kernels: the order the ops try their implementations in ("cuda,triton,reference", a subset or one
         name): one process-wide setting (ops.use_kernels), so the engine's thread gets it too; None leaves it as it
-        is (SMOLVLM_FAST_KERNELS's, else the default)."""
+        is (SMOLVLM_FAST_KERNELS's, else the default). cuda_graphs: replay decode steps from CUDA graphs (the torch
+        backend on a GPU; off by default until measured there); None: SMOLVLM_FAST_CUDA_GRAPHS=1 turns them on."""
         if kernels is not None:
             use_kernels(kernels, "LLM(kernels=...)")
         self.model, self.processor, generation = load(model, backend, device, dtype, quantize, tokenizer)
@@ -87,7 +88,7 @@ class LLM:
         self.engine = Engine(self.model, num_blocks=num_blocks, block_size=block_size,
                              max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                              enable_prefix_caching=enable_prefix_caching, feature_cache_bytes=feature_cache_bytes,
-                             decode=decode)
+                             decode=decode, cuda_graphs=cuda_graphs)
         self._lock = threading.Lock()  # one thread steps the engine at a time
         self._loop: EngineLoop | None = None
         self._ids = itertools.count()
