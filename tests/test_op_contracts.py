@@ -214,14 +214,22 @@ def out_of_range_slots(num_tokens, num_slots):
     return slots
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
+def numpy_write_kv_cache(k, v, k_cache, v_cache, slots):
+    """The PyTorch-free path's write (cpu/ops.py) into NumPy views of the same caches."""
+    from smolvlm_fast.cpu import ops as cpu_ops
+    cpu_ops.write_kv_cache(k.numpy(), v.numpy(), k_cache.numpy(), v_cache.numpy(), slots.numpy())
+
+
+WRITERS = {"reference": reference.write_kv_cache, "triton": triton_write_kv_cache, "numpy": numpy_write_kv_cache}
+
+
+@pytest.mark.parametrize("impl", list(WRITERS))
 def test_write_kv_cache_skips_slots_outside_the_cache(impl):
     num_blocks, block_size, heads, head_dim, T = 3, 16, 3, 64, 10
     k, v = torch.randn(T, heads, head_dim), torch.randn(T, heads, head_dim)
     slots = out_of_range_slots(T, num_blocks * block_size)
     buffers, caches = guarded_caches(num_blocks, block_size, heads, head_dim)
-    write = reference.write_kv_cache if impl == "reference" else triton_write_kv_cache
-    write(k, v, *caches, slots)
+    WRITERS[impl](k, v, *caches, slots)
     keep = (slots >= 0) & (slots < num_blocks * block_size)
     for buffer, cache, x in zip(buffers, caches, (k, v)):
         assert buffer[num_blocks:].isnan().all(), "a slot past the cache was written out of bounds"

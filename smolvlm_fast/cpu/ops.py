@@ -266,13 +266,15 @@ def _dense_attention_in_cpp(kernel, q, k, v, causal: bool, scale: float):
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, cos_sin=None, positions=None, rotary_dim=None):
-    """k/v [T, Hkv, Dh] -> k_cache/v_cache [num_blocks, block_size, Hkv, Dh] at slot_mapping [T] (-1 skips).
+    """k/v [T, Hkv, Dh] -> k_cache/v_cache [num_blocks, block_size, Hkv, Dh] at slot_mapping [T]; a slot outside
+    [0, num_blocks * block_size) skips its token (-1 is the padding value), as in every implementation.
     A float16 cache takes them rounded to nearest (NumPy's cast, as the C++ step's F16C one)."""
     _check_kv_pair("write_kv_cache", k_cache, v_cache)
     if cos_sin is not None:
         k = apply_rope(k, cos_sin, positions, rotary_dim)
-    if len(slot_mapping) and slot_mapping.min() < 0:
-        keep = slot_mapping >= 0
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    if len(slot_mapping) and (slot_mapping.min() < 0 or slot_mapping.max() >= num_slots):
+        keep = (slot_mapping >= 0) & (slot_mapping < num_slots)
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     for new, cache in ((k, k_cache), (v, v_cache)):
         if cache.flags.c_contiguous:
