@@ -3,8 +3,10 @@
 Made for one cold H100 / H200 lent for minutes, with no network: preflight (driver, torch, nvcc, compute-sanitizer:
 their versions) -> build smolvlm_fast._C for this GPU's architecture only -> the CUDA kernel tests' small cases ->
 those under compute-sanitizer memcheck -> the other `gpu` tests but the Triton kernels' -> racecheck and synccheck
--> the Triton kernels' `gpu` tests -> short benchmarks (each bench's --quick: CUDA, Triton and PyTorch, GB/s or
-TFLOP/s). The most telling steps come first, so a run cut short has still done them.
+-> the Triton kernels' `gpu` tests -> short benchmarks (each bench's --quick: CUDA graphs against eager decode,
+then CUDA, Triton and PyTorch, GB/s or TFLOP/s). The most telling steps come first, so a run cut short has still
+done them. The test steps run one pinned Triton config per kernel (SMOLVLM_FAST_TRITON_CONFIGS=pinned): autotuning
+every shape of the suite would take minutes; the benchmarks autotune.
 
 Each step runs as its own process group under its own time limit (a hung step is killed, TERM then KILL); the
 whole run has a deadline (GPU_CHECK_BUDGET_S, default 540 s), and a step that would start with less than
@@ -190,6 +192,8 @@ def steps(python: str, arch: str) -> list[Step]:
     # without PyTorch's caching allocator every tensor is its own allocation: memcheck sees a read past its end
     no_cache = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
     bench = [python]
+    # the tests run one pinned Triton config per kernel: autotuning every shape of the suite takes minutes
+    pinned = {"SMOLVLM_FAST_TRITON_CONFIGS": "pinned"}
     plan = [
         Step("build", 180, [python, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."],
              {"SMOLVLM_FAST_BUILD_CUDA": "1", "SMOLVLM_FAST_BUILD_CPU": "0",
@@ -197,10 +201,10 @@ def steps(python: str, arch: str) -> list[Step]:
         Step("env", 30, [python, "-m", "smolvlm_fast.env"]),
         Step("cuda_kernels", 90, pytest + ["-x"] + SMALL_CUDA),
         Step("memcheck", 120, SANITIZE + ["memcheck", *pytest, *SMALL_CUDA], no_cache) if sanitizer else None,
-        Step("gpu_tests", 150, pytest + ["-m", "gpu", "tests"] + [f"--ignore={t}" for t in TRITON_TESTS]),
+        Step("gpu_tests", 150, pytest + ["-m", "gpu", "tests"] + [f"--ignore={t}" for t in TRITON_TESTS], pinned),
         Step("racecheck", 90, SANITIZE + ["racecheck", *pytest, *SMALL_CUDA]) if sanitizer else None,
         Step("synccheck", 60, SANITIZE + ["synccheck", *pytest, *SMALL_CUDA]) if sanitizer else None,
-        Step("triton_tests", 120, pytest + ["-m", "gpu", *TRITON_TESTS]),
+        Step("triton_tests", 120, pytest + ["-m", "gpu", *TRITON_TESTS], pinned),
         Step("bench_cuda_graphs", 60, bench + ["bench/bench_cuda_graphs.py", "--quick"]),
         Step("bench_paged_attention", 45, bench + ["bench/bench_paged_attention.py", "--quick"]),
         Step("bench_small_ops", 40, bench + ["bench/bench_small_ops.py", "--quick"]),

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import space
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DECODE_MAX_M = 16       # up to this many rows of x: the decode launch
 PROGRAMS_PER_SM = 2     # how many decode programs per SM the split-K choice aims for
@@ -153,9 +155,11 @@ def configs() -> list[triton.Config]:
     row tiles and a group of one)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2})]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3 if bk == 128 else 4)
-            for bm in (32, 64, 128) for bn in (64, 128) for bk in (64, 128)]
+    return space([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3 if bk == 128 else 4)
+                  for bm in (32, 64, 128) for bn in (64, 128) for bk in (64, 128)],
+                 pinned=[triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
+                                       num_stages=4)])
 
 
 _int4_gemm_tuned = triton.autotune(configs=configs(), key=["m_class", "N", "K", "GROUP_SIZE", "SYMMETRIC",

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import space
+
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_SPLIT_SIZE = 512  # vLLM's partition size for split decode
@@ -60,8 +62,9 @@ def configs() -> list[triton.Config]:
     not divide split_size (the last tile of a split is masked), it only wastes lanes when it does not."""
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 32})]
-    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-            for n in (32, 64) for w in (4, 8) for s in (2, 3) if not (n == 32 and w == 8)]
+    return space([triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+                  for n in (32, 64) for w in (4, 8) for s in (2, 3) if not (n == 32 and w == 8)],
+                 pinned=[triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2)])
 
 
 @triton.autotune(configs=configs(), key=["HEAD_DIM", "GROUP", "PAGE_SIZE", "BLOCK_M", "VARLEN", "ROPE", "SPLIT"])

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .rope_attention import INTERPRET, dot_options
+from .tuning import space
 
 MAX_BLOCK_C = 64  # dwsep: channels whose depthwise result one program keeps in registers at once
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -86,9 +87,10 @@ def gemm_configs() -> list[triton.Config]:
     the stack). The interpreter gets one small config, so small tests cross every tile edge."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "ROWS": 4})]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "ROWS": rows}, num_warps=w, num_stages=s)
-            for bm in (64, 128) for bn in (64, 128) for rows in (2, 4) for w in (4, 8) for s in (3, 4)
-            if (w == 8) == (bm * bn >= 128 * 128) and (s == 3 or rows == 2)]
+    return space([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "ROWS": rows}, num_warps=w, num_stages=s)
+                  for bm in (64, 128) for bn in (64, 128) for rows in (2, 4) for w in (4, 8) for s in (3, 4)
+                  if (w == 8) == (bm * bn >= 128 * 128) and (s == 3 or rows == 2)],
+                 pinned=[triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "ROWS": 2}, num_warps=4, num_stages=3)])
 
 
 def prune_gemm_configs(configs, named_args, **kwargs):
@@ -208,8 +210,9 @@ def _pointwise(dw, pww_ptr, c0, C, d, col_valid, stride_pwd, stride_pwc, acc,
 def dwsep_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
-            for bm in (32, 64, 128) for bn in (64, 128) for w in (4, 8) if (w == 8) == (bm * bn >= 128 * 128)]
+    return space([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
+                  for bm in (32, 64, 128) for bn in (64, 128) for w in (4, 8) if (w == 8) == (bm * bn >= 128 * 128)],
+                 pinned=[triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)])
 
 
 @triton.autotune(configs=dwsep_configs(), key=["size_class", "C", "D", "P"])

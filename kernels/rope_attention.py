@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import space
+
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 256
@@ -138,9 +140,11 @@ def configs() -> list[triton.Config]:
     small config of each kind (its programs run one after another; 32 rows make small tests cross tile edges)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": 16}) for bm in (16, 32)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm in (16, 64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3)
-            if (w == 4 or bm == 128) and (bm == 16 or (bn < 128 and s == 3))]
+    return space([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                  for bm in (16, 64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3)
+                  if (w == 4 or bm == 128) and (bm == 16 or (bn < 128 and s == 3))],
+                 pinned=[triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2),  # decode-sized
+                         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)])
 
 
 def prune_configs(configs, named_args, **kwargs):
