@@ -19,6 +19,7 @@ from .batch_feature import BatchFeature, to_tensor
 from .chat_template import as_template_dict, read_chat_templates
 from .conversation import conversation_images, image_url_blocks_as_images
 from .files import read_json
+from .image_budget import ImageBudget
 from .image_config import ImageConfig
 from .image_tokens import (
     MAX_GRID,
@@ -100,10 +101,12 @@ class Processor:
 
     def __call__(self, images=None, text: str | list[str] | None = None, *, return_tensors: str | None = None,
                  padding: bool | str = False, padding_side: str | None = None, add_special_tokens: bool = True,
-                 do_image_splitting: bool | None = None, upscale_small_images: bool | None = None) -> BatchFeature:
+                 do_image_splitting: bool | None = None, upscale_small_images: bool | None = None,
+                 max_image_tiles: int | None = None) -> BatchFeature:
         """-> BatchFeature with input_ids, attention_mask (when text is given), pixel_values [B, N, 3, m, m] float32
         and pixel_attention_mask [B, N, m, m] int64 (when images are given). Images come first, as in transformers'
-        processors: `processor(images, text)` or `processor(images=..., text=...)`."""
+        processors: `processor(images, text)` or `processor(images=..., text=...)`. max_image_tiles caps each
+        image's tile grid (inputs/image_budget.py; None, the default, is transformers' own)."""
         if text is None and images is None:
             raise InputError("pass text, images, or both")
         texts = self._texts(images, text)
@@ -112,7 +115,9 @@ class Processor:
             check_image_counts(texts, groups, self.tokens.image, self.max_images)
         out = BatchFeature()
         if groups is not None:
-            pixel_values, pixel_mask, grids = self.process_images(groups, do_image_splitting, upscale_small_images)
+            budget = ImageBudget(max_image_tiles=max_image_tiles, upscale=upscale_small_images)  # checks them
+            pixel_values, pixel_mask, grids = self.process_images(groups, do_image_splitting, budget.upscale,
+                                                                  budget.max_image_tiles)
             out.update(pixel_values=to_tensor(pixel_values, return_tensors or "np", "pixel_values"),
                        pixel_attention_mask=to_tensor(pixel_mask, return_tensors or "np", "pixel_attention_mask"))
             texts = None if texts is None else self._expand_texts(texts, grids)
@@ -122,18 +127,25 @@ class Processor:
             out = BatchFeature(**encoded, **out)
         return out
 
-    def encode(self, text: str, images: list) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
+    def encode(self, text: str, images: list, budgets=None) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
         """One prompt's text (one `<image>` marker per image) -> (token ids with each marker expanded, one
         (pixel_values [frames, 3, m, m] float32, pixel_attention_mask [frames, m, m] int64) pair per image).
         Each image is processed alone, so its frames carry no padding from the prompt's other images. BOS is added
-        by the tokenizer only when the text does not already start with it (a chat template writes it)."""
+        by the tokenizer only when the text does not already start with it (a chat template writes it).
+        budgets: per image its ImageBudget (or what ImageBudget.of takes), or one for all; None: transformers'."""
         if not isinstance(text, str):
             raise InputError(f"a prompt's text must be a string, got {type(text).__name__}")
         images = list(images or [])
         check_image_counts([text], [images] if images else None, self.tokens.image, self.max_images)
+        if not isinstance(budgets, (list, tuple)):
+            budgets = [budgets] * len(images)
+        if len(budgets) != len(images):
+            raise InputError(f"{len(budgets)} image budgets for {len(images)} images")
         per_image, expansions = [], []
-        for image in images:
-            pixel_values, pixel_mask, grids = self.process_images([[image]])  # [1, n, 3, m, m], [1, n, m, m]
+        for image, budget in zip(images, map(ImageBudget.of, budgets)):
+            splitting = budget.splitting(self.image_config.do_image_splitting)
+            pixel_values, pixel_mask, grids = self.process_images([[image]], splitting, budget.upscale,
+                                                                  budget.max_image_tiles)  # [1, n, 3, m, m], ...
             per_image.append((pixel_values[0], pixel_mask[0]))
             expansions.append(self.image_text(*grids[0][0]))
         text = expand_image_tokens(text, self.tokens.image, expansions)
@@ -153,7 +165,7 @@ class Processor:
         return texts
 
     def process_images(self, groups: list[list], do_image_splitting: bool | None = None,
-                       upscale_small_images: bool | None = None):
+                       upscale_small_images: bool | None = None, max_image_tiles: int | None = None):
         """Images per prompt -> (pixel_values [B, N, 3, m, m], pixel_attention_mask [B, N, m, m],
         (rows, cols) per image per prompt)."""
         cfg = self.image_config
@@ -163,7 +175,7 @@ class Processor:
         samples, grids = [], []
         for group in groups:
             split = [image_to_frames(load_image(im, max_pixels=self.max_image_pixels), cfg, splitting=splitting,
-                                     upscale=upscale) for im in group]
+                                     upscale=upscale, max_tiles=max_image_tiles) for im in group]
             samples.append([p for frames, _, _ in split for p in frames_to_pixels(frames, cfg.lut)])
             grids.append([(rows, cols) for _, rows, cols in split])
         if not any(samples):

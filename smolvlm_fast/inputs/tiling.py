@@ -74,25 +74,48 @@ def split_tiles(image: np.ndarray, tile: int, resample: int) -> tuple[list[np.nd
     return [*tiles, resize(image, tile, tile, resample)], rows, cols
 
 
-def image_to_frames(image: np.ndarray, cfg: ImageConfig, *, splitting: bool, upscale: bool):
-    """[H, W, 3] uint8 -> (frames [tile, tile, 3] uint8, rows, cols)."""
-    image = resize_input(image, cfg, upscale=upscale)
-    if not splitting:
-        return [resize(image, cfg.tile_size, cfg.tile_size, cfg.resample)], 0, 0
-    image = resize(image, *tile_multiple_size(*image.shape[:2], cfg.tile_size), cfg.resample)
+def image_to_frames(image: np.ndarray, cfg: ImageConfig, *, splitting: bool, upscale: bool,
+                    max_tiles: int | None = None):
+    """[H, W, 3] uint8 -> (frames [tile, tile, 3] uint8, rows, cols). max_tiles (inputs/image_budget.py): at most
+    that many split tiles, the longest edge lowered a tile at a time until the grid fits (None: no cap)."""
+    if not splitting or max_tiles == 0:
+        return [resize(resize_input(image, cfg, upscale=upscale), cfg.tile_size, cfg.tile_size, cfg.resample)], 0, 0
+    size = input_size(*image.shape[:2], cfg, upscale=upscale)
+    if max_tiles is not None:
+        size = capped_size(*size, cfg.tile_size, max_tiles)
+    image = resize(resize(image, *size, cfg.resample), *tile_multiple_size(*size, cfg.tile_size), cfg.resample)
     return split_tiles(image, cfg.tile_size, cfg.resample)
+
+
+def capped_size(height: int, width: int, tile: int, max_tiles: int) -> tuple[int, int]:
+    """(height, width), or the largest longest-edge resize of it (a multiple of the tile, down to one tile) whose
+    tile grid has at most max_tiles tiles."""
+    def tiles(h, w):
+        h, w = tile_multiple_size(h, w, tile)
+        return 0 if h <= tile and w <= tile else (h // tile) * (w // tile)  # one tile: only the global view
+
+    longest = math.ceil(max(height, width) / tile) * tile
+    while tiles(height, width) > max_tiles and longest > tile:
+        longest -= tile
+        height, width = longest_edge_size(height, width, longest)
+    return height, width
 
 
 def resize_input(image: np.ndarray, cfg: ImageConfig, *, upscale: bool) -> np.ndarray:
     """The first resize: longest edge to size.longest_edge (or to the fixed height/width)."""
+    return resize(image, *input_size(*image.shape[:2], cfg, upscale=upscale), cfg.resample)
+
+
+def input_size(height: int, width: int, cfg: ImageConfig, *, upscale: bool) -> tuple[int, int]:
+    """The size of the first resize: longest edge to size.longest_edge (or the fixed height/width; the image's
+    own size without do_resize, or when it is no larger and upscale is off)."""
     if not cfg.do_resize:
-        return image
+        return height, width
     if cfg.fixed_size is not None:
-        return resize(image, *cfg.fixed_size, cfg.resample)
-    height, width = image.shape[:2]
+        return cfg.fixed_size
     if not upscale and max(height, width) <= cfg.longest_edge:
-        return image
-    return resize(image, *longest_edge_size(height, width, cfg.longest_edge), cfg.resample)
+        return height, width
+    return longest_edge_size(height, width, cfg.longest_edge)
 
 
 def frames_to_pixels(frames: list[np.ndarray], lut: np.ndarray) -> list[np.ndarray]:
