@@ -134,6 +134,23 @@ def test_paged_attention(emulated, seed, dtype, seq_lens, heads, head_dim, rotar
     assert err <= limit, f"{dtype} error {err:.3g} > {limit:.3g}"
 
 
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("max_seq_len, split_size", [(20, 16), (0, 32), (100, None)], ids=str)
+def test_paged_attention_reads_every_key_past_max_seq_len(emulated, seed, dtype, max_seq_len, split_size):
+    """max_seq_len below the longest sequence (160 keys) sizes the grid too small: the last split then reads the
+    rest a split_size chunk at a time (an online softmax across its chunks), so no key is dropped."""
+    args, kwargs = paged_inputs([17, 160, 40], None, heads=(9, 3), head_dim=64, block_size=16, rotary_dim=64,
+                                seed=seed)
+    expect = paged_reference(args, kwargs)
+    low = tuple(t.to(dtype) if t.is_floating_point() else t for t in args)
+    out = nan_like(low[0])
+    emulated["paged_attention"](*low, **kwargs, out=out, max_seq_len=max_seq_len, split_size=split_size)
+    assert not out.isnan().any()
+    plain = paged_pytorch_error(args, kwargs, dtype, expect) if dtype != torch.float32 else 0.0
+    limit = 1e-5 * expect.abs().max().item() if dtype == torch.float32 else 2 * plain + 1e-6
+    assert error(out, expect) <= limit, f"{dtype}: max_seq_len {max_seq_len} dropped keys"
+
+
 # ---------------------------------------------------------------- cross_attention
 
 @pytest.mark.parametrize("dtype", ALL)

@@ -3,7 +3,8 @@
 - a query that sees no key is 0 (paged_attention, rope_attention, cross_attention), never NaN;
 - write_kv_cache skips every slot outside [0, num_blocks * block_size) (-1 is the padding value);
 - paged_attention's max_seq_len bounds seq_lens: a bad one is a clear error where the check is free, and the CUDA
-  launcher sizes its context splits from it (else from the block tables' capacity), not from nothing.
+  launcher sizes its context splits from it (else from the block tables' capacity), not from nothing; one too small
+  drops no key (Triton here, CUDA under the emulator in tests/test_cuda_emu.py).
 
 The reference and the Triton kernels (in Triton's interpreter without a GPU) run here; the CUDA launchers' Python
 side runs against a stand-in for smolvlm_fast._C that records the arguments; the CUDA kernels themselves in the

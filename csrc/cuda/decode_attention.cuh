@@ -6,7 +6,9 @@
 // Work split. grid = (tokens, kv heads x head slices, context splits), 128 threads. A thread block takes one token,
 // up to kMaxGroup query heads of one KV head (GQA: all query heads of a KV head share each loaded key and value; a
 // group larger than kMaxGroup is cut into slices along grid.y), and the keys [split * split_size, ... + split_size)
-// of the token's kv_end (split_size <= kMaxSplit). Per block:
+// of the token's kv_end (split_size <= kMaxSplit); the last split reads on to kv_end, a chunk of split_size keys at
+// a time (steps 2-4 per chunk, the softmax's max and sum and the accumulators rescaled at each new max), so a grid
+// sized from a bound below a real length (max_seq_len) drops no key. Per block:
 //   1. q of its heads (RoPE'd when asked, rounded to the cache dtype as the reference's q is, times scale * log2 e)
 //      into shared memory as fp32;
 //   2. scores: kThreadsPerKey lanes per key, each a few 16-byte chunks of the key row, the dot products for all heads
@@ -108,8 +110,9 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(KvAccess kv, const 
   constexpr int kTpk = TileT::kThreadsPerKey;
   SMOLVLM_SHARED_ALIGNED(16, float, q_s, [kMaxGroup][HEAD_DIM]);
   SMOLVLM_SHARED(float, work, [TileT::kSharedFloats]);  // scores [kMaxGroup][kMaxSplit], then the P V row sums
-  SMOLVLM_SHARED(float, max_s, [kMaxGroup]);
+  SMOLVLM_SHARED(float, max_s, [kMaxGroup]);    // per head: the running max and sum of the split's softmax,
   SMOLVLM_SHARED(float, sum_s, [kMaxGroup]);
+  SMOLVLM_SHARED(float, rescale_s, [kMaxGroup]);  // and what the accumulators so far are scaled by at a new max
 
   const int64_t token = blockIdx.x;
   const int kv_head = blockIdx.y / shape.slices;
@@ -119,7 +122,9 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(KvAccess kv, const 
 
   const int kv_end = kv.begin(token, kv_head);
   const int lo = split * shape.split_size;
-  const int hi = min(lo + shape.split_size, kv_end);
+  // the last split reads to the token's end, a chunk of split_size keys at a time, so a grid sized from a bound
+  // below a real length (max_seq_len) costs time, never keys
+  const int hi = split == oa.num_splits - 1 ? kv_end : min(lo + shape.split_size, kv_end);
   if (lo >= hi) {  // a split past the token's keys: the combine never reads it. No key at all: zeros.
     if (kv_end == 0 && split == 0) {
       for (int i = threadIdx.x; i < heads * HEAD_DIM; i += kThreads) {
@@ -129,73 +134,14 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(KvAccess kv, const 
     }
     return;
   }
-  const int n_keys = hi - lo;
 
   load_query<T, HEAD_DIM>(qa, token, head0, heads, q_s);
-  __syncthreads();
-
-  // 2. scores[h][j - lo] for the split's keys; all lanes run the same number of passes (the shuffles need them)
-  float* scores = work;
-  const int sub = threadIdx.x % kTpk;
-  for (int base = 0; base < n_keys; base += TileT::kKeysPerPass) {
-    const int jj = base + threadIdx.x / kTpk;
-    float dot[kMaxGroup];
-#pragma unroll
-    for (int h = 0; h < kMaxGroup; ++h) dot[h] = 0.0f;
-    if (jj < n_keys) {
-      const T* krow = kv.key(lo + jj);
-#pragma unroll
-      for (int i = 0; i < TileT::kChunksPerThread; ++i) {
-        const int d0 = (sub + i * kTpk) * kVec;  // the kTpk lanes of a key read adjacent chunks
-        float k[kVec];
-        Vec16<T>::load(krow + d0, k);
-#pragma unroll
-        for (int h = 0; h < kMaxGroup; ++h) {
-          if (h < heads) {
-#pragma unroll
-            for (int e = 0; e < kVec; e += 4) {  // q four floats per shared-memory read
-              const float4 qv = *reinterpret_cast<const float4*>(&q_s[h][d0 + e]);
-              dot[h] += qv.x * k[e] + qv.y * k[e + 1] + qv.z * k[e + 2] + qv.w * k[e + 3];
-            }
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int h = 0; h < kMaxGroup; ++h) {
-#pragma unroll
-      for (int offset = kTpk / 2; offset > 0; offset >>= 1) dot[h] += __shfl_xor_sync(0xffffffffu, dot[h], offset);
-    }
-    if (jj < n_keys && sub == 0) {
-#pragma unroll
-      for (int h = 0; h < kMaxGroup; ++h)
-        if (h < heads) scores[h * kMaxSplit + jj] = dot[h];
-    }
+  if (threadIdx.x < kMaxGroup) {
+    max_s[threadIdx.x] = -INFINITY;
+    sum_s[threadIdx.x] = 0.0f;
   }
   __syncthreads();
 
-  // 3. softmax over the split, one warp per head
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int h = warp; h < heads; h += kWarps) {
-    float* s = scores + h * kMaxSplit;
-    float m = -INFINITY;
-    for (int j = lane; j < n_keys; j += 32) m = fmaxf(m, s[j]);
-    m = warp_max(m);
-    float l = 0.0f;
-    for (int j = lane; j < n_keys; j += 32) {
-      const float p = exp2f(s[j] - m);
-      s[j] = p;
-      l += p;
-    }
-    l = warp_sum(l);
-    if (lane == 0) {
-      max_s[h] = m;
-      sum_s[h] = l;
-    }
-  }
-  __syncthreads();
-
-  // 4. P V: lane (c, r) sums chunk c of V over the keys r, r + kRows, ...
   constexpr int kRows = TileT::kRows;
   const int c = threadIdx.x % TileT::kChunks, r = threadIdx.x / TileT::kChunks;
   float acc[kMaxGroup][kVec];
@@ -203,22 +149,98 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(KvAccess kv, const 
   for (int h = 0; h < kMaxGroup; ++h)
 #pragma unroll
     for (int e = 0; e < kVec; ++e) acc[h][e] = 0.0f;
-  if (r < kRows) {
-    for (int jj = r; jj < n_keys; jj += kRows) {
-      float v[kVec];
-      Vec16<T>::load(kv.value(lo + jj) + c * kVec, v);
+  float* scores = work;
+  const int sub = threadIdx.x % kTpk;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int chunk = lo; chunk < hi; chunk += shape.split_size) {  // one pass, but for a last split past its size
+    const int n_keys = min(shape.split_size, hi - chunk);
+
+    // 2. scores[h][j - chunk] for the chunk's keys; all lanes run the same number of passes (the shuffles need them)
+    for (int base = 0; base < n_keys; base += TileT::kKeysPerPass) {
+      const int jj = base + threadIdx.x / kTpk;
+      float dot[kMaxGroup];
+#pragma unroll
+      for (int h = 0; h < kMaxGroup; ++h) dot[h] = 0.0f;
+      if (jj < n_keys) {
+        const T* krow = kv.key(chunk + jj);
+#pragma unroll
+        for (int i = 0; i < TileT::kChunksPerThread; ++i) {
+          const int d0 = (sub + i * kTpk) * kVec;  // the kTpk lanes of a key read adjacent chunks
+          float k[kVec];
+          Vec16<T>::load(krow + d0, k);
+#pragma unroll
+          for (int h = 0; h < kMaxGroup; ++h) {
+            if (h < heads) {
+#pragma unroll
+              for (int e = 0; e < kVec; e += 4) {  // q four floats per shared-memory read
+                const float4 qv = *reinterpret_cast<const float4*>(&q_s[h][d0 + e]);
+                dot[h] += qv.x * k[e] + qv.y * k[e + 1] + qv.z * k[e + 2] + qv.w * k[e + 3];
+              }
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < kMaxGroup; ++h) {
+#pragma unroll
+        for (int offset = kTpk / 2; offset > 0; offset >>= 1) dot[h] += __shfl_xor_sync(0xffffffffu, dot[h], offset);
+      }
+      if (jj < n_keys && sub == 0) {
+#pragma unroll
+        for (int h = 0; h < kMaxGroup; ++h)
+          if (h < heads) scores[h * kMaxSplit + jj] = dot[h];
+      }
+    }
+    __syncthreads();
+
+    // 3. softmax over the chunk against the running max, one warp per head
+    for (int h = warp; h < heads; h += kWarps) {
+      float* s = scores + h * kMaxSplit;
+      float m = max_s[h];
+      for (int j = lane; j < n_keys; j += 32) m = fmaxf(m, s[j]);
+      m = warp_max(m);
+      float l = 0.0f;
+      for (int j = lane; j < n_keys; j += 32) {
+        const float p = exp2f(s[j] - m);
+        s[j] = p;
+        l += p;
+      }
+      l = warp_sum(l);
+      if (lane == 0) {
+        const float rescale = exp2f(max_s[h] - m);  // 0 at the first chunk (max -inf)
+        rescale_s[h] = rescale;
+        sum_s[h] = sum_s[h] * rescale + l;
+        max_s[h] = m;
+      }
+    }
+    __syncthreads();
+
+    // 4. P V: lane (c, r) sums chunk c of V over the keys r, r + kRows, ...
+    if (r < kRows) {
 #pragma unroll
       for (int h = 0; h < kMaxGroup; ++h) {
         if (h < heads) {
-          const float p = scores[h * kMaxSplit + jj];
+          const float rescale = rescale_s[h];
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) acc[h][e] += p * v[e];
+          for (int e = 0; e < kVec; ++e) acc[h][e] *= rescale;
+        }
+      }
+      for (int jj = r; jj < n_keys; jj += kRows) {
+        float v[kVec];
+        Vec16<T>::load(kv.value(chunk + jj) + c * kVec, v);
+#pragma unroll
+        for (int h = 0; h < kMaxGroup; ++h) {
+          if (h < heads) {
+            const float p = scores[h * kMaxSplit + jj];
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) acc[h][e] += p * v[e];
+          }
         }
       }
     }
+    __syncthreads();  // every lane is done with the chunk's scores and rescales before the next chunk writes them
   }
-  __syncthreads();  // every lane is done with the scores: their space now takes the row sums
-  float* rows = work;  // [kRows][kMaxGroup][HEAD_DIM]
+  float* rows = work;  // [kRows][kMaxGroup][HEAD_DIM]: the scores' space, free after the loop's last barrier
   if (r < kRows) {
 #pragma unroll
     for (int h = 0; h < kMaxGroup; ++h) {

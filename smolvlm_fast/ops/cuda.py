@@ -171,9 +171,10 @@ def _paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, query_start
                      positions=None, rotary_dim=None, scale=None, out=None, max_seq_len=None, split_size=None):
     """Packed queries q [T, Hq, Dh] over the paged cache -> [T, Hq, Dh] (ops/README.md), one query per sequence.
 
-    max_seq_len: an upper bound of seq_lens that sizes the context splits; the kernel reads ceil(max_seq_len /
-    split_size) splits, so it must bound every length (checking that against device seq_lens would cost the host
-    sync it saves: pass max(seq_lens) from the host lists the tensors were made of). Default: the block tables'
+    max_seq_len: an upper bound of seq_lens that sizes the context splits: ceil(max_seq_len / split_size) of them,
+    the last reading on to each sequence's end, so a bound below a length costs speed, not keys (it is not checked
+    against device seq_lens, which would cost the host sync it saves: pass max(seq_lens) from the host lists the
+    tensors were made of). Default: the block tables'
     capacity, width x block_size, the only bound known without a sync (tight for the engine's tables, which are as
     wide as the step's longest sequence; loose for tables padded to a fixed width, as under CUDA graphs: there it
     gives many empty splits and a split size chosen for a long context, so pass max_seq_len).
