@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --quantize int4: the output projection too (torch backend)")
     gen.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s to stderr")
     add_kernels_flag(gen)
+    add_image_flags(gen)
     add_caption_command(commands)
     add_serve_command(commands)
     add_bench_command(commands)
@@ -67,6 +68,24 @@ def add_kernels_flag(parser, graphs: bool = True) -> None:
         parser.add_argument("--cuda-graphs", action="store_true",
                             help="replay decode steps from CUDA graphs (torch backend on a GPU; off by default "
                                  "until measured there; the same as SMOLVLM_FAST_CUDA_GRAPHS=1)")
+
+
+def add_image_flags(parser) -> None:
+    """The images' token budget (inputs/image_budget.py); the defaults are transformers' own processing."""
+    group = parser.add_argument_group("image tokens", "fewer image tokens are faster, but change the model's input")
+    group.add_argument("--detail", choices=("auto", "low", "high"), default="auto",
+                       help="auto: as transformers (the default); low: one global view (64 tokens on 256M/500M); "
+                            "high: split into tiles even where the checkpoint does not")
+    group.add_argument("--max-image-tiles", type=int, default=None, metavar="N",
+                       help="at most N tiles besides the global view (the image's longest edge is lowered to fit)")
+    group.add_argument("--no-upscale", action="store_true",
+                       help="do not upscale images smaller than the processor's size before cutting them")
+
+
+def image_budget_of(args):
+    """The ImageBudget of add_image_flags' flags (an InputError, exit 2, for a bad --max-image-tiles)."""
+    from .inputs.image_budget import ImageBudget
+    return ImageBudget(args.detail, args.max_image_tiles, False if args.no_upscale else None)
 
 
 def add_doctor_command(commands) -> None:
@@ -103,6 +122,7 @@ def add_caption_command(commands) -> None:
     cap.add_argument("--quantize", choices=("int4",), default=None, help="the decoder's linear layers in int4")
     cap.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_kernels_flag(cap)
+    add_image_flags(cap)
     cap.set_defaults(run=run_caption)
 
 
@@ -134,6 +154,7 @@ def add_serve_command(commands) -> None:
                      help="comma-separated hosts: fetch http(s) image URLs only from these and their subdomains "
                           "(public addresses only, checked at every redirect)")
     add_kernels_flag(srv)
+    add_image_flags(srv)  # the server's defaults; a request's image_url.detail overrides --detail
     add_limit_flags(srv.add_argument_group("limits", "a request over one gets an OpenAI-style 400 error (413 for "
                                                      "the body)"))
     srv.set_defaults(run=run_serve)
@@ -167,8 +188,15 @@ def run_serve(args) -> int:
     serve(args.model, host=args.host, port=args.port, model_name=args.served_model_name,
           allowed_local_dir=args.allowed_local_dir, allow_remote_urls=args.allow_remote_urls, limits=limits,
           allowed_domains=tuple(h.strip() for h in args.allowed_image_domains.split(",") if h.strip()),
-          backend=args.backend, device=args.device, dtype=args.dtype, quantize=args.quantize)
+          backend=args.backend, device=args.device, dtype=args.dtype, quantize=args.quantize,
+          **llm_image_options(image_budget_of(args)))
     return 0
+
+
+def llm_image_options(budget) -> dict:
+    """An ImageBudget as LLM's keywords."""
+    return {"image_detail": budget.detail, "max_image_tiles": budget.max_image_tiles,
+            "upscale_images": budget.upscale}
 
 
 class TimedStreamer:
@@ -192,7 +220,7 @@ class TimedStreamer:
         print(self.decoder.flush(), flush=True)
 
 
-def prepare_inputs(processor, model, prompt: str, images: list[str]):
+def prepare_inputs(processor, model, prompt: str, images: list[str], budget=None):
     """Chat-template the prompt and turn it (and the images) into model inputs."""
     if images and not model.config.is_vlm:
         raise SmolVLMError("this model is text-only and cannot look at images: pass a SmolVLM checkpoint with --model "
@@ -200,7 +228,8 @@ def prepare_inputs(processor, model, prompt: str, images: list[str]):
     if model.config.is_vlm:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
         text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        return processor(text=text, images=images or None, return_tensors="np")
+        options = budget.processor_options() if budget is not None and images else {}
+        return processor(text=text, images=images or None, return_tensors="np", **options)
     return processor.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                          return_tensors="np")
 
@@ -215,7 +244,7 @@ def run_generate(args) -> int:
     processor = model.tokenizer if model.tokenizer is not None else AutoProcessor.from_pretrained(args.model)
     tokenizer = getattr(processor, "tokenizer", processor)
     streamer = TimedStreamer(tokenizer)  # the clock starts before the image and prompt processing
-    inputs = prepare_inputs(processor, model, args.prompt, args.image)
+    inputs = prepare_inputs(processor, model, args.prompt, args.image, image_budget_of(args))
     model.generate(**inputs, streamer=streamer, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                    temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed)

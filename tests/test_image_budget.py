@@ -153,3 +153,101 @@ def test_capped_size_is_the_largest_that_fits(max_tiles, rng):
             bigger = math.ceil(max(ch, cw) / TILE) * TILE + TILE
             if bigger <= math.ceil(max(h, w) / TILE) * TILE:
                 assert tiles(*longest_edge_size(h, w, bigger)) > max_tiles
+
+
+# ---------------------------------------------------------------- through LLM, the server and the commands
+# The tiny checkpoint: tiles of 64, longest edge 192, 16 tokens a tile; a 90 x 60 picture is 3 x 2 tiles + 1.
+
+def tiny_picture(seed: int) -> Image.Image:
+    return photo(np.random.default_rng(seed), 60, 90)
+
+
+def prompt_image_tokens(llm, prompt) -> int:
+    ids, _ = llm.encode(prompt)
+    return ids.count(llm.model.config.image_token_id)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_idefics3):
+    from smolvlm_fast.serving.llm import LLM
+    llm = LLM(tiny_idefics3, backend="numpy", ignore_eos=True)
+    yield llm
+    llm.shutdown()
+
+
+def test_llm_prompt_and_block_options(tiny_llm):
+    image = tiny_picture(0)
+    as_dict = {"prompt": "User:<image>What?", "images": [image]}
+    assert prompt_image_tokens(tiny_llm, as_dict) == 7 * 16
+    assert prompt_image_tokens(tiny_llm, {**as_dict, "detail": "low"}) == 16
+    assert prompt_image_tokens(tiny_llm, {**as_dict, "max_image_tiles": 4}) == 5 * 16
+    chat = [{"role": "user", "content": [{"type": "image", "image": image, "detail": "low"},
+                                         {"type": "image_url", "image_url": {"url": image_data_url(image),
+                                                                             "detail": "low"}},
+                                         {"type": "image", "image": image},
+                                         {"type": "text", "text": "Three?"}]}]
+    assert prompt_image_tokens(tiny_llm, chat) == 16 + 16 + 7 * 16
+    with pytest.raises(InputError, match="detail must be one of"):
+        tiny_llm.encode({**as_dict, "detail": "tiny"})
+
+
+def test_llm_defaults_and_what_a_prompt_overrides(tiny_idefics3):
+    from smolvlm_fast.serving.llm import LLM
+    llm = LLM(tiny_idefics3, backend="numpy", image_detail="low")
+    image = tiny_picture(1)
+    assert prompt_image_tokens(llm, {"prompt": "<image>?", "images": [image]}) == 16
+    assert prompt_image_tokens(llm, {"prompt": "<image>?", "images": [image], "detail": "high"}) == 7 * 16
+    llm.shutdown()
+    with pytest.raises(InputError, match="max_image_tiles must be an int >= 0"):
+        LLM(tiny_idefics3, backend="numpy", max_image_tiles=-2)
+
+
+def image_data_url(image: Image.Image) -> str:
+    import base64
+    import io
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_server_image_url_detail(tiny_llm):
+    """OpenAI's image_url.detail through the real openai client: "low" costs 16 image tokens where "auto" costs
+    112, and the answer is what LLM gives the same chat block; an unknown detail is a 400."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from smolvlm_fast import SamplingParams
+    from smolvlm_fast.serving.server.app import create_app
+    from tests.server_harness import running
+
+    url = image_data_url(tiny_picture(2))
+
+    def chat(detail):
+        part = {"url": url, **({"detail": detail} if detail else {})}
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": part},
+                                             {"type": "text", "text": "What?"}]}]
+
+    with running(create_app(tiny_llm, model_name="tiny")) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
+        usage = {d: client.chat.completions.create(model="tiny", messages=chat(d), max_tokens=3).usage.prompt_tokens
+                 for d in (None, "auto", "low", "high")}
+        assert usage[None] == usage["auto"] == usage["high"]
+        assert usage[None] - usage["low"] > 6 * 16  # six tiles of 16 image tokens, and their row/col markers
+        answer = client.chat.completions.create(model="tiny", messages=chat("low"), max_tokens=4, temperature=0)
+        block = [{"role": "user", "content": [{"type": "image", "url": url, "detail": "low"},
+                                              {"type": "text", "text": "What?"}]}]
+        assert answer.choices[0].message.content == tiny_llm.generate(block, SamplingParams(max_new_tokens=4))[0].text
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="tiny", messages=chat("tiny"), max_tokens=2)
+
+
+def test_command_flags(monkeypatch):
+    from smolvlm_fast import cli
+    args = cli.build_parser().parse_args(["generate", "hi", "--detail", "low", "--max-image-tiles", "4",
+                                          "--no-upscale"])
+    assert cli.image_budget_of(args) == ImageBudget("low", 4, False)
+    for command in (["caption", "dir"], ["serve"]):
+        args = cli.build_parser().parse_args([*command, "--detail", "high"])
+        assert cli.image_budget_of(args) == ImageBudget("high")
+    args = cli.build_parser().parse_args(["generate", "hi", "--max-image-tiles", "-1"])
+    with pytest.raises(InputError):
+        cli.image_budget_of(args)

@@ -4,6 +4,7 @@ images of each conversation collected in order."""
 from __future__ import annotations
 
 from .chat_template import normalize_conversations
+from .image_budget import OPTION_KEYS
 
 
 def conversation_images(conversation) -> list[list]:
@@ -14,6 +15,19 @@ def conversation_images(conversation) -> list[list]:
     for conv in conversations:
         blocks = [b for m in conv if isinstance(m.get("content"), list) for b in m["content"]]
         groups.append([_block_image(b, key) for b in blocks if isinstance(b, dict) and b.get("type") == "image"
+                       for key in ("image", "url", "path", "base64") if key in b])
+    return groups
+
+
+def conversation_image_options(conversation) -> list[list[dict]]:
+    """Per conversation, per image (in conversation_images' order), its token budget options from its block:
+    detail (OpenAI's image_url.detail), max_image_tiles, upscale (inputs/image_budget.py); {} when it names none."""
+    conversations, _ = normalize_conversations(image_url_blocks_as_images(conversation))
+    groups = []
+    for conv in conversations:
+        blocks = [b for m in conv if isinstance(m.get("content"), list) for b in m["content"]]
+        groups.append([{k: b[k] for k in OPTION_KEYS if k in b} for b in blocks
+                       if isinstance(b, dict) and b.get("type") == "image"
                        for key in ("image", "url", "path", "base64") if key in b])
     return groups
 
@@ -35,7 +49,10 @@ def _image_block(block):
     if not (isinstance(block, dict) and block.get("type") == "image_url"):
         return block
     url = block.get("image_url")
-    return {"type": "image", "url": url.get("url") if isinstance(url, dict) else url}
+    if not isinstance(url, dict):
+        return {"type": "image", "url": url}
+    detail = {"detail": url["detail"]} if url.get("detail") is not None else {}  # OpenAI's token budget
+    return {"type": "image", "url": url.get("url"), **detail}
 
 
 def _block_image(block: dict, key: str):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ..errors import InputError
 
 DETAILS = ("auto", "low", "high")
+OPTION_KEYS = ("detail", "max_image_tiles", "upscale")  # in an image's content block, or a prompt dict
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class ImageBudget:
         if isinstance(value, str):
             return cls(detail=value)
         if isinstance(value, dict):
-            unknown = set(value) - {"detail", "max_image_tiles", "upscale"}
+            unknown = set(value) - set(OPTION_KEYS)
             if unknown:
                 raise InputError(f"unknown image option(s) {sorted(unknown)}: use detail, max_image_tiles, upscale")
             return cls(**{k: v for k, v in value.items() if v is not None})
@@ -59,6 +60,11 @@ class ImageBudget:
                            max_image_tiles=default.max_image_tiles if self.max_image_tiles is None
                            else self.max_image_tiles,
                            upscale=default.upscale if self.upscale is None else self.upscale)
+
+    def processor_options(self) -> dict:
+        """As keywords of a Processor call (do_image_splitting None: the checkpoint's own)."""
+        return {"do_image_splitting": {"auto": None, "low": False, "high": True}[self.detail],
+                "upscale_small_images": self.upscale, "max_image_tiles": self.max_image_tiles}
 
     def splitting(self, checkpoint_splits: bool) -> bool:
         """Whether the image is cut into tiles: the checkpoint's setting for "auto"."""

@@ -30,6 +30,7 @@ from ..engine.engine import Engine, EngineStats
 from ..engine.memory import choose_num_blocks
 from ..engine.sequence import ImageInput, Request, Sequence
 from ..errors import InputError, SmolVLMError
+from ..inputs.image_budget import ImageBudget
 from ..ops import use_kernels
 from .prompts import as_prompt_list, is_processor
 from .prompts import encode as encode_prompt
@@ -64,7 +65,8 @@ class LLM:
                  tokenizer=None, max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
                  num_blocks: int | None = None, kv_cache_bytes: int | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, feature_cache_bytes: int = 256 << 20, ignore_eos: bool = False,
-                 kernels: str | None = None, cuda_graphs: bool | None = None):
+                 kernels: str | None = None, cuda_graphs: bool | None = None, image_detail: str = "auto",
+                 max_image_tiles: int | None = None, upscale_images: bool | None = None):
         """model: a checkpoint (path or hub name, loaded as AutoModelForVision2Seq loads it, backend and dtype
         chosen as it chooses them; None: the default model), an AutoModelForVision2Seq model, or a bare models.smolvlm_torch / models.smolvlm_numpy model (pass tokenizer=
         for text). num_blocks: KV-cache blocks of block_size tokens; by default as many as kv_cache_bytes hold, and
@@ -74,7 +76,11 @@ class LLM:
         tokens. kernels: the order the ops try their implementations in ("cuda,triton,reference", a subset or one
         name): one process-wide setting (ops.use_kernels), so the engine's thread gets it too; None leaves it as it
         is (SMOLVLM_FAST_KERNELS's, else the default). cuda_graphs: replay decode steps from CUDA graphs (the torch
-        backend on a GPU; off by default until measured there); None: SMOLVLM_FAST_CUDA_GRAPHS=1 turns them on."""
+        backend on a GPU; off by default until measured there); None: SMOLVLM_FAST_CUDA_GRAPHS=1 turns them on.
+        image_detail ("auto": as transformers, "low": one global view, "high": split), max_image_tiles (a cap on
+        the tile grid) and upscale_images (False: no upscaling of small images): the images' token budget
+        (inputs/image_budget.py) where a prompt sets none of its own (its detail, max_image_tiles, upscale)."""
+        self.image_budget = ImageBudget(image_detail, max_image_tiles, upscale_images)  # checked before the load
         if kernels is not None:
             use_kernels(kernels, "LLM(kernels=...)")
         self.model, self.processor, generation = load(model, backend, device, dtype, quantize, tokenizer)
@@ -249,7 +255,7 @@ class LLM:
 
     def encode(self, prompt) -> tuple[list[int], list[ImageInput]]:
         """(prompt token ids, images) of a string, token ids, chat messages or a prompt dict (serving/prompts.py)."""
-        return encode_prompt(prompt, self.processor)
+        return encode_prompt(prompt, self.processor, self.image_budget)
 
     # -- outputs
     def _output(self, seq: Sequence) -> RequestOutput:

@@ -15,39 +15,46 @@ import numpy as np
 
 from ..engine.sequence import ImageInput, Request, image_digest
 from ..errors import InputError
+from ..inputs.image_budget import OPTION_KEYS, ImageBudget
 
 
-def encode(prompt, processor) -> tuple[list[int], list[ImageInput]]:
-    """(prompt token ids, images) of a string, token ids, chat messages or a prompt dict."""
+def encode(prompt, processor, budget: ImageBudget | None = None) -> tuple[list[int], list[ImageInput]]:
+    """(prompt token ids, images) of a string, token ids, chat messages or a prompt dict. budget: the images' token
+    budget where the prompt does not set one (a dict's detail / max_image_tiles / upscale keys, an image block's)."""
+    budget = budget or ImageBudget()
     if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
         return [int(t) for t in prompt["prompt_token_ids"]], []
     if isinstance(prompt, dict) and "prompt" in prompt:
-        return encode_text(prompt["prompt"], list(prompt.get("images") or []), processor)
+        images = list(prompt.get("images") or [])
+        own = ImageBudget.of({k: prompt[k] for k in OPTION_KEYS if k in prompt}).over(budget)
+        return encode_text(prompt["prompt"], images, processor, [own] * len(images))
     if isinstance(prompt, str):
         return encode_text(prompt, [], processor)
     if is_chat(prompt):
-        return encode_chat(prompt, processor)
+        return encode_chat(prompt, processor, budget)
     if isinstance(prompt, (list, tuple, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in prompt):
         return [int(t) for t in prompt], []
     raise InputError(f"a prompt must be a string, token ids, chat messages or a dict, got {type(prompt).__name__}")
 
 
-def encode_chat(messages, processor) -> tuple[list[int], list[ImageInput]]:
-    """Chat messages through the checkpoint's chat template (with the generation prompt) -> ids and images."""
-    from ..inputs.conversation import conversation_images, image_url_blocks_as_images
+def encode_chat(messages, processor, budget: ImageBudget | None = None) -> tuple[list[int], list[ImageInput]]:
+    """Chat messages through the checkpoint's chat template (with the generation prompt) -> ids and images, each
+    image with its block's token budget over `budget`."""
+    from ..inputs.conversation import conversation_image_options, conversation_images, image_url_blocks_as_images
 
     if processor is None:
         raise InputError("chat prompts need a tokenizer: pass tokenizer= to LLM")
     messages = image_url_blocks_as_images(messages)
     images = conversation_images(messages)[0]
     _check_can_take(processor, images)
+    budgets = [ImageBudget.of(o).over(budget or ImageBudget()) for o in conversation_image_options(messages)[0]]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return encode_text(text, images, processor)
+    return encode_text(text, images, processor, budgets)
 
 
-def encode_text(text: str, images: list, processor) -> tuple[list[int], list[ImageInput]]:
-    """Text with one <image> marker per image -> token ids (each marker expanded as the processor does) and one
-    ImageInput per image, its frames and a hash of its pixels."""
+def encode_text(text: str, images: list, processor, budgets: list | None = None) -> tuple[list[int], list[ImageInput]]:
+    """Text with one <image> marker per image -> token ids (each marker expanded as the processor does, within
+    each image's budget: None, transformers' own) and one ImageInput per image, its frames and a hash of them."""
     if processor is None:
         raise InputError("text prompts need a tokenizer: pass tokenizer= to LLM, or pass token ids")
     _check_can_take(processor, images)
@@ -56,7 +63,7 @@ def encode_text(text: str, images: list, processor) -> tuple[list[int], list[Ima
             raise InputError(f"a prompt's text must be a string, got {type(text).__name__}")
         bos = getattr(processor, "bos_token", None)
         return processor.encode(text, add_special_tokens=not (bos and text.startswith(bos))), []
-    ids, per_image = processor.encode(text, images)
+    ids, per_image = processor.encode(text, images, budgets)
     return ids, [ImageInput(pixels, mask, content_hash=image_digest(pixels)) for pixels, mask in per_image]
 
 

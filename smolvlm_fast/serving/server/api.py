@@ -112,7 +112,7 @@ class Api:
             blocks = [TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content
             if self.vlm:
                 out.append({"role": role, "content": [{"type": "text", "text": b.text} if isinstance(b, TextPart)
-                                                      else {"type": "image", "url": url_of[id(b)]} for b in blocks]})
+                                                      else image_block(url_of[id(b)], b) for b in blocks]})
             else:
                 out.append({"role": role, "content": "\n".join(b.text for b in blocks)})
         return out
@@ -276,3 +276,9 @@ async def last_output(outputs: AsyncIterator[RequestOutput], http: Request) -> R
 async def disconnected(http: Request) -> None:
     while (await http.receive())["type"] != "http.disconnect":
         pass
+
+
+def image_block(url: str, part: ImagePart) -> dict:
+    """An image_url part as the chat block LLM takes, its detail (the image's token budget) kept."""
+    detail = part.image_url.detail
+    return {"type": "image", "url": url, **({"detail": detail} if detail is not None else {})}
