@@ -36,3 +36,14 @@ def test_quick_start_runs(tiny_idefics3, tmp_path, capsys):
     code = code.replace('"photo.jpg"', repr(str(tmp_path / "photo.jpg"))).replace("max_new_tokens=500", "max_new_tokens=8")
     exec(compile(code, "README.md", "exec"), {})
     assert "Assistant:" in capsys.readouterr().out
+
+
+def test_image_budget_example_runs(tiny_idefics3, tmp_path, capsys):
+    code = python_block('image_detail="low"')
+    Image.new("RGB", (80, 60), (30, 200, 30)).save(tmp_path / "photo.jpg")
+    code = code.replace('"./SmolVLM-256M-Instruct"', repr(str(tiny_idefics3)))
+    code = code.replace('"photo.jpg"', repr(str(tmp_path / "photo.jpg")))
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["inputs"]["pixel_values"].shape[1] == 5  # 80 x 60 -> 192 x 144 -> 3 x 3, capped to 2 x 2, + 1
+    scope["llm"].shutdown()
