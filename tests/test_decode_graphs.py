@@ -92,6 +92,27 @@ def test_planted_padding_bug_is_caught(tiny_llama, seed, monkeypatch):
     assert graphed != eager, f"seed {seed}"
 
 
+def test_a_failed_capture_leaves_decode_eager(tiny_llama, seed):
+    """A step that cannot be captured (an op that reads a tensor back to the host, say) warns once and turns the
+    graphs off for the engine; every request still completes, with the eager tokens."""
+    model = torch_model(tiny_llama)
+    requests = requests_of([3, 9], seed)
+    eager, _ = run(model, requests, graphs=False)
+
+    def failing_capture(fn, pool):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    engine = Engine(model, num_blocks=256, block_size=4, max_num_batched_tokens=64, max_num_seqs=8, cuda_graphs=False)
+    engine.graphs = DecodeGraphs(model, engine.kv_caches, block_size=4, max_batch=8, capture=failing_capture)
+    seqs = [engine.add_request(r) for r in requests]
+    with pytest.warns(RuntimeWarning, match="CUDA graphs are off for this engine.*not permitted"):
+        with torch.inference_mode():
+            while engine.has_unfinished():
+                engine.step()
+    assert [s.output_ids for s in seqs] == eager and engine.stats.graph_replays == 0
+    assert "RuntimeError" in engine.graphs.failed
+
+
 def test_prefill_and_chunked_steps_run_eagerly(tiny_llama, seed):
     """A step with prompt chunks (more than one token for a sequence) is never replayed, even while others decode:
     a long prompt joining running decodes is chunked over several mixed steps."""

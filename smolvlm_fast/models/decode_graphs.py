@@ -20,6 +20,7 @@ recorded call on the same static buffers, to check the padding and bucketing on 
 from __future__ import annotations
 
 import os
+import warnings
 from bisect import bisect_left
 from collections.abc import Callable
 
@@ -133,16 +134,23 @@ class DecodeGraphs:
         self.lengths = length_buckets(self.width * block_size)
         self.graphs: dict[tuple[int, int], tuple[StaticStep, Callable[[], None], torch.Tensor]] = {}
         self.replays = 0
+        self.failed: str | None = None  # why capturing failed, after which every step runs eagerly
         self._pool = torch.cuda.graph_pool_handle() if capture is cuda_capture else None
         self._cos_sin = None  # the RoPE table every graph was captured with
 
     def forward(self, input_ids, meta: StepMetadata, kv_caches, images: list | None = None):
         """As model.forward: packed ids [T] -> hidden states [T, D] (a view the next replay overwrites)."""
-        if not self.replayable(meta, kv_caches, images):
+        if self.failed is not None or not self.replayable(meta, kv_caches, images):
             return self.model.forward(input_ids, meta, kv_caches, images)
         n = len(meta.seq_lens)
         key = (self.batches[bisect_left(self.batches, n)], self.lengths[bisect_left(self.lengths, max(meta.seq_lens))])
-        static, replay, hidden = self.graphs.get(key) or self._capture_bucket(*key)
+        try:
+            static, replay, hidden = self.graphs.get(key) or self._capture_bucket(*key)
+        except Exception as e:  # noqa: BLE001  an op that cannot be captured (a host sync): decode stays eager
+            self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            warnings.warn(f"CUDA graphs are off for this engine: capturing the decode step failed ({self.failed}); "
+                          "every step runs eagerly", RuntimeWarning, stacklevel=2)
+            return self.model.forward(input_ids, meta, kv_caches, images)
         static.load(np.asarray(input_ids), meta)
         replay()
         self.replays += 1
