@@ -1,10 +1,10 @@
 """A prompt in any form LLM takes -> (prompt token ids, one engine ImageInput per image).
 
 The forms: a string (tokenized as it is: not chat-templated), token ids, a chat (a list of {"role", "content"}
-messages, images in the content blocks; the chat template applies), a dict {"prompt": text with one <image> marker
-per image, "images": [...]} or {"prompt_token_ids": [...]}. The processor does the image work (Processor.encode:
-the marker count, the tiles, each marker's expansion, BOS); here each image gets its content hash, computed off the
-engine's thread.
+messages, images and videos in the content blocks; the chat template applies), a dict {"prompt": text with one
+<image> marker per image and one <video> per video, "images": [...], "videos": [...]} or {"prompt_token_ids": [...]}.
+The processor does the image work (Processor.encode: the marker count, the tiles, a video's frames, each marker's
+expansion, BOS); here each image (each video frame) gets its content hash, computed off the engine's thread.
 
 The processor or tokenizer functions take is an inputs.processor.Processor (a VLM), a tokenizer (a text-only
 model) or None (token ids only).
@@ -22,7 +22,8 @@ def encode(prompt, processor) -> tuple[list[int], list[ImageInput]]:
     if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
         return [int(t) for t in prompt["prompt_token_ids"]], []
     if isinstance(prompt, dict) and "prompt" in prompt:
-        return encode_text(prompt["prompt"], list(prompt.get("images") or []), processor)
+        return encode_text(prompt["prompt"], list(prompt.get("images") or []), processor,
+                           list(prompt.get("videos") or []))
     if isinstance(prompt, str):
         return encode_text(prompt, [], processor)
     if is_chat(prompt):
@@ -34,30 +35,38 @@ def encode(prompt, processor) -> tuple[list[int], list[ImageInput]]:
 
 def encode_chat(messages, processor) -> tuple[list[int], list[ImageInput]]:
     """Chat messages through the checkpoint's chat template (with the generation prompt) -> ids and images."""
-    from ..inputs.conversation import conversation_images, image_url_blocks_as_images
+    from ..inputs.conversation import conversation_images, conversation_videos, image_url_blocks_as_images
 
     if processor is None:
         raise InputError("chat prompts need a tokenizer: pass tokenizer= to LLM")
     messages = image_url_blocks_as_images(messages)
-    images = conversation_images(messages)[0]
-    _check_can_take(processor, images)
+    images, videos = conversation_images(messages)[0], conversation_videos(messages)[0]
+    _check_can_take(processor, images + videos)
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return encode_text(text, images, processor)
+    return encode_text(text, images, processor, videos)
 
 
-def encode_text(text: str, images: list, processor) -> tuple[list[int], list[ImageInput]]:
-    """Text with one <image> marker per image -> token ids (each marker expanded as the processor does) and one
-    ImageInput per image, its frames and a hash of its pixels."""
+def encode_text(text: str, images: list, processor, videos: list | None = None) -> tuple[list[int], list[ImageInput]]:
+    """Text with one <image> marker per image (one <video> per video) -> token ids (each marker expanded as the
+    processor does) and one ImageInput per image and per video frame, its frames and a hash of its pixels."""
     if processor is None:
         raise InputError("text prompts need a tokenizer: pass tokenizer= to LLM, or pass token ids")
-    _check_can_take(processor, images)
+    videos = list(videos or [])
+    _check_can_take(processor, images + videos)
     if not is_processor(processor):  # a text-only model's tokenizer
         if not isinstance(text, str):
             raise InputError(f"a prompt's text must be a string, got {type(text).__name__}")
         bos = getattr(processor, "bos_token", None)
         return processor.encode(text, add_special_tokens=not (bos and text.startswith(bos))), []
-    ids, per_image = processor.encode(text, images)
+    ids, per_image = processor.encode(text, images, videos)
     return ids, [ImageInput(pixels, mask, content_hash=image_digest(pixels)) for pixels, mask in per_image]
+
+
+def with_video(question, video) -> list[dict]:
+    """A question about a video (a path, frames, a Video) -> the chat asking it: the video, then the text."""
+    if not isinstance(question, str):
+        raise InputError(f"video= goes with one question (a string), got {type(question).__name__}")
+    return [{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": question}]}]
 
 
 def is_chat(prompt) -> bool:
@@ -83,4 +92,4 @@ def is_processor(processor) -> bool:
 
 def _check_can_take(processor, images: list) -> None:
     if images and not is_processor(processor):
-        raise InputError("this is a text-only model (no image processor); it cannot take images")
+        raise InputError("this is a text-only model (no image processor); it cannot take images or videos")
