@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the question or instruction")
     gen.add_argument("--model", default=None, help=f"checkpoint directory, .gguf file or hub id ({DEFAULT_MODEL_NOTE})")
     gen.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeat for several)")
+    gen.add_argument("--video", action="append", default=[], metavar="PATH",
+                     help="a video file, sampled as the checkpoint's video processor says (SmolVLM2; needs PyAV: "
+                          "pip install 'smolvlm_fast[video]')")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (the default)")
     gen.add_argument("--top-k", type=int, default=0)
@@ -220,16 +223,19 @@ class TimedStreamer:
         print(self.decoder.flush(), flush=True)
 
 
-def prepare_inputs(processor, model, prompt: str, images: list[str], budget=None):
-    """Chat-template the prompt and turn it (and the images) into model inputs."""
-    if images and not model.config.is_vlm:
+def prepare_inputs(processor, model, prompt: str, images: list[str], videos: list[str] = (), budget=None):
+    """Chat-template the prompt and turn it (and the images and videos, the images within budget) into model
+    inputs."""
+    if (images or videos) and not model.config.is_vlm:
         raise SmolVLMError("this model is text-only and cannot look at images: pass a SmolVLM checkpoint with --model "
                            "(e.g. --model HuggingFaceTB/SmolVLM-256M-Instruct or a local directory)")
     if model.config.is_vlm:
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+        content = ([{"type": "video", "path": v} for v in videos] + [{"type": "image"} for _ in images]
+                   + [{"type": "text", "text": prompt}])
         text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         options = budget.processor_options() if budget is not None and images else {}
-        return processor(text=text, images=images or None, return_tensors="np", **options)
+        return processor(text=text, images=images or None, videos=list(videos) or None, return_tensors="np",
+                         **options)
     return processor.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                          return_tensors="np")
 
@@ -244,7 +250,7 @@ def run_generate(args) -> int:
     processor = model.tokenizer if model.tokenizer is not None else AutoProcessor.from_pretrained(args.model)
     tokenizer = getattr(processor, "tokenizer", processor)
     streamer = TimedStreamer(tokenizer)  # the clock starts before the image and prompt processing
-    inputs = prepare_inputs(processor, model, args.prompt, args.image, image_budget_of(args))
+    inputs = prepare_inputs(processor, model, args.prompt, args.image, args.video, image_budget_of(args))
     model.generate(**inputs, streamer=streamer, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                    temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed)

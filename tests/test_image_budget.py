@@ -44,7 +44,7 @@ def photo(rng, height: int, width: int) -> Image.Image:
 
 
 def image_tokens(processor: Processor, image, budget=None) -> int:
-    ids, _ = processor.encode(PROMPT, [image], budget)
+    ids, _ = processor.encode(PROMPT, [image], budgets=budget)
     return ids.count(processor.image_token_id)
 
 
@@ -55,7 +55,7 @@ def test_auto_is_transformers(released, rng):
     image = photo(rng, 386, 386)
     want = hf(text=PROMPT, images=[image])
     for budget in (None, "auto", {"detail": "auto"}, ImageBudget()):
-        ids, [(pixels, mask)] = processor.encode(PROMPT, [image], budget)
+        ids, [(pixels, mask)] = processor.encode(PROMPT, [image], budgets=budget)
         assert ids == want["input_ids"][0]
         np.testing.assert_allclose(pixels, want["pixel_values"][0], rtol=0, atol=1e-6)
         assert np.array_equal(mask, want["pixel_attention_mask"][0])
@@ -87,7 +87,7 @@ def test_capped_image_is_transformers_at_the_lower_edge(tiny_idefics3, released,
     _, processor = released
     image = photo(rng, 386, 386)
     want = hf_processor(tiny_idefics3, 1024)(text=PROMPT, images=[image])
-    ids, [(pixels, _)] = processor.encode(PROMPT, [image], {"max_image_tiles": 4})
+    ids, [(pixels, _)] = processor.encode(PROMPT, [image], budgets={"max_image_tiles": 4})
     assert ids == want["input_ids"][0]
     np.testing.assert_allclose(pixels, want["pixel_values"][0], rtol=0, atol=1e-6)
 
@@ -97,17 +97,17 @@ def test_high_splits_where_the_checkpoint_does_not(tiny_idefics3, rng):
     image = photo(rng, 386, 386)
     assert image_tokens(processor, image) == image_tokens(processor, image, "low") == TOKENS
     want = hf_processor(tiny_idefics3, LONGEST, splitting=True)(text=PROMPT, images=[image])
-    assert processor.encode(PROMPT, [image], "high")[0] == want["input_ids"][0]
+    assert processor.encode(PROMPT, [image], budgets="high")[0] == want["input_ids"][0]
 
 
 def test_one_budget_per_image(released, rng):
     _, processor = released
     images = [photo(rng, 386, 386), photo(rng, 386, 386)]
-    ids, per_image = processor.encode("<image><image>Compare.", images, ["low", None])
+    ids, per_image = processor.encode("<image><image>Compare.", images, budgets=["low", None])
     assert [p.shape[0] for p, _ in per_image] == [1, 17]
     assert ids.count(processor.image_token_id) == 18 * TOKENS
     with pytest.raises(InputError, match="2 image budgets for 1 images"):
-        processor.encode(PROMPT, images[:1], ["low", "high"])
+        processor.encode(PROMPT, images[:1], budgets=["low", "high"])
 
 
 def test_call_takes_max_image_tiles(released, rng):

@@ -2,8 +2,10 @@
 SmolVLMProcessor with the PIL image processor (NumPy + PIL only).
 
 The jobs live apart: image_config.py (the saved settings), tiling.py (an image -> frames -> pixel arrays),
-image_tokens.py (image counts and the `<image>` expansion), conversation.py (the images a chat names), and the
-tokenizer; this module ties them together and reads a checkpoint's processor files.
+image_tokens.py (image counts and the `<image>` expansion), video_config.py, video.py and video_tokens.py (a video
+-> sampled frames, each an unsplit image, and the `<video>` expansion, as SmolVLMProcessor), conversation.py (the
+images and videos a chat names), and the tokenizer; this module ties them together and reads a checkpoint's
+processor files.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from ..errors import CheckpointError, InputError
 from .batch_feature import BatchFeature, to_tensor
 from .chat_template import as_template_dict, read_chat_templates
-from .conversation import conversation_images, image_url_blocks_as_images
+from .conversation import conversation_images, conversation_videos, has_videos, image_url_blocks_as_images
 from .files import read_json
 from .image_budget import ImageBudget
 from .image_config import ImageConfig
@@ -33,6 +35,9 @@ from .image_tokens import (
 from .images import load_image
 from .tiling import MAX_IMAGE_SIZE, frames_to_pixels, image_to_frames, pad_batch
 from .tokenizer import Tokenizer
+from .video import SampledVideo, Video, load_video
+from .video_config import VideoConfig, require_video, video_processor_dict
+from .video_tokens import MAX_VIDEOS, VIDEO_CHAT_TEMPLATE, VIDEO_TOKEN, check_video_count, split_markers, video_prompt
 
 XATTN_PROCESSOR = "SmolVLMFastXAttnProcessor"  # the factorized variant's (docs/xattn.md): one <image> token per image
 
@@ -45,8 +50,11 @@ class Processor:
 
     def __init__(self, tokenizer: Tokenizer, image_config: ImageConfig, *, image_seq_len: int,
                  chat_template: str | dict[str, str] | None = None, upscale_small_images: bool = True,
-                 processor_class: str | None = None, max_images: int = MAX_IMAGES, max_image_pixels: int | None = None):
+                 processor_class: str | None = None, max_images: int = MAX_IMAGES, max_image_pixels: int | None = None,
+                 video_config: VideoConfig | None = None, max_videos: int = MAX_VIDEOS):
         self.tokenizer = tokenizer
+        self.video_config = video_config  # None: the checkpoint takes no video
+        self.max_videos = max_videos  # per prompt
         self.max_images = max_images  # per prompt
         self.max_image_pixels = max_image_pixels  # per image file; None: images.MAX_IMAGE_PIXELS
         self.image_config = image_config
@@ -73,9 +81,10 @@ class Processor:
         if do_image_splitting is not None:
             image_config = replace(image_config, do_image_splitting=do_image_splitting)
         templates = _processor_chat_templates(path, proc) or tokenizer.chat_templates
+        video_config = VideoConfig.from_dict(*video_processor_dict(path, proc))
         processor = cls(tokenizer, image_config, image_seq_len=_image_seq_len(path, proc), chat_template=templates,
                         upscale_small_images=upscale_small_images, processor_class=proc.get("processor_class"),
-                        max_images=max_images, max_image_pixels=max_image_pixels)
+                        max_images=max_images, max_image_pixels=max_image_pixels, video_config=video_config)
         processor._check_grid_tokens(path)
         return processor
 
@@ -99,14 +108,18 @@ class Processor:
 
     # --- __call__ ----------------------------------------------------------------------------------------------
 
-    def __call__(self, images=None, text: str | list[str] | None = None, *, return_tensors: str | None = None,
-                 padding: bool | str = False, padding_side: str | None = None, add_special_tokens: bool = True,
-                 do_image_splitting: bool | None = None, upscale_small_images: bool | None = None,
-                 max_image_tiles: int | None = None) -> BatchFeature:
+    def __call__(self, images=None, text: str | list[str] | None = None, *, videos=None,
+                 return_tensors: str | None = None, padding: bool | str = False, padding_side: str | None = None,
+                 add_special_tokens: bool = True, do_image_splitting: bool | None = None,
+                 upscale_small_images: bool | None = None, max_image_tiles: int | None = None) -> BatchFeature:
         """-> BatchFeature with input_ids, attention_mask (when text is given), pixel_values [B, N, 3, m, m] float32
         and pixel_attention_mask [B, N, m, m] int64 (when images are given). Images come first, as in transformers'
         processors: `processor(images, text)` or `processor(images=..., text=...)`. max_image_tiles caps each
-        image's tile grid (inputs/image_budget.py; None, the default, is transformers' own)."""
+        image's tile grid (inputs/image_budget.py; None, the default, is transformers' own). videos (with text: one
+        `<video>` marker each): see call_with_videos."""
+        if videos is not None:
+            return self.call_with_videos(images, text, videos, return_tensors=return_tensors, padding=padding,
+                                         padding_side=padding_side, add_special_tokens=add_special_tokens)
         if text is None and images is None:
             raise InputError("pass text, images, or both")
         texts = self._texts(images, text)
@@ -127,30 +140,74 @@ class Processor:
             out = BatchFeature(**encoded, **out)
         return out
 
-    def encode(self, text: str, images: list, budgets=None) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
-        """One prompt's text (one `<image>` marker per image) -> (token ids with each marker expanded, one
-        (pixel_values [frames, 3, m, m] float32, pixel_attention_mask [frames, m, m] int64) pair per image).
-        Each image is processed alone, so its frames carry no padding from the prompt's other images. BOS is added
-        by the tokenizer only when the text does not already start with it (a chat template writes it).
+    def encode(self, text: str, images: list, videos: list | None = None, budgets=None
+               ) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
+        """One prompt's text (one `<image>` marker per image, one `<video>` per video) -> (token ids with each
+        marker expanded, one (pixel_values [frames, 3, m, m] float32, pixel_attention_mask [frames, m, m] int64)
+        pair per image and per video frame, in the order of the markers). Each image is processed alone, so its
+        frames carry no padding from the prompt's other images; each video frame is an image of its own (one frame,
+        so a second question about the video finds every frame in the engine's feature cache). BOS is added by the
+        tokenizer only when the text does not already start with it (a chat template writes it).
         budgets: per image its ImageBudget (or what ImageBudget.of takes), or one for all; None: transformers'."""
-        if not isinstance(text, str):
-            raise InputError(f"a prompt's text must be a string, got {type(text).__name__}")
-        images = list(images or [])
-        check_image_counts([text], [images] if images else None, self.tokens.image, self.max_images)
-        if not isinstance(budgets, (list, tuple)):
-            budgets = [budgets] * len(images)
-        if len(budgets) != len(images):
-            raise InputError(f"{len(budgets)} image budgets for {len(images)} images")
-        per_image, expansions = [], []
-        for image, budget in zip(images, map(ImageBudget.of, budgets)):
-            splitting = budget.splitting(self.image_config.do_image_splitting)
-            pixel_values, pixel_mask, grids = self.process_images([[image]], splitting, budget.upscale,
-                                                                  budget.max_image_tiles)  # [1, n, 3, m, m], ...
-            per_image.append((pixel_values[0], pixel_mask[0]))
-            expansions.append(self.image_text(*grids[0][0]))
-        text = expand_image_tokens(text, self.tokens.image, expansions)
+        text, per_image = self.expand_prompt(text, images, videos, budgets)
         bos = self.tokenizer.bos_token
         return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos))), per_image
+
+    def expand_prompt(self, text: str, images: list, videos: list | None = None, budgets=None
+                      ) -> tuple[str, list[tuple[np.ndarray, np.ndarray]]]:
+        """(text with every marker expanded, the (pixel_values, pixel_attention_mask) pairs of encode)."""
+        if not isinstance(text, str):
+            raise InputError(f"a prompt's text must be a string, got {type(text).__name__}")
+        images, videos = list(images or []), list(videos or [])
+        check_image_counts([text], [images] if images else None, self.tokens.image, self.max_images)
+        check_video_count(text, len(videos), self.max_videos)
+        budgets = list(budgets) if isinstance(budgets, (list, tuple)) else [budgets] * len(images)
+        if len(budgets) != len(images):
+            raise InputError(f"{len(budgets)} image budgets for {len(images)} images")
+        pieces = split_markers(text, self.tokens.image)
+        media = {"image": iter(zip(images, map(ImageBudget.of, budgets))), "video": iter(videos)}
+        per_image = []
+        for k in range(1, len(pieces), 2):
+            if pieces[k] == VIDEO_TOKEN:
+                pieces[k] = self._video_media(next(media["video"]), per_image)
+            else:
+                image, budget = next(media["image"])
+                pixel_values, pixel_mask, grids = self.process_images(
+                    [[image]], budget.splitting(self.image_config.do_image_splitting), budget.upscale,
+                    budget.max_image_tiles)  # [1, n, 3, m, m], [1, n, m, m]
+                per_image.append((pixel_values[0], pixel_mask[0]))
+                pieces[k] = self.image_text(*grids[0][0])
+        return "".join(pieces), per_image
+
+    def _video_media(self, video, per_image: list) -> str:
+        """Append a video's frames to per_image, one [1, 3, m, m] image each; -> its `<video>` expansion."""
+        cfg = require_video(self.video_config)
+        sampled = load_video(video, cfg, max_pixels=self.max_image_pixels)
+        for frame in frames_to_pixels(sampled.frames, cfg.lut):  # [3, m, m] float32
+            per_image.append((frame[None], np.ones((1, *frame.shape[1:]), np.int64)))
+        return video_prompt(sampled.timestamps, sampled.duration, self.tokens, self.image_seq_len)
+
+    def call_with_videos(self, images, text, videos, *, return_tensors=None, padding=False, padding_side=None,
+                         add_special_tokens=True) -> BatchFeature:
+        """processor(text=..., videos=...) as SmolVLMProcessor: the videos (a path, frames, a Video, or a list of
+        them) spread over the prompts by their `<video>` markers, images by their `<image>` markers; pixel_values
+        [B, N, 3, m, m] hold each prompt's frames in marker order (transformers keeps videos and images apart and
+        cannot take both in one call)."""
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+        if texts is None or not all(isinstance(t, str) for t in texts):
+            raise InputError("videos need text with a <video> marker per video")
+        video_groups = _split_by_markers(as_video_list(videos), texts, VIDEO_TOKEN, "videos")
+        image_groups = _split_by_markers(_flat_images(images), texts, self.tokens.image, "images")
+        expanded, samples = [], []
+        for t, ims, vids in zip(texts, image_groups, video_groups):
+            t, per_image = self.expand_prompt(t, ims, vids)
+            expanded.append(t)
+            samples.append([frame for pixels, _ in per_image for frame in pixels])  # [3, m, m] each
+        pixel_values, pixel_mask = pad_batch(samples)
+        encoded = self.tokenizer(expanded, padding=padding, padding_side=padding_side, return_tensors=return_tensors,
+                                 add_special_tokens=add_special_tokens)
+        return BatchFeature(**encoded, pixel_values=to_tensor(pixel_values, return_tensors or "np", "pixel_values"),
+                            pixel_attention_mask=to_tensor(pixel_mask, return_tensors or "np", "pixel_attention_mask"))
 
     def _texts(self, images, text) -> list[str] | None:
         """text as a list of prompts (None without text); a prompt passed first, in the (text, images) order of
@@ -208,17 +265,20 @@ class Processor:
         BatchFeature (return_dict=True) or the input ids are returned."""
         conversation = image_url_blocks_as_images(conversation)
         template = self.chat_templates.get(chat_template, chat_template) or self.chat_template
+        if chat_template is None and has_videos(conversation):
+            template = VIDEO_CHAT_TEMPLATE  # as SmolVLMProcessor.apply_chat_template: the template that renders <video>
         prompt = self.tokenizer.render_chat(conversation, chat_template=template,
                                             add_generation_prompt=add_generation_prompt,
                                             continue_final_message=continue_final_message, tools=tools,
                                             documents=documents, **template_kwargs)
         if not tokenize:
             return prompt
-        groups = conversation_images(conversation)
+        groups, videos = conversation_images(conversation), conversation_videos(conversation)
         first = prompt[0] if isinstance(prompt, list) else prompt
         bos = self.tokenizer.bos_token
         out = self(images=groups if any(groups) else None, text=prompt, return_tensors=return_tensors,
-                   padding=padding, add_special_tokens=not (bos is not None and first.startswith(bos)))
+                   padding=padding, add_special_tokens=not (bos is not None and first.startswith(bos)),
+                   videos=[v for group in videos for v in group] if any(videos) else None)
         return out if return_dict else out["input_ids"]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
@@ -229,6 +289,31 @@ class Processor:
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
+
+
+def as_video_list(videos) -> list:
+    """One video (a path, a Video, a [T, H, W, C] array, or a list of frames) or a list of videos -> a list."""
+    kinds = (str, Path, Video, SampledVideo)
+    if isinstance(videos, kinds) or getattr(videos, "ndim", 0) == 4:
+        return [videos]
+    if isinstance(videos, (list, tuple)) and videos:
+        is_video = [isinstance(v, (*kinds, list, tuple)) or getattr(v, "ndim", 0) == 4 for v in videos]
+        return list(videos) if all(is_video) else [list(videos)]  # a list of frames is one video
+    raise InputError(f"videos must be a video (a path, frames, a Video) or a list of them, got {videos!r:.60}")
+
+
+def _flat_images(images) -> list:
+    """images in any form the processor takes (one, a list, a list per prompt) -> one flat list."""
+    return [] if images is None else [im for group in group_images(images, None, "") for im in group]
+
+
+def _split_by_markers(items: list, texts: list[str], marker: str, name: str) -> list[list]:
+    """A flat list spread over the prompts by their marker counts (the counts must add up)."""
+    counts = [t.count(marker) for t in texts]
+    if sum(counts) != len(items):
+        raise InputError(f"the text has {sum(counts)} {marker} markers but {len(items)} {name} were passed")
+    starts = np.cumsum([0, *counts]).tolist()
+    return [items[starts[i]:starts[i + 1]] for i in range(len(texts))]
 
 
 def _looks_like_prompt(images, marker: str) -> bool:

@@ -6,6 +6,10 @@ Each result is appended to a JSON Lines file as soon as it is ready, one line pe
 
     {"path": "holiday/beach.jpg", "caption": "...", "tags": ["sea", "sand"], "seconds": 1.92, "model": "..."}
 
+With a model that takes video (a SmolVLM2 checkpoint with video settings), video files (mp4, mov, m4v, mkv, webm,
+avi) are captioned too, each decoded once (its sampled frames only, inputs/video.py) and asked about as a video;
+the default prompts then say "video". An unreadable video is skipped and reported like an image.
+
 The run resumes: images already in the output are skipped, and a last line cut short by a killed run is dropped.
 An image that cannot be read is reported on stderr and in `<out stem>.errors.jsonl`, never stopping the run (it is
 tried again on the next run): a corrupt or truncated file, another format under an image extension (images.py tries
@@ -24,8 +28,10 @@ from pathlib import Path
 from ..config import SamplingParams
 from ..errors import InputError, SmolVLMError
 from ..inputs.images import load_image
+from ..inputs.video import load_video
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"})
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 DEFAULT_PROMPT = "Describe this image in one or two sentences."
 DEFAULT_TAGS_PROMPT = ("List the main objects, people, places and themes in this image as comma-separated tags. "
@@ -52,11 +58,21 @@ class Summary:
 
 # ---------------------------------------------------------------- the folder and the output file
 
-def find_images(root: Path) -> list[Path]:
-    """Every image file under root, by extension (any case), sorted by path."""
+def find_images(root: Path, videos: bool = False) -> list[Path]:
+    """Every image file under root (and every video file, with videos=True), by extension (any case), sorted."""
     if not root.is_dir():
         raise InputError(f"{root}: not a directory")
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    extensions = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS if videos else IMAGE_EXTENSIONS
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
+
+
+def is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def video_prompt(prompt: str) -> str:
+    """A default prompt asks about "this image": about a video it asks about "this video"."""
+    return prompt.replace("this image", "this video") if prompt in (DEFAULT_PROMPT, DEFAULT_TAGS_PROMPT) else prompt
 
 
 def relative_name(path: Path, root: Path) -> str:
@@ -138,19 +154,26 @@ class Captioner:
     async def caption(self, path: Path, name: str) -> dict:
         """The output record of one image; raises SmolVLMError when the image cannot be read or the request fails."""
         start = time.perf_counter()
-        # [H, W, 3] uint8, within the processor's pixel limit; decoding overlaps the engine's steps
-        image = await asyncio.to_thread(load_image, path, max_pixels=self.llm.max_image_pixels)
-        asks = [self.ask(image, self.prompt)]
-        if self.tags_prompt is not None:
-            asks.append(self.ask(image, self.tags_prompt))
+        # [H, W, 3] uint8 (a video: its sampled frames), within the processor's pixel limit; decoding overlaps the
+        # engine's steps
+        image = await asyncio.to_thread(self.load, path)
+        prompts = [self.prompt] + ([self.tags_prompt] if self.tags_prompt is not None else [])
+        kind = "video" if is_video(path) else "image"
+        asks = [self.ask(image, video_prompt(p) if kind == "video" else p, kind) for p in prompts]
         answers = await asyncio.gather(*asks)
         record = {"path": name, "caption": answers[0]}
         if self.tags_prompt is not None:
             record["tags"] = parse_tags(answers[1])
         return record | {"seconds": round(time.perf_counter() - start, 3), "model": self.model_name}
 
-    async def ask(self, image, text: str) -> str:
-        chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+    def load(self, path: Path):
+        processor = self.llm.processor
+        if is_video(path):
+            return load_video(path, processor.video_config, max_pixels=self.llm.max_image_pixels)
+        return load_image(path, max_pixels=self.llm.max_image_pixels)
+
+    async def ask(self, image, text: str, kind: str = "image") -> str:
+        chat = [{"role": "user", "content": [{"type": kind, kind: image}, {"type": "text", "text": text}]}]
         final = None
         async for final in self.llm.stream(chat, SamplingParams(max_new_tokens=self.max_new_tokens)):
             pass
@@ -189,7 +212,7 @@ def caption_folder(llm, root, out, *, prompt: str = DEFAULT_PROMPT, tags: bool =
     root, out = Path(root), Path(out)
     if not llm.model.config.is_vlm:
         raise InputError("captioning needs a vision-language model (a SmolVLM checkpoint): this one is text-only")
-    images = find_images(root)
+    images = find_images(root, videos=getattr(llm.processor, "video_config", None) is not None)
     done = read_done(out)
     todo = [p for p in images if relative_name(p, root) not in done]
     summary = Summary(total=len(images), already_done=len(images) - len(todo))

@@ -32,7 +32,7 @@ from ..engine.sequence import ImageInput, Request, Sequence
 from ..errors import InputError, SmolVLMError
 from ..inputs.image_budget import ImageBudget
 from ..ops import use_kernels
-from .prompts import as_prompt_list, is_processor
+from .prompts import as_prompt_list, is_processor, with_video
 from .prompts import encode as encode_prompt
 
 
@@ -146,9 +146,12 @@ class LLM:
             self.engine.reset_prefix_cache()
 
     # -- batch API
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """One output per prompt, in order; a prompt that is invalid gets an output with its error."""
-        prompts = as_prompt_list(prompts)
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
+                 video=None) -> list[RequestOutput]:
+        """One output per prompt, in order; a prompt that is invalid gets an output with its error. video: a file
+        path, frames or an inputs.video.Video, asked about by the one question in prompts (a user message with the
+        video, then the question, through the chat template)."""
+        prompts = as_prompt_list(prompts if video is None else with_video(prompts, video))
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(params)} SamplingParams")

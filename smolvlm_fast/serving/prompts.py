@@ -1,10 +1,10 @@
 """A prompt in any form LLM takes -> (prompt token ids, one engine ImageInput per image).
 
 The forms: a string (tokenized as it is: not chat-templated), token ids, a chat (a list of {"role", "content"}
-messages, images in the content blocks; the chat template applies), a dict {"prompt": text with one <image> marker
-per image, "images": [...]} or {"prompt_token_ids": [...]}. The processor does the image work (Processor.encode:
-the marker count, the tiles, each marker's expansion, BOS); here each image gets its content hash, computed off the
-engine's thread.
+messages, images and videos in the content blocks; the chat template applies), a dict {"prompt": text with one
+<image> marker per image and one <video> per video, "images": [...], "videos": [...]} or {"prompt_token_ids": [...]}.
+The processor does the image work (Processor.encode: the marker count, the tiles, a video's frames, each marker's
+expansion, BOS); here each image (each video frame) gets its content hash, computed off the engine's thread.
 
 The processor or tokenizer functions take is an inputs.processor.Processor (a VLM), a tokenizer (a text-only
 model) or None (token ids only).
@@ -27,7 +27,8 @@ def encode(prompt, processor, budget: ImageBudget | None = None) -> tuple[list[i
     if isinstance(prompt, dict) and "prompt" in prompt:
         images = list(prompt.get("images") or [])
         own = ImageBudget.of({k: prompt[k] for k in OPTION_KEYS if k in prompt}).over(budget)
-        return encode_text(prompt["prompt"], images, processor, [own] * len(images))
+        return encode_text(prompt["prompt"], images, processor, list(prompt.get("videos") or []),
+                           [own] * len(images))
     if isinstance(prompt, str):
         return encode_text(prompt, [], processor)
     if is_chat(prompt):
@@ -40,31 +41,42 @@ def encode(prompt, processor, budget: ImageBudget | None = None) -> tuple[list[i
 def encode_chat(messages, processor, budget: ImageBudget | None = None) -> tuple[list[int], list[ImageInput]]:
     """Chat messages through the checkpoint's chat template (with the generation prompt) -> ids and images, each
     image with its block's token budget over `budget`."""
-    from ..inputs.conversation import conversation_image_options, conversation_images, image_url_blocks_as_images
+    from ..inputs.conversation import (conversation_image_options, conversation_images, conversation_videos,
+                                       image_url_blocks_as_images)
 
     if processor is None:
         raise InputError("chat prompts need a tokenizer: pass tokenizer= to LLM")
     messages = image_url_blocks_as_images(messages)
-    images = conversation_images(messages)[0]
-    _check_can_take(processor, images)
+    images, videos = conversation_images(messages)[0], conversation_videos(messages)[0]
+    _check_can_take(processor, images + videos)
     budgets = [ImageBudget.of(o).over(budget or ImageBudget()) for o in conversation_image_options(messages)[0]]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return encode_text(text, images, processor, budgets)
+    return encode_text(text, images, processor, videos, budgets)
 
 
-def encode_text(text: str, images: list, processor, budgets: list | None = None) -> tuple[list[int], list[ImageInput]]:
-    """Text with one <image> marker per image -> token ids (each marker expanded as the processor does, within
-    each image's budget: None, transformers' own) and one ImageInput per image, its frames and a hash of them."""
+def encode_text(text: str, images: list, processor, videos: list | None = None, budgets: list | None = None
+                ) -> tuple[list[int], list[ImageInput]]:
+    """Text with one <image> marker per image (one <video> per video) -> token ids (each marker expanded as the
+    processor does, each image within its budget: None, transformers' own) and one ImageInput per image and per
+    video frame, its frames and a hash of its pixels."""
     if processor is None:
         raise InputError("text prompts need a tokenizer: pass tokenizer= to LLM, or pass token ids")
-    _check_can_take(processor, images)
+    videos = list(videos or [])
+    _check_can_take(processor, images + videos)
     if not is_processor(processor):  # a text-only model's tokenizer
         if not isinstance(text, str):
             raise InputError(f"a prompt's text must be a string, got {type(text).__name__}")
         bos = getattr(processor, "bos_token", None)
         return processor.encode(text, add_special_tokens=not (bos and text.startswith(bos))), []
-    ids, per_image = processor.encode(text, images, budgets)
+    ids, per_image = processor.encode(text, images, videos, budgets)
     return ids, [ImageInput(pixels, mask, content_hash=image_digest(pixels)) for pixels, mask in per_image]
+
+
+def with_video(question, video) -> list[dict]:
+    """A question about a video (a path, frames, a Video) -> the chat asking it: the video, then the text."""
+    if not isinstance(question, str):
+        raise InputError(f"video= goes with one question (a string), got {type(question).__name__}")
+    return [{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": question}]}]
 
 
 def is_chat(prompt) -> bool:
@@ -90,4 +102,4 @@ def is_processor(processor) -> bool:
 
 def _check_can_take(processor, images: list) -> None:
     if images and not is_processor(processor):
-        raise InputError("this is a text-only model (no image processor); it cannot take images")
+        raise InputError("this is a text-only model (no image processor); it cannot take images or videos")

@@ -23,6 +23,7 @@ from .images import ImageSource
 from .limits import Limits
 from .metrics import Metrics
 from .protocol import (MAX_STOP_CHARS, MAX_STOP_STRINGS, ApiError, ChatRequest, CompletionRequest, ImagePart, Message,
+                       VideoPart,
                        Sampling, TextPart, check_supported, error_body, max_tokens_param, sampling_params,
                        stop_strings)
 
@@ -105,17 +106,35 @@ class Api:
                            f"{self.limits.max_images}", param="messages", code="too_many_images")
         urls = await asyncio.gather(*(self.images.data_url(p.image_url.url, f"messages.{i}.content.{j}.image_url")
                                       for i, j, p in parts))
-        url_of = {id(p): url for (_, _, p), url in zip(parts, urls)}
+        url_of = {id(p): url for (_, _, p), url in zip(parts, urls)} | await self.video_urls(messages)
         out = []
         for m in messages:
             role = "system" if m.role == "developer" else m.role
             blocks = [TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content
             if self.vlm:
-                out.append({"role": role, "content": [{"type": "text", "text": b.text} if isinstance(b, TextPart)
-                                                      else image_block(url_of[id(b)], b) for b in blocks]})
+                out.append({"role": role, "content": [
+                    {"type": "text", "text": b.text} if isinstance(b, TextPart) else
+                    {"type": "video", "url": url_of[id(b)]} if isinstance(b, VideoPart) else
+                    image_block(url_of[id(b)], b) for b in blocks]})
             else:
                 out.append({"role": role, "content": "\n".join(b.text for b in blocks)})
         return out
+
+    async def video_urls(self, messages: list[Message]) -> dict[int, str]:
+        """id(part) -> the data: URL of each video_url part, checked (videos only for a model that takes them)."""
+        parts = [(i, j, p) for i, m in enumerate(messages) if isinstance(m.content, list)
+                 for j, p in enumerate(m.content) if isinstance(p, VideoPart)]
+        processor = self.llm.processor
+        if parts and getattr(processor, "video_config", None) is None:
+            i, j, _ = parts[0]
+            raise ApiError("this model takes no video (it has no video settings: a SmolVLM2 checkpoint does)",
+                           param=f"messages.{i}.content.{j}", code="video_not_supported")
+        if parts and len(parts) > processor.max_videos:
+            raise ApiError(f"the request has {len(parts)} videos, over the limit of {processor.max_videos}",
+                           param="messages", code="too_many_videos")
+        urls = await asyncio.gather(*(self.images.video_data_url(p.video_url.url, f"messages.{i}.content.{j}.video_url")
+                                      for i, j, p in parts))
+        return {id(p): url for (_, _, p), url in zip(parts, urls)}
 
     async def engine_request(self, prompt, body: Sampling, max_tokens: int | None, param: str) -> EngineRequest:
         """The prompt tokenized (images processed) off the event loop, with room for max_tokens in the context

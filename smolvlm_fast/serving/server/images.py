@@ -2,11 +2,17 @@
 paths and file:// URLs only inside the directory the server was started with; http(s) URLs only when remote fetching
 is enabled, never from private or loopback addresses (checked at every redirect, the connection pinned to the
 checked address), and only from the allowed domains when those are given. Each image is checked (format, bytes,
-pixels) from its header before the processor decodes it. httpx is imported only to fetch a remote image."""
+pixels) from its header before the processor decodes it. httpx is imported only to fetch a remote image.
+
+A video_url (a SmolVLM2 model's video) comes by the same rules, as a data:video/... URL or a file; its bytes are
+bounded by max_body_bytes (a video can be no larger than a request could carry) and its container (MP4/MOV,
+Matroska/WebM, AVI) is checked from its first bytes here; the processor checks the rest as it decodes, off the event
+loop, and a bad video is the request's 400."""
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import binascii
 import io
 import ipaddress
@@ -20,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ...errors import InputError
 from ...inputs.images import ALLOWED_FORMATS
+from ...inputs.video import container_of
 from .limits import Limits
 from .protocol import ApiError
 
@@ -27,6 +34,7 @@ from .protocol import ApiError
 IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp",
                  "TIFF": "tiff"}
 DATA_URL_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif"}
+VIDEO_URL_TYPES = {"video/mp4", "video/quicktime", "video/webm", "video/x-matroska", "video/avi", "video/x-msvideo"}
 MAX_REDIRECTS = 3
 
 
@@ -61,6 +69,32 @@ class ImageSource:
         subtype = self.check_bytes(data, param)
         return f"data:image/{subtype};base64,{base64.b64encode(data).decode()}"
 
+    async def video_data_url(self, url: str, param: str) -> str:
+        """A video_url -> a data:video/mp4 URL of its bytes (the demuxer is chosen from the bytes, not the type),
+        by the rules of data_url with max_body_bytes for the size."""
+        video_limits = dataclasses.replace(self.limits, max_image_bytes=self.limits.max_body_bytes)
+        scheme = url_scheme(url, param)
+        if scheme == "data":
+            data = decode_data_url(url, video_limits.max_image_bytes, param, VIDEO_URL_TYPES)
+        elif scheme in ("http", "https"):
+            if not self.allow_remote_urls:
+                raise ApiError("remote video URLs are not fetched by this server (it was started without "
+                               "--allow-remote-urls or --allowed-image-domains): send the video as a base64 data: "
+                               "URL", param=param, code="remote_urls_disabled")
+            data = await fetch_remote(url, video_limits, param, self.allowed_domains)
+        elif scheme in ("file", ""):
+            data = await asyncio.to_thread(self.read_local, url, param, video_limits.max_image_bytes)
+        else:
+            raise ApiError(f"video URL scheme {scheme!r} is not supported (data:, file:, http:, https:)", param=param)
+        if len(data) > video_limits.max_image_bytes:
+            raise ApiError(f"a video of {len(data)} bytes is over this server's limit of {video_limits.max_image_bytes}",
+                           param=param, code="video_too_large")
+        try:
+            container_of(data[:16], "the video")
+        except InputError as e:
+            raise ApiError(f"{param}: {e}", param=param, code="invalid_video") from None
+        return f"data:video/mp4;base64,{base64.b64encode(data).decode()}"
+
     def check_bytes(self, data: bytes, param: str) -> str:
         """The image's data URL subtype, once its format, bytes and pixels are found within the limits."""
         limits = self.limits
@@ -81,8 +115,9 @@ class ImageSource:
                            f"{limits.max_image_pixels}", param=param, code="image_too_large")
         return IMAGE_FORMATS[kind]
 
-    def read_local(self, url: str, param: str) -> bytes:
-        """A file inside the allowed directory (symlinks resolved first: no way out through them)."""
+    def read_local(self, url: str, param: str, max_bytes: int | None = None) -> bytes:
+        """A file inside the allowed directory (symlinks resolved first: no way out through them), at most
+        max_bytes + 1 of it (default max_image_bytes: one more than the limit, so that the caller sees it over)."""
         if self.root is None:
             raise ApiError("local image paths are not read by this server (it was started without "
                            "--allowed-local-dir): send the image as a base64 data: URL", param=param,
@@ -107,7 +142,7 @@ class ImageSource:
             os.close(fd)
             raise ApiError(f"image path {url!r} is not a regular file", param=param)
         with os.fdopen(fd, "rb") as f:
-            return f.read(self.limits.max_image_bytes + 1)
+            return f.read((self.limits.max_image_bytes if max_bytes is None else max_bytes) + 1)
 
 
 def why_unreadable(error: Exception) -> str:
@@ -130,12 +165,13 @@ def url_scheme(url: str, param: str) -> str:
         raise ApiError(f"image URL {url[:100]!r} is invalid: {e}", param=param) from None
 
 
-def decode_data_url(url: str, max_bytes: int, param: str) -> bytes:
+def decode_data_url(url: str, max_bytes: int, param: str, types: set[str] = DATA_URL_TYPES) -> bytes:
     head, comma, payload = url.partition(",")
     fields = head[len("data:"):].lower().split(";")
-    if not comma or fields[0] not in DATA_URL_TYPES or "base64" not in fields[1:]:
-        raise ApiError("a data URL must be data:image/png|jpeg|webp|gif;base64,<data>", param=param,
-                       code="invalid_image")
+    if not comma or fields[0] not in types or "base64" not in fields[1:]:
+        kinds = "image/png|jpeg|webp|gif" if types is DATA_URL_TYPES else "video/mp4|quicktime|webm|x-matroska|avi"
+        raise ApiError(f"a data URL must be data:{kinds};base64,<data>", param=param,
+                       code="invalid_image" if types is DATA_URL_TYPES else "invalid_video")
     if len(payload) > (max_bytes + 2) // 3 * 4 + 4096:  # base64 of max_bytes, with room for line breaks
         raise ApiError(f"an image of about {len(payload) * 3 // 4} bytes is over this server's limit of {max_bytes}",
                        param=param, code="image_too_large")

@@ -82,9 +82,16 @@ class ImagePart(Body):
     image_url: ImageUrl
 
 
+class VideoPart(Body):
+    """Not OpenAI's (as vLLM's): {"type": "video_url", "video_url": {"url": ...}}, a SmolVLM2 model's video."""
+    type: Literal["video_url"]
+    video_url: ImageUrl
+
+
 class Message(Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | Annotated[list[Annotated[TextPart | ImagePart, Field(discriminator="type")]], Field(min_length=1)]
+    content: Text | Annotated[list[Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]],
+                              Field(min_length=1)]
 
 
 class StreamOptions(Body):
