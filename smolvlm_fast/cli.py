@@ -88,7 +88,7 @@ def add_image_flags(parser) -> None:
 def image_budget_of(args):
     """The ImageBudget of add_image_flags' flags (an InputError, exit 2, for a bad --max-image-tiles)."""
     from .inputs.image_budget import ImageBudget
-    return ImageBudget(args.detail, args.max_image_tiles, False if args.no_upscale else None)
+    return ImageBudget.of_flags(args)
 
 
 def add_doctor_command(commands) -> None:
@@ -192,14 +192,9 @@ def run_serve(args) -> int:
           allowed_local_dir=args.allowed_local_dir, allow_remote_urls=args.allow_remote_urls, limits=limits,
           allowed_domains=tuple(h.strip() for h in args.allowed_image_domains.split(",") if h.strip()),
           backend=args.backend, device=args.device, dtype=args.dtype, quantize=args.quantize,
-          **llm_image_options(image_budget_of(args)))
+          **image_budget_of(args).llm_options())
     return 0
 
-
-def llm_image_options(budget) -> dict:
-    """An ImageBudget as LLM's keywords."""
-    return {"image_detail": budget.detail, "max_image_tiles": budget.max_image_tiles,
-            "upscale_images": budget.upscale}
 
 
 class TimedStreamer:

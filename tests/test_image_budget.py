@@ -135,8 +135,8 @@ def test_over_takes_what_a_request_leaves_open():
 
 @pytest.mark.parametrize("max_tiles", range(0, 13))
 def test_capped_size_is_the_largest_that_fits(max_tiles, rng):
-    """Over random sizes: the cap holds, and one more tile of longest edge would break it (unless the size was
-    already within the cap)."""
+    """Over random sizes: the capped size fits (or is one tile, the global view alone), and every longest edge
+    between it and the uncapped size, in steps of a tile, would not."""
     import math
 
     from smolvlm_fast.inputs.tiling import longest_edge_size, tile_multiple_size
@@ -148,11 +148,15 @@ def test_capped_size_is_the_largest_that_fits(max_tiles, rng):
     for _ in range(50):
         h, w = (int(x) for x in rng.integers(1, 4096, 2))
         ch, cw = capped_size(h, w, TILE, max_tiles)
-        assert tiles(ch, cw) <= max(max_tiles, 0) or max(ch, cw) <= TILE
-        if (ch, cw) != (h, w):
-            bigger = math.ceil(max(ch, cw) / TILE) * TILE + TILE
-            if bigger <= math.ceil(max(h, w) / TILE) * TILE:
-                assert tiles(*longest_edge_size(h, w, bigger)) > max_tiles
+        assert tiles(ch, cw) <= max_tiles or max(ch, cw) <= TILE, (h, w, ch, cw)
+        if (ch, cw) == (h, w):
+            assert tiles(h, w) <= max_tiles or max(h, w) <= TILE
+            continue
+        top = math.ceil(max(h, w) / TILE) * TILE
+        for edge in range(max(ch, cw) + TILE, top + 1, TILE):
+            if edge < top:
+                assert tiles(*longest_edge_size(h, w, edge)) > max_tiles, (h, w, edge)
+        assert tiles(h, w) > max_tiles
 
 
 # ---------------------------------------------------------------- through LLM, the server and the commands

@@ -66,6 +66,15 @@ class ImageBudget:
         return {"do_image_splitting": {"auto": None, "low": False, "high": True}[self.detail],
                 "upscale_small_images": self.upscale, "max_image_tiles": self.max_image_tiles}
 
+    def llm_options(self) -> dict:
+        """As keywords of LLM (serving/llm.py)."""
+        return {"image_detail": self.detail, "max_image_tiles": self.max_image_tiles, "upscale_images": self.upscale}
+
+    @classmethod
+    def of_flags(cls, args) -> "ImageBudget":
+        """From the commands' --detail, --max-image-tiles and --no-upscale (cli.add_image_flags)."""
+        return cls(args.detail, args.max_image_tiles, False if args.no_upscale else None)
+
     def splitting(self, checkpoint_splits: bool) -> bool:
         """Whether the image is cut into tiles: the checkpoint's setting for "auto"."""
         return {"auto": checkpoint_splits, "low": False, "high": True}[self.detail]

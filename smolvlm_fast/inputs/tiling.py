@@ -94,11 +94,11 @@ def capped_size(height: int, width: int, tile: int, max_tiles: int) -> tuple[int
         h, w = tile_multiple_size(h, w, tile)
         return 0 if h <= tile and w <= tile else (h // tile) * (w // tile)  # one tile: only the global view
 
-    longest = math.ceil(max(height, width) / tile) * tile
-    while tiles(height, width) > max_tiles and longest > tile:
+    longest, size = math.ceil(max(height, width) / tile) * tile, (height, width)
+    while tiles(*size) > max_tiles and longest > tile:
         longest -= tile
-        height, width = longest_edge_size(height, width, longest)
-    return height, width
+        size = longest_edge_size(height, width, longest)  # from the uncapped size, not the last try
+    return size
 
 
 def resize_input(image: np.ndarray, cfg: ImageConfig, *, upscale: bool) -> np.ndarray:

@@ -254,10 +254,10 @@ def run(args) -> int:
     """The `smolvlm-fast caption` command (arguments from cli.py)."""
     from .llm import LLM
 
-    from ..cli import image_budget_of, llm_image_options
+    from ..inputs.image_budget import ImageBudget
 
     llm = LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype, quantize=args.quantize,
-              max_num_seqs=2 * max(1, args.batch_size), **llm_image_options(image_budget_of(args)))
+              max_num_seqs=2 * max(1, args.batch_size), **ImageBudget.of_flags(args).llm_options())
     summary = caption_folder(llm, args.dir, args.out, prompt=args.prompt, tags=args.tags, tags_prompt=args.tags_prompt,
                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, model_name=args.model,
                              progress=not args.no_progress)
