@@ -2,7 +2,6 @@
 SmolVLM2-shaped checkpoint (LLM with video=, a chat with a video block, a prompt dict, and the transformers-shaped
 processor + model.generate), every frame through the engine's feature cache and prefix cache (a second question
 about the same video encodes nothing), and videos of different lengths batched together."""
-import numpy as np
 import pytest
 
 pytest.importorskip("av")
@@ -15,9 +14,9 @@ from tests.video_reference import (  # noqa: E402
     decode_like_transformers,
     hf_processor,
     hf_reference,
-    make_video,
+    make_videos,
+    small_checkpoint,
     video_chat,
-    video_checkpoint,
 )
 
 NEW_TOKENS = 10
@@ -25,14 +24,13 @@ NEW_TOKENS = 10
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return video_checkpoint(tmp_path_factory.mktemp("smolvlm2") / "model", fps=2, max_frames=6)
+    return small_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("videos")
     specs = [(37, 10, 70, 50), (300, 24, 33, 61), (5, 30, 64, 64), (15, 5, 40, 40), (16, 5, 40, 40)]
-    return [make_video(root / f"v{i}.mp4", *spec, seed=10 + i) for i, spec in enumerate(specs)]
+    return make_videos(tmp_path_factory, specs, first_seed=10)
 
 
 @pytest.fixture(scope="module")

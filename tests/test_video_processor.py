@@ -22,10 +22,9 @@ from tests.video_reference import (  # noqa: E402
     decode_like_transformers,
     hf_processor,
     hf_reference,
-    make_video,
-    torch_pixels,
+    make_videos,
+    small_checkpoint,
     video_chat,
-    video_checkpoint,
 )
 
 # (frames, fps, width, height): shorter and longer than the cap, the skip-one-second rule on and off, odd sizes,
@@ -36,13 +35,12 @@ VIDEOS = [(37, 10, 70, 50), (300, 24, 33, 61), (5, 30, 64, 64), (240, 12, 100, 4
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return video_checkpoint(tmp_path_factory.mktemp("smolvlm2") / "model", fps=2, max_frames=6)
+    return small_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("videos")
-    return [make_video(root / f"v{i}.mp4", *spec, seed=i) for i, spec in enumerate(VIDEOS)]
+    return make_videos(tmp_path_factory, VIDEOS)
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,17 @@ def video_checkpoint(out_dir, fps: float = 2, max_frames: int = 6, size: int | N
     return out_dir
 
 
+def small_checkpoint(tmp_path_factory) -> Path:
+    """The tests' SmolVLM2-shaped checkpoint: 2 frames a second, at most 6 frames."""
+    return video_checkpoint(tmp_path_factory.mktemp("smolvlm2") / "model", fps=2, max_frames=6)
+
+
+def make_videos(tmp_path_factory, specs, first_seed: int = 0) -> list[Path]:
+    """One file per (frames, fps, width, height) spec, each from its own seed."""
+    root = tmp_path_factory.mktemp("videos")
+    return [make_video(root / f"v{i}.mp4", *spec, seed=first_seed + i) for i, spec in enumerate(specs)]
+
+
 def set_video_sampling(path: Path, fps: float, max_frames: int, size: int | None = None) -> None:
     config_file = path / "processor_config.json"
     config = json.loads(config_file.read_text())

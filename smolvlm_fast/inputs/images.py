@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
+from .files import local_file
 
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow plugin names; JPEG includes MPO photos
@@ -71,12 +72,7 @@ def _load_source(source, max_pixels: int) -> np.ndarray:
     if isinstance(source, str) and text.startswith("data:image/"):
         where = f"image data URI ({text[:40]}...)"
         return _pil_to_rgb(_open_data_uri(text, where, max_pixels), composite_alpha=False, where=where)
-    if text.startswith(("http://", "https://")):
-        raise InputError(f"image URL {text!r}: URLs are not fetched; download the file and pass its path")
-    path = Path(source)
-    if not path.is_file():
-        raise InputError(f"image file not found: {path}")
-    where = f"image file {path}"
+    path, where = local_file(source, "image")
     return _pil_to_rgb(open_image(path, where, "read", max_pixels), composite_alpha=False, where=where)
 
 

@@ -31,9 +31,9 @@ def resize(image: np.ndarray, height: int, width: int, resample: int) -> np.ndar
     return np.asarray(Image.fromarray(image).resize((width, height), resample=resample))
 
 
-def longest_edge_size(height: int, width: int, longest: int) -> tuple[int, int]:
-    """Longest edge -> `longest`, the other by the aspect ratio (truncated, then rounded up to even), then both
-    scaled below MAX_IMAGE_SIZE: transformers' _resize_output_size_rescale_to_max_len + _scale_below_upper_bound."""
+def aspect_size(height: int, width: int, longest: int) -> tuple[int, int]:
+    """Longest edge -> `longest`, the other by the aspect ratio, truncated, then rounded up to even, at least 1
+    (transformers' _resize_output_size_rescale_to_max_len; its video processor's get_resize_output_image_size)."""
     aspect = width / height
     if width >= height:
         width, height = longest, int(longest / aspect)
@@ -41,7 +41,12 @@ def longest_edge_size(height: int, width: int, longest: int) -> tuple[int, int]:
     else:
         height, width = longest, int(longest * aspect)
         width += width % 2
-    height, width = max(height, 1), max(width, 1)
+    return max(height, 1), max(width, 1)
+
+
+def longest_edge_size(height: int, width: int, longest: int) -> tuple[int, int]:
+    """aspect_size, then both edges scaled below MAX_IMAGE_SIZE (transformers' _scale_below_upper_bound)."""
+    height, width = aspect_size(height, width, longest)
     aspect = width / height
     if width >= height and width > MAX_IMAGE_SIZE:
         width, height = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE / aspect)

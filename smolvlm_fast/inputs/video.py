@@ -26,8 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from .files import local_file
 from .images import MAX_IMAGE_PIXELS, check_pixels, load_image
 from .lanczos import resize_lanczos
+from .tiling import aspect_size
 from .video_config import VIDEO_MAX_SIDE, VideoConfig
 
 DEFAULT_FPS = 24.0  # transformers' frame rate for frames passed without one
@@ -81,21 +83,8 @@ def load_video(video, cfg: VideoConfig, *, max_pixels: int | None = None) -> Sam
 
 def resize_frame(frame: np.ndarray, cfg: VideoConfig) -> np.ndarray:
     """[H, W, 3] uint8 -> [frame_size, frame_size, 3] uint8: the longest edge to longest_edge, then square."""
-    frame = resize_lanczos(frame, *longest_edge_size(*frame.shape[:2], min(VIDEO_MAX_SIDE, cfg.longest_edge)))
+    frame = resize_lanczos(frame, *aspect_size(*frame.shape[:2], min(VIDEO_MAX_SIDE, cfg.longest_edge)))
     return resize_lanczos(frame, cfg.frame_size, cfg.frame_size)
-
-
-def longest_edge_size(height: int, width: int, longest: int) -> tuple[int, int]:
-    """smolvlm's video get_resize_output_image_size: the longest edge -> `longest`, the other edge by the aspect
-    ratio, truncated and rounded up to even, at least 1."""
-    aspect = width / height
-    if width >= height:
-        width, height = longest, int(longest / aspect)
-        height += height % 2
-    else:
-        height, width = longest, int(longest * aspect)
-        width += width % 2
-    return max(height, 1), max(width, 1)
 
 
 # --- frames in memory --------------------------------------------------------------------------------------------
@@ -132,12 +121,7 @@ def _open_source(source):
         except (binascii.Error, ValueError) as e:
             raise InputError(f"cannot decode {where}: {e}") from None
         return io.BytesIO(data), container_of(data[:16], where), where
-    if text.startswith(("http://", "https://")):
-        raise InputError(f"video URL {text!r}: URLs are not fetched; download the file and pass its path")
-    path = Path(source)
-    if not path.is_file():
-        raise InputError(f"video file not found: {path}")
-    where = f"video file {path}"
+    path, where = local_file(source, "video")
     with open(path, "rb") as f:
         head = f.read(16)
     return str(path), container_of(head, where), where
