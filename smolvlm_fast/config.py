@@ -302,6 +302,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
+    # structured output (engine/grammar.py): OpenAI's {"type": "json_object"} or {"type": "json_schema",
+    # "json_schema": {"name": ..., "schema": {...}}}, or the JSON Schema itself as json_schema (a dict or JSON text)
+    response_format: dict | None = None
+    json_schema: dict | str | None = None
 
     def __post_init__(self):
         import math
@@ -329,6 +333,13 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise InputError(f"SamplingParams: {message} (got {self})")
+        self.schema  # noqa: B018  -- InputError now for a malformed response_format / json_schema
+
+    @property
+    def schema(self) -> str | None:
+        """The JSON Schema (JSON text) the output must satisfy, or None for free text."""
+        from .response_format import schema_text
+        return schema_text(self.response_format, self.json_schema)
 
     @property
     def greedy(self) -> bool:

@@ -40,6 +40,8 @@ from smolvlm_fast import LLM, SamplingParams  # the engine, its backend object a
 llm = LLM(args["vlm"]["fp32"], ignore_eos=True)
 chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]}]
 results["llm"] = llm.generate(chat, SamplingParams(max_new_tokens=8))[0].token_ids
+schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+results["json"] = llm.generate(chat, SamplingParams(max_new_tokens=32, json_schema=schema))[0].text  # llguidance
 assert "torch" not in [m.split(".")[0] for m, v in sys.modules.items() if v is not None]
 print(json.dumps(results))
 """
@@ -56,6 +58,7 @@ def test_whole_path_runs_without_torch(tiny_idefics3, tiny_bf16, smollm2_gguf):
     run = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(args)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert json.loads(results["json"]) in ({"ok": True}, {"ok": False})
     image = np.random.default_rng(0).integers(0, 256, (90, 150, 3), dtype=np.uint8)
     from PIL import Image
     for key, path in args["vlm"].items():

@@ -21,10 +21,12 @@ from functools import partial
 
 import numpy as np
 
+from ..errors import InputError
 from ..models.batch import SequenceImages
 from .backend import as_numpy, backend_of
 from .cache import FeatureCache, PagedCache, schedule_step
 from .checks import check_request, check_requests, image_token_count, request_images
+from .grammar import Grammars, advance
 from .sampling import select_token
 from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from .sequence import ImageInput, ImageSpan, Request, Sequence, image_digest
@@ -80,9 +82,14 @@ class Engine:
 
     def __init__(self, model, *, num_blocks: int, block_size: int = 16, max_num_batched_tokens: int = 512,
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True, feature_cache_bytes: int = 256 << 20,
-                 decode: Callable[[list[int]], str] | None = None, cuda_graphs: bool | None = None):
-        """cuda_graphs: replay decode steps from CUDA graphs (torch on a GPU); None: SMOLVLM_FAST_CUDA_GRAPHS=1."""
+                 decode: Callable[[list[int]], str] | None = None, cuda_graphs: bool | None = None,
+                 tokenizer=None):
+        """cuda_graphs: replay decode steps from CUDA graphs (torch on a GPU); None: SMOLVLM_FAST_CUDA_GRAPHS=1.
+        tokenizer: what structured outputs (SamplingParams.response_format) are compiled for; without it a request
+        that asks for one is refused."""
         self.model, self.decode, self.backend = model, decode, backend_of(model)
+        self.grammars = None if tokenizer is None else Grammars(
+            tokenizer, model.config.text.vocab_size, getattr(tokenizer, "eos_token_id", None))
         self.cache = PagedCache(num_blocks, block_size, enable_prefix_caching)
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
         # what runs a step's forward: the model, or its decode steps from CUDA graphs (models/decode_graphs.py)
@@ -109,8 +116,14 @@ class Engine:
         return self.cache.capacity
 
     def check(self, request: Request) -> None:
-        """The one request check (InputError when it can never run): vocabulary, context, capacity, images."""
+        """The one request check (InputError when it can never run): vocabulary, context, capacity, images, and
+        a response format that compiles."""
         check_request(self.model, request, self.cache.capacity)
+        if request.params.schema is not None:
+            if self.grammars is None:
+                raise InputError("structured output (response_format / json_schema) needs the model's tokenizer; "
+                                 "this engine has none")
+            self.grammars.compile(request.params.schema)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -157,6 +170,9 @@ class Engine:
             spans.append(ImageSpan(image, image_hash(image), start, start + n))
             start += n
         seq.place_images(spans, config)
+        schema = request.params.schema
+        if schema is not None and self.grammars is not None:  # (no grammars: check() refused it)
+            seq.matcher = self.grammars.matcher(schema)
         if spans:
             seq.model_images = SequenceImages(spans=tuple((s.start, s.end) for s in spans),
                                               feature_of=partial(self._image_features, seq))
@@ -235,15 +251,28 @@ class Engine:
         return seq.num_computed == seq.num_tokens
 
     def _accept(self, seqs: list[Sequence], logits: np.ndarray) -> None:
-        """Pick each sequence's next token from its logits row, then check its stop conditions."""
+        """Pick each sequence's next token from its logits row (within its grammar, if it has one), then check its
+        stop conditions."""
+        matchers = [seq.matcher for seq in seqs]
+        if any(m is not None for m in matchers):
+            logits = np.array(logits, dtype=np.float32)
+            self.grammars.mask(matchers, logits, [seq.request.params.stop_token_ids for seq in seqs])
         for row, seq in enumerate(seqs):
             params = seq.request.params
+            if seq.matcher is not None and seq.matcher.is_error():  # a grammar limit hit: no token is allowed
+                seq.finish_reason, seq.error = "error", f"structured output: {seq.matcher.get_error()}"
+                continue
             token = select_token(logits[row], params, seq.token_ids, seq.rng)
             seq.append_token(token)
             if seq.request.on_token:
                 seq.request.on_token(token)
+            grammar_end = None
             if token in params.stop_token_ids or _hit_stop_string(seq, self.decode):
                 seq.finish_reason = "stop"
+            elif seq.matcher is not None and (grammar_end := advance(seq.matcher, token)):
+                seq.finish_reason = grammar_end
+                if grammar_end == "error":
+                    seq.error = f"structured output: token {token} refused ({seq.matcher.get_error()})"
             elif len(seq.output_ids) >= params.max_new_tokens:
                 seq.finish_reason = "length"
 
@@ -252,6 +281,7 @@ class Engine:
         self.cache.free(seq.seq_id)
         seq.features.clear()
         seq.model_images = None  # what the model kept of its images (cross-attention K/V) goes with it
+        seq.matcher = None
 
 
 def generate(model, requests: list[Request], *, decode: Callable[[list[int]], str] | None = None,

@@ -72,6 +72,7 @@ class Sequence:
     error: str | None = None
     attends_images: bool = False  # a cross-attention model: every token depends on all the request's images
     model_images: SequenceImages | None = None  # its images as the model's forward takes them (None: it has none)
+    matcher: object | None = None  # its llguidance matcher when its output follows a grammar (engine/grammar.py)
 
     @property
     def finished(self) -> bool:

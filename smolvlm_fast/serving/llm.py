@@ -94,7 +94,7 @@ class LLM:
         self.engine = Engine(self.model, num_blocks=num_blocks, block_size=block_size,
                              max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                              enable_prefix_caching=enable_prefix_caching, feature_cache_bytes=feature_cache_bytes,
-                             decode=decode, cuda_graphs=cuda_graphs)
+                             decode=decode, cuda_graphs=cuda_graphs, tokenizer=self.tokenizer)
         self._lock = threading.Lock()  # one thread steps the engine at a time
         self._loop: EngineLoop | None = None
         self._ids = itertools.count()
