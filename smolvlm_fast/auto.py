@@ -28,7 +28,7 @@ DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "f
                "bfloat16": "bfloat16", "bf16": "bfloat16"}
 GENERATE_KWARGS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id",
                    "pad_token_id", "stop_strings", "seed", "max_length", "num_beams", "use_cache", "generation_config",
-                   "return_dict_in_generate"}
+                   "return_dict_in_generate", "json_schema", "response_format"}  # the last two: ours (structured output)
 
 
 @dataclass
@@ -276,10 +276,11 @@ class SmolVLMForConditionalGeneration:
                 streamer.put(prompt)
                 requests[0].on_token = lambda token: streamer.put(self._backend.from_numpy(np.array([token]),
                                                                                            like=input_ids))
-            decode = (tokenizer or self.tokenizer).decode if (tokenizer or self.tokenizer) is not None else None
-            if params.stop_strings and decode is None:
-                raise InputError("stop_strings need the tokenizer: pass tokenizer=... to generate()")
-            seqs = run_generation(self.model, requests, decode=decode, block_size=self.block_size)
+            tokenizer = tokenizer or self.tokenizer
+            decode = tokenizer.decode if tokenizer is not None else None
+            if (params.stop_strings or params.schema) and decode is None:
+                raise InputError("stop_strings and json_schema need the tokenizer: pass tokenizer=... to generate()")
+            seqs = run_generation(self.model, requests, decode=decode, block_size=self.block_size, tokenizer=tokenizer)
         if streamer is not None:
             streamer.end()
         out = self._pad_outputs(_ids_as_numpy(input_ids), [s.output_ids for s in seqs])  # [B, S + new] int64
@@ -320,7 +321,8 @@ class SmolVLMForConditionalGeneration:
             max_new_tokens=int(g.get("max_new_tokens", 256)), do_sample=bool(g.get("do_sample", False)),
             temperature=float(g.get("temperature", 1.0)), top_k=int(g.get("top_k", 50)),
             top_p=float(g.get("top_p", 1.0)), repetition_penalty=float(g.get("repetition_penalty", 1.0)),
-            stop_token_ids=eos, stop_strings=(stops,) if isinstance(stops, str) else tuple(stops), seed=g.get("seed"))
+            stop_token_ids=eos, stop_strings=(stops,) if isinstance(stops, str) else tuple(stops), seed=g.get("seed"),
+            json_schema=g.get("json_schema"), response_format=g.get("response_format"))
 
     def _pad_outputs(self, ids: np.ndarray, outputs: list[list[int]]) -> np.ndarray:
         pad = self.generation_config.get("pad_token_id")

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantize-lm-head", action="store_true",
                      help="with --quantize int4: the output projection too (torch backend)")
     gen.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s to stderr")
+    add_json_schema_flag(gen)
     add_kernels_flag(gen)
     add_image_flags(gen)
     add_caption_command(commands)
@@ -52,6 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_command(commands)
     add_doctor_command(commands)
     return parser
+
+
+def add_json_schema_flag(parser) -> None:
+    parser.add_argument("--json-schema", type=json_schema_file, default=None, metavar="FILE",
+                        help="a JSON Schema file: the answer is a JSON value that satisfies it (structured output)")
+
+
+def json_schema_file(path: str) -> dict:
+    """--json-schema, read and parsed as it is parsed (a missing file or bad JSON is a usage error); whether the
+    grammar compiler takes the schema is checked when the model is there."""
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"{path} is not JSON: {e}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise argparse.ArgumentTypeError(f"{path} must hold a JSON Schema object, not a {type(schema).__name__}")
+    return schema
 
 
 def kernel_order(value: str) -> str:
@@ -112,18 +134,21 @@ def add_caption_command(commands) -> None:
     cap.add_argument("--out", default="captions.jsonl",
                      help="the JSON Lines output (default: captions.jsonl); images already in it are skipped")
     cap.add_argument("--tags", action="store_true", help="ask for comma-separated tags too, stored as a list")
-    cap.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the caption question (default: {DEFAULT_PROMPT!r})")
+    cap.add_argument("--prompt", default=None, help=f"the caption question (default: {DEFAULT_PROMPT!r}; with "
+                                                     "--json-schema one asking for JSON with the schema's fields)")
     cap.add_argument("--tags-prompt", default=DEFAULT_TAGS_PROMPT, help="the tags question, with --tags")
     cap.add_argument("--model", default=DEFAULT_MODEL, help=f"a SmolVLM checkpoint directory or hub id "
                                                             f"(default: {DEFAULT_MODEL})")
     cap.add_argument("--batch-size", type=int, default=8, help="images in flight at once (default: 8)")
-    cap.add_argument("--max-new-tokens", type=int, default=96)
+    cap.add_argument("--max-new-tokens", type=int, default=None,
+                     help="per answer (default: 96, or 256 with --json-schema)")
     cap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     cap.add_argument("--dtype", default=None, help=DTYPE_HELP)
     cap.add_argument("--backend", choices=("torch", "numpy"), default=None,
                      help=BACKEND_HELP)
     cap.add_argument("--quantize", choices=("int4",), default=None, help="the decoder's linear layers in int4")
     cap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_json_schema_flag(cap)
     add_kernels_flag(cap)
     add_image_flags(cap)
     cap.set_defaults(run=run_caption)
@@ -248,7 +273,8 @@ def run_generate(args) -> int:
     inputs = prepare_inputs(processor, model, args.prompt, args.image, args.video, image_budget_of(args))
     model.generate(**inputs, streamer=streamer, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                    temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
-                   repetition_penalty=args.repetition_penalty, seed=args.seed)
+                   repetition_penalty=args.repetition_penalty, seed=args.seed, json_schema=args.json_schema,
+                   tokenizer=tokenizer)
     if args.verbose:
         report_timing(streamer, int(inputs["input_ids"].shape[-1]))
     return 0

@@ -19,7 +19,7 @@ LAYERS = [
     ("smolvlm_fast.engine", "smolvlm_fast.patch"),              # the generation loop; transformers models patched
     ("smolvlm_fast.models",),                                   # the forward passes (torch, NumPy)
     ("smolvlm_fast.cpu", "smolvlm_fast.formats"),               # C++-backed NumPy pieces; file formats
-    ("smolvlm_fast.config", "smolvlm_fast.inputs"),             # configs; tokenizer, processor, images
+    ("smolvlm_fast.config", "smolvlm_fast.inputs", "smolvlm_fast.response_format"),  # configs; inputs; JSON formats
     ("smolvlm_fast.ops", "smolvlm_fast.errors", "smolvlm_fast.kernels", "smolvlm_fast._cpu", "smolvlm_fast._C"),
 ]
 

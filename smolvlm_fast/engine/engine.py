@@ -119,11 +119,16 @@ class Engine:
         """The one request check (InputError when it can never run): vocabulary, context, capacity, images, and
         a response format that compiles."""
         check_request(self.model, request, self.cache.capacity)
-        if request.params.schema is not None:
-            if self.grammars is None:
-                raise InputError("structured output (response_format / json_schema) needs the model's tokenizer; "
-                                 "this engine has none")
-            self.grammars.compile(request.params.schema)
+        self.check_response_format(request.params)
+
+    def check_response_format(self, params) -> None:
+        """InputError when the params ask for structured output that this engine cannot enforce."""
+        if params.schema is None:
+            return
+        if self.grammars is None:
+            raise InputError("structured output (response_format / json_schema) needs the model's tokenizer; "
+                             "this engine has none")
+        self.grammars.compile(params.schema)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -285,7 +290,7 @@ class Engine:
 
 
 def generate(model, requests: list[Request], *, decode: Callable[[list[int]], str] | None = None,
-             block_size: int = 16) -> list[Sequence]:
+             block_size: int = 16, tokenizer=None) -> list[Sequence]:
     """Generate for every request together; sequences of different lengths decode in one batch.
 
     A cache with room for every request and a token budget of all the prompts: one prefill step, then decode
@@ -294,7 +299,8 @@ def generate(model, requests: list[Request], *, decode: Callable[[list[int]], st
     blocks = sum(-(-(len(r.prompt_ids) + r.params.max_new_tokens) // block_size) for r in requests)
     engine = Engine(model, num_blocks=max(blocks, 1), block_size=block_size,
                     max_num_batched_tokens=max(sum(len(r.prompt_ids) for r in requests), 1),
-                    max_num_seqs=max(len(requests), 1), enable_prefix_caching=False, decode=decode)
+                    max_num_seqs=max(len(requests), 1), enable_prefix_caching=False, decode=decode,
+                    tokenizer=tokenizer)
     seqs = [engine.add_request(r) for r in requests]
     while engine.has_unfinished():
         engine.step()

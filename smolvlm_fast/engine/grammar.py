@@ -18,6 +18,7 @@ with newlines until max_new_tokens.
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -42,13 +43,15 @@ class Grammars:
         self._ll_tokenizer = None
         self._executor = None
         self._compiled: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()  # the server compiles on its threads while the engine's thread makes matchers
 
     # -- compiling (at the border: Engine.check)
     def compile(self, schema: str) -> str:
         """The grammar of a schema (cached). InputError when llguidance cannot compile it for this tokenizer."""
-        if schema in self._compiled:
-            self._compiled.move_to_end(schema)
-            return self._compiled[schema]
+        with self._lock:
+            if schema in self._compiled:
+                self._compiled.move_to_end(schema)
+                return self._compiled[schema]
         import llguidance
 
         try:
@@ -58,24 +61,31 @@ class Grammars:
             error = str(e)
         if error:
             raise InputError(f"the JSON schema cannot be used for structured output: {error.strip()[:500]}")
-        self._compiled[schema] = grammar
-        if len(self._compiled) > COMPILED_CACHE:
-            self._compiled.popitem(last=False)
+        with self._lock:
+            self._compiled[schema] = grammar
+            if len(self._compiled) > COMPILED_CACHE:
+                self._compiled.popitem(last=False)
         return grammar
 
     @property
     def ll_tokenizer(self):
-        if self._ll_tokenizer is None:
-            import llguidance
-
-            backend = getattr(self.tokenizer, "backend", None) or getattr(self.tokenizer, "backend_tokenizer", None)
-            if backend is None or not hasattr(backend, "to_str"):
-                raise InputError("structured output needs a tokenizer built on the `tokenizers` library "
-                                 f"(got {type(self.tokenizer).__name__})")
-            backend = _copy_backend(backend)
-            self._ll_tokenizer = llguidance.LLTokenizer(backend.to_str(), n_vocab=self.vocab_size,
-                                                        eos_token=self.eos_token_id)
+        with self._lock:
+            if self._ll_tokenizer is None:
+                self._ll_tokenizer = self._new_ll_tokenizer()
         return self._ll_tokenizer
+
+    def _new_ll_tokenizer(self):
+        import llguidance
+
+        backend = getattr(self.tokenizer, "backend", None) or getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or not hasattr(backend, "to_str"):
+            raise InputError("structured output needs a tokenizer built on the `tokenizers` library "
+                             f"(got {type(self.tokenizer).__name__})")
+        try:
+            return llguidance.LLTokenizer(_copy_backend(backend).to_str(), n_vocab=self.vocab_size,
+                                          eos_token=self.eos_token_id)
+        except ValueError as e:  # a tokenizer with more tokens than the model's vocabulary, say
+            raise InputError(f"structured output: llguidance cannot read this tokenizer: {e}") from None
 
     def matcher(self, schema: str):
         """A new matcher at the start of the schema's grammar (one per sequence)."""

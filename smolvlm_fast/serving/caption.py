@@ -6,6 +6,10 @@ Each result is appended to a JSON Lines file as soon as it is ready, one line pe
 
     {"path": "holiday/beach.jpg", "caption": "...", "tags": ["sea", "sand"], "seconds": 1.92, "model": "..."}
 
+With json_schema (`--json-schema FILE`) each image gets one JSON value that satisfies the schema instead of a caption
+and tags, decoded under the schema's grammar (engine/grammar.py): {"path": ..., "json": {...}, "seconds", "model"}.
+An answer that runs out of max_new_tokens before its JSON ends is reported as that image's error.
+
 With a model that takes video (a SmolVLM2 checkpoint with video settings), video files (mp4, mov, m4v, mkv, webm,
 avi) are captioned too, each decoded once (its sampled frames only, inputs/video.py) and asked about as a video;
 the default prompts then say "video". An unreadable video is skipped and reported like an image.
@@ -36,6 +40,7 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 DEFAULT_PROMPT = "Describe this image in one or two sentences."
 DEFAULT_TAGS_PROMPT = ("List the main objects, people, places and themes in this image as comma-separated tags. "
                        "Answer with the tags only.")
+DEFAULT_JSON_PROMPT = "Describe this image. Answer in JSON."  # the schema's own property names are added to it
 
 
 @dataclass
@@ -106,7 +111,8 @@ def _record(line: bytes) -> dict | None:
         record = json.loads(line)
     except ValueError:
         return None
-    ok = isinstance(record, dict) and isinstance(record.get("path"), str) and isinstance(record.get("caption"), str)
+    ok = isinstance(record, dict) and isinstance(record.get("path"), str) and (
+        isinstance(record.get("caption"), str) or "json" in record)
     return record if ok else None
 
 
@@ -150,6 +156,7 @@ class Captioner:
     tags_prompt: str | None = None  # None: no tags
     max_new_tokens: int = 96
     model_name: str = ""
+    json_schema: dict | None = None  # one JSON value per image instead of a caption (and tags)
 
     async def caption(self, path: Path, name: str) -> dict:
         """The output record of one image; raises SmolVLMError when the image cannot be read or the request fails."""
@@ -161,7 +168,10 @@ class Captioner:
         kind = "video" if is_video(path) else "image"
         asks = [self.ask(image, video_prompt(p) if kind == "video" else p, kind) for p in prompts]
         answers = await asyncio.gather(*asks)
-        record = {"path": name, "caption": answers[0]}
+        if self.json_schema is not None:
+            record = {"path": name, "json": json.loads(answers[0])}  # the grammar made it valid: it parses
+        else:
+            record = {"path": name, "caption": answers[0]}
         if self.tags_prompt is not None:
             record["tags"] = parse_tags(answers[1])
         return record | {"seconds": round(time.perf_counter() - start, 3), "model": self.model_name}
@@ -175,10 +185,14 @@ class Captioner:
     async def ask(self, image, text: str, kind: str = "image") -> str:
         chat = [{"role": "user", "content": [{"type": kind, kind: image}, {"type": "text", "text": text}]}]
         final = None
-        async for final in self.llm.stream(chat, SamplingParams(max_new_tokens=self.max_new_tokens)):
+        params = SamplingParams(max_new_tokens=self.max_new_tokens, json_schema=self.json_schema)
+        async for final in self.llm.stream(chat, params):
             pass
         if final is None or final.finish_reason == "error":
             raise SmolVLMError(final.error if final is not None else "no output")
+        if self.json_schema is not None and final.finish_reason != "stop":
+            raise SmolVLMError(f"the JSON answer did not end within max_new_tokens ({self.max_new_tokens}): "
+                               f"{final.text[:80]!r}...")
         return final.text.strip()
 
 
@@ -203,15 +217,21 @@ async def caption_paths(captioner: Captioner, paths: list[Path], root: Path, on_
     await asyncio.gather(*(worker() for _ in range(max(1, batch_size))))
 
 
-def caption_folder(llm, root, out, *, prompt: str = DEFAULT_PROMPT, tags: bool = False,
+def caption_folder(llm, root, out, *, prompt: str | None = None, tags: bool = False,
                    tags_prompt: str = DEFAULT_TAGS_PROMPT, max_new_tokens: int = 96, batch_size: int = 8,
-                   model_name: str = "", progress: bool = True) -> Summary:
-    """Caption every image under root that out does not hold yet, appending to out; returns what was done."""
+                   model_name: str = "", progress: bool = True, json_schema: dict | None = None) -> Summary:
+    """Caption every image under root that out does not hold yet, appending to out; returns what was done.
+    prompt None: DEFAULT_PROMPT, or with json_schema DEFAULT_JSON_PROMPT and the schema's property names."""
     from tqdm import tqdm
 
     root, out = Path(root), Path(out)
     if not llm.model.config.is_vlm:
         raise InputError("captioning needs a vision-language model (a SmolVLM checkpoint): this one is text-only")
+    if json_schema is not None:
+        if tags:
+            raise InputError("--tags and --json-schema do not go together: put the tags in the schema")
+        llm.check_response_format(SamplingParams(json_schema=json_schema))  # before any image is read
+    prompt = prompt if prompt is not None else json_prompt(json_schema) if json_schema is not None else DEFAULT_PROMPT
     images = find_images(root, videos=getattr(llm.processor, "video_config", None) is not None)
     done = read_done(out)
     todo = [p for p in images if relative_name(p, root) not in done]
@@ -233,7 +253,7 @@ def caption_folder(llm, root, out, *, prompt: str = DEFAULT_PROMPT, tags: bool =
         bar.write(f"smolvlm-fast caption: skipped {name}: {message}", file=sys.stderr)
         bar.update()
 
-    captioner = Captioner(llm, prompt, tags_prompt if tags else None, max_new_tokens, model_name)
+    captioner = Captioner(llm, prompt, tags_prompt if tags else None, max_new_tokens, model_name, json_schema)
     start = time.perf_counter()
     try:
         asyncio.run(caption_paths(captioner, todo, root, on_record, on_error, batch_size))
@@ -250,6 +270,12 @@ def caption_folder(llm, root, out, *, prompt: str = DEFAULT_PROMPT, tags: bool =
     return summary
 
 
+def json_prompt(schema) -> str:
+    """DEFAULT_JSON_PROMPT, naming the schema's top-level properties (a small model follows named fields better)."""
+    names = list(schema.get("properties", {})) if isinstance(schema, dict) else []
+    return DEFAULT_JSON_PROMPT[:-1] + f" with the fields {', '.join(names)}." if names else DEFAULT_JSON_PROMPT
+
+
 def run(args) -> int:
     """The `smolvlm-fast caption` command (arguments from cli.py)."""
     from .llm import LLM
@@ -259,8 +285,9 @@ def run(args) -> int:
     llm = LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype, quantize=args.quantize,
               max_num_seqs=2 * max(1, args.batch_size), **ImageBudget.of_flags(args).llm_options())
     summary = caption_folder(llm, args.dir, args.out, prompt=args.prompt, tags=args.tags, tags_prompt=args.tags_prompt,
-                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, model_name=args.model,
-                             progress=not args.no_progress)
+                             max_new_tokens=args.max_new_tokens or (256 if args.json_schema is not None else 96),
+                             batch_size=args.batch_size, model_name=args.model,
+                             progress=not args.no_progress, json_schema=args.json_schema)
     print(f"smolvlm-fast caption: {summary} -> {args.out}", file=sys.stderr)
     if summary.errors:
         print(f"smolvlm-fast caption: the skipped images are listed in {errors_path(Path(args.out))}", file=sys.stderr)

@@ -126,6 +126,11 @@ class LLM:
         context or the KV cache, or images it cannot take. The same check the engine makes when it is added."""
         self.engine.check(request)
 
+    def check_response_format(self, params: SamplingParams) -> None:
+        """InputError when the params' response_format / json_schema cannot be enforced (its schema does not compile
+        for this tokenizer): Engine.check's own check, alone."""
+        self.engine.check_response_format(params)
+
     @property
     def max_image_pixels(self) -> int | None:
         """The processor's cap on one image file's pixels, width x height before resizing (None for a text-only

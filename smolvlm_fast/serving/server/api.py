@@ -64,6 +64,7 @@ class Api:
         start = time.perf_counter()
         max_tokens = body.max_completion_tokens or body.max_tokens
         self.check(body, max_tokens)
+        await self.check_response_format(body)
         messages = await self.chat_messages(body.messages)
         request = await self.engine_request(messages, body, max_tokens, "messages")
         return await self.respond(request, body, http, start, "chat.completion")
@@ -71,6 +72,7 @@ class Api:
     async def completion(self, body: CompletionRequest, http: Request):
         start = time.perf_counter()
         self.check(body, body.max_tokens)
+        await self.check_response_format(body)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
@@ -92,6 +94,16 @@ class Api:
         if len(stops) > MAX_STOP_STRINGS or not all(0 < len(s) <= MAX_STOP_CHARS for s in stops):
             raise ApiError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} "
                            f"characters each", param="stop")
+
+    async def check_response_format(self, body: Sampling) -> None:
+        """A 400 for a response_format that cannot be enforced: malformed, or a schema the grammar compiler refuses
+        (compiled off the event loop: the first one builds the tokenizer's tables, ~0.5 s)."""
+        if body.response_format is None:
+            return
+        try:
+            await asyncio.to_thread(self.llm.check_response_format, sampling_params(body))
+        except SmolVLMError as e:
+            raise ApiError(str(e), param="response_format", code="invalid_response_format") from None
 
     async def chat_messages(self, messages: list[Message]) -> list[dict]:
         """OpenAI messages -> the chat form LLM takes (content blocks for a VLM's template, a string for a text

@@ -98,6 +98,22 @@ class StreamOptions(Body):
     include_usage: bool | None = None  # null: the default (false), as the OpenAI API takes it
 
 
+class JsonSchemaFormat(Body):
+    name: Text | None = None   # OpenAI's clients send one; it names nothing here
+    description: Text | None = None
+    schema_: dict | bool = Field(alias="schema")  # the JSON Schema the output must satisfy
+    strict: bool | None = None  # every schema is enforced strictly
+
+
+class ResponseFormat(Body):
+    """{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema"}}."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def as_dict(self) -> dict:
+        return self.model_dump(by_alias=True, exclude_none=True, include={"type", "json_schema"})
+
+
 class Sampling(Body):
     """The fields both endpoints share, each with its range. As in the OpenAI API, null is each field's default."""
     model: Text | None = None  # when given, the served model's name
@@ -117,6 +133,7 @@ class Sampling(Body):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     return_token_ids: bool | None = None  # not OpenAI's: as vLLM's, each choice (each chunk) with its new token ids
+    response_format: ResponseFormat | None = None  # structured output (engine/grammar.py)
 
     @property
     def usage_in_stream(self) -> bool:
@@ -138,11 +155,11 @@ UNSUPPORTED = {
     "presence_penalty": "use repetition_penalty (> 1 discourages repeated tokens)",
     "logprobs": "log probabilities are not returned", "top_logprobs": "log probabilities are not returned",
     "logit_bias": "", "tools": "tool calls are not supported", "functions": "tool calls are not supported",
-    "response_format": "only plain text is produced", "echo": "", "suffix": "", "best_of": "", "audio": "",
+    "echo": "", "suffix": "", "best_of": "", "audio": "",
     "prediction": "",
 }
 FIELD_NAMES = {name for model in (TextPart, ImageUrl, ImagePart, Message, StreamOptions, ChatRequest,
-                                  CompletionRequest) for name in model.model_fields}
+                                  CompletionRequest, ResponseFormat) for name in model.model_fields} | {"schema"}
 
 
 def check_supported(body: Sampling) -> None:
@@ -155,8 +172,6 @@ def check_supported(body: Sampling) -> None:
 
 
 def asks_nothing(name: str, value) -> bool:
-    if name == "response_format":
-        return value is None or value == {"type": "text"}
     if name == "best_of":
         return value in (None, 1)
     return value in (None, False, 0, "", [], {})
@@ -172,7 +187,8 @@ def sampling_params(body: Sampling) -> SamplingParams:
     return SamplingParams(max_new_tokens=1, temperature=temperature, do_sample=temperature > 0,
                           top_p=body.top_p or 1.0, top_k=max(body.top_k or 0, 0),
                           repetition_penalty=body.repetition_penalty or 1.0, stop_strings=tuple(stop_strings(body)),
-                          seed=None if body.seed == -1 else body.seed)
+                          seed=None if body.seed == -1 else body.seed,
+                          response_format=None if body.response_format is None else body.response_format.as_dict())
 
 
 def max_tokens_param(body: Sampling) -> str:
