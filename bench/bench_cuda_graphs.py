@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch
 
-from bench.common import append_row, bench_parser, format_row, gpu_skipped, make_row
+from bench.common import bench_parser, gpu_skipped, make_row, report
 
 BENCH = "bench_cuda_graphs"
 # SmolVLM-256M-Instruct's text model as released (its config.json on the Hugging Face Hub).
@@ -104,9 +104,7 @@ def main(argv=None) -> int:
         row = make_row(bench=BENCH, case=f"decode batch {batch}", shape=f"prompt {args.prompt}, "
                        f"{args.new_tokens} new, {args.layers} layers", dtype="bfloat16", device="cuda",
                        metric="tok/s", ours=rates[True], baseline="eager", theirs=rates[False], impl="cuda_graphs")
-        print(format_row(row))
-        if not args.no_save:
-            append_row(BENCH, row, args.results_dir)
+        report(BENCH, row, args)
     return 0
 
 

@@ -221,6 +221,13 @@ def append_row(bench: str, row: dict, results_dir: Path | None = None) -> Path:
     return path
 
 
+def report(bench: str, row: dict, args) -> None:
+    """Print a row, and append it to the results unless --no-save."""
+    print(format_row(row))
+    if not args.no_save:
+        append_row(bench, row, args.results_dir)
+
+
 def format_row(row: dict) -> str:
     """One human-readable line: case, metric, ours (the impl, when the row names one) against the baseline."""
     def num(x):

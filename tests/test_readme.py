@@ -22,7 +22,8 @@ def python_block(containing: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("containing", ["AutoModelForCausalLM.from_pretrained()", "llm = LLM()"])
+@pytest.mark.parametrize("containing", ["AutoModelForCausalLM.from_pretrained()", "llm = LLM()",
+                                        "json_schema=capital"])
 def test_default_model_examples_run(smollm2_gguf, containing, capsys):
     """The examples that need no checkpoint of the reader's own run as written, on the real default model."""
     exec(compile(python_block(containing), "README.md", "exec"), {})

@@ -2,6 +2,7 @@
 one under a short name (never an absolute path), explicit nulls are the defaults, GET /v1/models/{id} answers,
 seed -1 is no seed, an unreadable image is said so in words, and the documented refusals and defaults hold."""
 import json
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ from smolvlm_fast.serving.server import app as server_app  # noqa: E402
 from smolvlm_fast.serving.server.app import create_app, load_served, served_model_name  # noqa: E402
 from smolvlm_fast.serving.server.limits import Limits  # noqa: E402
 from tests.server_harness import data_url, running  # noqa: E402
+from tests.test_readme import python_block  # noqa: E402
 
 LIMITS = Limits(max_tokens=8)  # small, so that a request without max_tokens is quick
 
@@ -184,7 +186,7 @@ def test_without_max_tokens_a_completion_runs_to_the_servers_max_tokens(server):
 # -- the README's example, on the default model
 
 @pytest.mark.slow
-def test_the_readme_serve_example_on_the_default_model(smollm2_gguf):
+def test_the_readme_serve_example_on_the_default_model(smollm2_gguf, capsys):
     llm, name = load_served(None, backend="numpy")
     try:
         with running(create_app(llm, model_name=name)) as url:
@@ -193,5 +195,10 @@ def test_the_readme_serve_example_on_the_default_model(smollm2_gguf):
             reply = client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", max_tokens=8, temperature=0,
                                                    messages=[{"role": "user", "content": "What is a pixel?"}])
             assert reply.choices[0].message.content and reply.usage.completion_tokens <= 8
+            # the README's structured-output request, with its schema from the README's LLM example
+            scope = {"client": client}
+            exec(python_block("json_schema=capital").split("llm = LLM()")[0], scope)
+            exec(textwrap.dedent(python_block("response_format={")), scope)
+        assert "Paris" in capsys.readouterr().out
     finally:
         llm.shutdown()

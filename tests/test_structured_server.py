@@ -92,3 +92,54 @@ def test_openai_client_parses_the_answer(server):
                                            messages=[{"role": "user", "content": "A person, as JSON."}],
                                            response_format=schema_format(schema))
     jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+
+
+# -- fuzzed schemas: whatever a client sends as a schema, the answer is a 200 or a 400 naming response_format, and
+# the server goes on serving; an answer of 200 parses as JSON that validates, unless max_tokens cut it ("length").
+
+def schemas_strategy():
+    from hypothesis import strategies as st
+
+    numbers = st.one_of(st.integers(-10**20, 10**20), st.floats(allow_nan=False, allow_infinity=False),
+                        st.sampled_from([0, -1, 2**63]))
+    counts = st.one_of(st.integers(-3, 6), st.sampled_from([10**9, 2**64]))
+    text = st.text(max_size=12)
+    leaf = st.fixed_dictionaries({}, optional={
+        "type": st.one_of(st.sampled_from(["string", "integer", "number", "boolean", "null", "object", "array",
+                                           "no-such-type"]), st.lists(st.sampled_from(["string", "null"]))),
+        "minimum": numbers, "maximum": numbers, "exclusiveMinimum": numbers, "multipleOf": numbers,
+        "minLength": counts, "maxLength": counts, "pattern": st.one_of(text, st.sampled_from(
+            ["^[a-z]+$", "(a|aa)*b", "(unclosed", "\\d{2,}", "[", "x{3,1}"])),
+        "format": st.sampled_from(["date", "email", "uuid", "bogus"]), "enum": st.lists(st.one_of(text, numbers)),
+        "const": st.one_of(text, numbers, st.none()), "$ref": st.sampled_from(["#", "#/$defs/a", "#/nope", "x.json"]),
+    })
+
+    def extend(children):
+        return st.fixed_dictionaries({}, optional={
+            "type": st.sampled_from(["object", "array"]),
+            "properties": st.dictionaries(text, children, max_size=3), "required": st.lists(text, max_size=3),
+            "additionalProperties": st.one_of(st.booleans(), children), "items": children,
+            "minItems": counts, "maxItems": counts, "anyOf": st.lists(children, max_size=3),
+            "oneOf": st.lists(children, max_size=2), "allOf": st.lists(children, max_size=2), "not": children,
+            "$defs": st.dictionaries(st.just("a"), children, max_size=1),
+        })
+    return st.recursive(leaf, extend, max_leaves=8)
+
+
+def test_fuzzed_schemas_are_answered_or_refused(server):
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(schemas_strategy())
+    def one(schema):
+        reply = chat(server, schema_format(schema), max_tokens=8)
+        assert reply.status_code in (200, 400), (schema, reply.status_code, reply.text[:300])
+        if reply.status_code == 400:
+            assert reply.json()["error"]["param"].startswith("response_format"), reply.text
+            return
+        choice = reply.json()["choices"][0]
+        if choice["finish_reason"] == "stop":
+            json.loads(choice["message"]["content"])
+
+    one()
+    assert chat(server, {"type": "json_object"}, max_tokens=4).status_code == 200  # still serving
