@@ -48,3 +48,20 @@ def test_image_budget_example_runs(tiny_idefics3, tmp_path, capsys):
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["inputs"]["pixel_values"].shape[1] == 5  # 80 x 60 -> 192 x 144 -> 3 x 3, capped to 2 x 2, + 1
     scope["llm"].shutdown()
+
+
+def test_video_example_runs(tmp_path_factory, capsys):
+    pytest.importorskip("av")
+    from tests.video_reference import make_videos, small_checkpoint
+
+    code = python_block('video="clip.mp4"')
+    checkpoint = small_checkpoint(tmp_path_factory)
+    (clip,) = make_videos(tmp_path_factory, [(8, 4, 64, 48)])
+    code = code.replace('"./SmolVLM2-256M-Video-Instruct"', repr(str(checkpoint)))
+    code = code.replace('"clip.mp4"', repr(str(clip)))
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert len(capsys.readouterr().out.splitlines()) >= 2
+    stats = scope["llm"].stats
+    assert stats.images_encoded == 4  # 4 frames sampled (2 a second of 2 s), encoded for the first question only
+    scope["llm"].shutdown()
