@@ -1,7 +1,8 @@
 // The AMX kernel: per step of 32 rows of x, a 2 x 2 block of C tiles (16 x 16 float32 each, tiles 0..3) summed
 // over all of Kp, 32 k at a time, from two A tiles (16 rows x 32 bf16 of the converted x, tiles 4 and 5) and two
 // B tiles taken straight from the packed W (16 k pairs x 16 columns x 2 = one 1 KB block slice, tiles 6 and 7).
-// The sums go through a small buffer to the epilogue. The loop is written once over the tile interface of
+// The sums go through a small buffer to the epilogue, or, for a whole 32 x 32 block with no epilogue, straight
+// from the tiles to out (the bias loaded into the tiles first). The loop is written once over the tile interface of
 // amx_tiles.h: on the hardware (panel_amx) and in the software emulator (panel_amx_emulated, tests).
 // Each call loads its own tile configuration and releases it, so every thread of the pool that runs a panel has
 // its tiles configured; the OS's permission for the tile data is asked once per process.
@@ -36,10 +37,25 @@ void panel_tiles(const Panel& p) {
     alignas(64) float c[4][16 * 16];
     for (int64_t m0 = 0; m0 < p.rows; m0 += kAmxRows) {
         const bool two_a = p.rows - m0 > 16;  // the second A tile holds valid rows
-        Ops::template zero<0>();
-        Ops::template zero<1>();
-        Ops::template zero<2>();
-        Ops::template zero<3>();
+        // A whole 32 x 32 block with nothing to do after its sums goes from the tiles straight to out. Its tiles
+        // start from the bias (a stride-0 load repeats its 16 values down the rows) or from zero. (Not when
+        // accumulating: starting from out would add each product to the residual's magnitude, a bound K times
+        // looser than the one addition at the end.)
+        float* block_out = p.out + m0 * p.ldo;
+        const int64_t ldo_bytes = p.ldo * 4;
+        const bool direct = two_a && two_b && p.n == 32 && p.rows - m0 >= kAmxRows && !p.accumulate &&
+                            p.epilogue == Epilogue::none;
+        if (direct && p.bias) {
+            Ops::template load<0>(p.bias, 0);
+            Ops::template load<1>(p.bias + 16, 0);
+            Ops::template load<2>(p.bias, 0);
+            Ops::template load<3>(p.bias + 16, 0);
+        } else {
+            Ops::template zero<0>();
+            Ops::template zero<1>();
+            Ops::template zero<2>();
+            Ops::template zero<3>();
+        }
         for (int64_t k0 = 0; k0 < p.Kp; k0 += kBf16BlockK) {
             const uint8_t* a = x + m0 * ldx_bytes + k0 * 2;
             Ops::template load<4>(a, ldx_bytes);
@@ -52,6 +68,13 @@ void panel_tiles(const Panel& p) {
                 Ops::template dp<2, 5, 6>();
                 if (two_b) Ops::template dp<3, 5, 7>();
             }
+        }
+        if (direct) {
+            Ops::template store<0>(block_out, ldo_bytes);
+            Ops::template store<1>(block_out + 16, ldo_bytes);
+            Ops::template store<2>(block_out + 16 * p.ldo, ldo_bytes);
+            Ops::template store<3>(block_out + 16 * p.ldo + 16, ldo_bytes);
+            continue;
         }
         Ops::template store<0>(c[0], 64);
         if (two_b) Ops::template store<1>(c[1], 64);
