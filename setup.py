@@ -107,13 +107,13 @@ def cuda_archs() -> list[tuple[str, bool]]:
             continue
         ptx = item.endswith("+ptx")
         number = item.removesuffix("+ptx").replace(".", "")
-        if not (number[:-1].isdigit() and (number[-1].isdigit() or number[-1] == "a")) or int(number[:2]) < 80:
+        if not (number[:-1].isdigit() and (number[-1].isdigit() or number[-1] == "a")) or int(number.rstrip("a")) < 80:
             raise SystemExit(f"SMOLVLM_FAST_CUDA_ARCH: {item!r} is not a CUDA architecture >= 8.0 "
                              "(like 80, 8.6, sm_90)")
         archs.append((number, ptx))
     if not archs:
         raise SystemExit(f"SMOLVLM_FAST_CUDA_ARCH: no architecture in {spec!r}")
-    archs.sort(key=lambda a: a[0])
+    archs.sort(key=lambda a: int(a[0].rstrip("a")))  # by number: "100" (Blackwell) after "90"
     archs[-1] = (archs[-1][0], True)
     return archs
 

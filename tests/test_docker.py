@@ -210,14 +210,20 @@ def test_cuda_image_builds_the_cuda_kernels():
     assert args["CUDA_ARCH"], "no GPU is visible during `docker build`: the architectures must be named"
 
 
-def test_cuda_arch_list_is_one_setup_py_takes(monkeypatch):
-    """The CUDA image's CUDA_ARCH goes to setup.py as SMOLVLM_FAST_CUDA_ARCH: a list it parses, PTX on the last."""
+def load_setup_py():
+    """setup.py as a module, for its helpers (setup() itself runs only as __main__)."""
     import importlib.util
 
+    spec = importlib.util.spec_from_file_location("smolvlm_fast_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cuda_arch_list_is_one_setup_py_takes(monkeypatch):
+    """The CUDA image's CUDA_ARCH goes to setup.py as SMOLVLM_FAST_CUDA_ARCH: a list it parses, PTX on the last."""
     args = {a.partition("=")[0]: a.partition("=")[2] for k, a in instructions(DOCKERFILES["cuda"]) if k == "ARG"}
-    spec = importlib.util.spec_from_file_location("smolvlm_fast_setup_for_docker", ROOT / "setup.py")
-    setup_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(setup_py)  # its helpers only: setup() runs as __main__
+    setup_py = load_setup_py()
     monkeypatch.setenv("SMOLVLM_FAST_CUDA_ARCH", args["CUDA_ARCH"])
     archs = setup_py.cuda_archs()
     assert [n for n, _ in archs] == ["80", "86", "89", "90"] and archs[-1] == ("90", True), archs
@@ -365,3 +371,18 @@ def test_cpu_image_install_serves(tmp_path, tiny_idefics3):
             server.kill()
             server.wait()
     print(f"docker/install.sh: {install_s:.0f} s")
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("90;100;120", [("90", False), ("100", False), ("120", True)]),   # by number, not by string
+    ("sm_90a,10.0", [("90a", False), ("100", True)]),
+    ("8.0+PTX", [("80", True)]),
+])
+def test_setup_py_takes_every_architecture_from_80_up(monkeypatch, spec, expected):
+    setup_py = load_setup_py()
+    monkeypatch.setenv("SMOLVLM_FAST_CUDA_ARCH", spec)
+    assert setup_py.cuda_archs() == expected
+    for bad in ("75", "7.0", "sm_61", "abc"):
+        monkeypatch.setenv("SMOLVLM_FAST_CUDA_ARCH", bad)
+        with pytest.raises(SystemExit):
+            setup_py.cuda_archs()
