@@ -130,7 +130,8 @@ def add_caption_command(commands) -> None:
     from .serving.caption import DEFAULT_MODEL, DEFAULT_PROMPT, DEFAULT_TAGS_PROMPT
 
     cap = commands.add_parser("caption", help="caption every image in a folder into a JSON Lines file (resumable)")
-    cap.add_argument("dir", help="the folder (searched recursively for jpg, png, webp, gif, bmp and tiff files)")
+    cap.add_argument("dir", help="the folder (searched recursively for jpg, png, webp, gif, bmp and tiff files); "
+                                 "with --ray also a glob or a text file listing image paths")
     cap.add_argument("--out", default="captions.jsonl",
                      help="the JSON Lines output (default: captions.jsonl); images already in it are skipped")
     cap.add_argument("--tags", action="store_true", help="ask for comma-separated tags too, stored as a list")
@@ -151,11 +152,30 @@ def add_caption_command(commands) -> None:
     add_json_schema_flag(cap)
     add_kernels_flag(cap)
     add_image_flags(cap)
+    add_ray_flags(cap)
     cap.set_defaults(run=run_caption)
 
 
+def add_ray_flags(cap) -> None:
+    group = cap.add_argument_group("ray", "caption on a pool of Ray actors (pip install 'smolvlm_fast[ray]'); every "
+                                          "node must see the images at the same path")
+    group.add_argument("--ray", action="store_true", help="spread the images over Ray actors, one LLM each; the "
+                                                          "same output file, written by this process")
+    group.add_argument("--ray-actors", type=int, default=None, metavar="K",
+                       help="actors (default: the cluster's CPUs / --ray-cpus-per-actor)")
+    group.add_argument("--ray-cpus-per-actor", type=float, default=None, metavar="N",
+                       help="CPUs each actor reserves and sizes its threads to (default: 2, or fewer on a smaller "
+                            "cluster)")
+    group.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="join this cluster (auto: the one `ray start` made on this machine); default: start a "
+                            "local one on this process's CPUs")
+
+
 def run_caption(args) -> int:
-    from .serving.caption import run
+    if args.ray:
+        from .serving.ray_caption import run
+    else:
+        from .serving.caption import run
     return run(args)
 
 

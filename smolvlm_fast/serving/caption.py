@@ -81,7 +81,11 @@ def video_prompt(prompt: str) -> str:
 
 
 def relative_name(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
+    """path's name in the output: relative to root, or (a listed file outside root) its absolute path."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.absolute().as_posix()
 
 
 def read_done(out: Path) -> set[str]:
@@ -217,57 +221,92 @@ async def caption_paths(captioner: Captioner, paths: list[Path], root: Path, on_
     await asyncio.gather(*(worker() for _ in range(max(1, batch_size))))
 
 
+class CaptionLog:
+    """One run's output: the images still to do, the JSON Lines file and the errors file, the summary and the
+    progress bar. Shared by caption_folder and the Ray driver (ray_caption.py), so both resume and report alike."""
+
+    def __init__(self, images: list[Path], root: Path, out: Path, progress: bool = True):
+        from tqdm import tqdm
+
+        self.done = read_done(out)
+        self.todo = [p for p in images if relative_name(p, root) not in self.done]
+        self.summary = Summary(total=len(images), already_done=len(images) - len(self.todo))
+        errors_file = errors_path(out)
+        errors_file.unlink(missing_ok=True)  # the images that failed last time are tried again
+        self.results, self.failures = JsonLines(out), JsonLines(errors_file)
+        self.bar = tqdm(total=len(images), initial=self.summary.already_done, unit="img", desc="captioning",
+                        file=sys.stderr, disable=not progress, dynamic_ncols=True)
+
+    def record(self, record: dict) -> None:
+        if record["path"] in self.done:  # a batch that Ray ran again after a worker died: written once only
+            return
+        self.done.add(record["path"])
+        self.results.write(record)
+        self.summary.captioned += 1
+        self.bar.update()
+
+    def error(self, name: str, message: str) -> None:
+        if name in self.summary.errors:
+            return
+        self.summary.errors[name] = message
+        self.failures.write({"path": name, "error": message})
+        self.bar.write(f"smolvlm-fast caption: skipped {name}: {message}", file=sys.stderr)
+        self.bar.update()
+
+    def interrupted(self) -> None:
+        self.bar.write(f"smolvlm-fast caption: interrupted after {self.summary.captioned} images; run again to "
+                       "resume", file=sys.stderr)
+
+    def close(self, seconds: float) -> None:
+        self.summary.seconds = seconds
+        self.bar.close()
+        self.results.close()
+        self.failures.close()
+
+
+def check_options(tags: bool, json_schema) -> None:
+    if json_schema is not None and tags:
+        raise InputError("--tags and --json-schema do not go together: put the tags in the schema")
+
+
+def check_llm(llm, json_schema) -> None:
+    """InputError for a text-only model or a schema the grammar compiler refuses, before any image is read."""
+    if not llm.model.config.is_vlm:
+        raise InputError("captioning needs a vision-language model (a SmolVLM checkpoint): this one is text-only")
+    if json_schema is not None:
+        llm.check_response_format(SamplingParams(json_schema=json_schema))
+
+
+def caption_prompt(prompt: str | None, json_schema) -> str:
+    """prompt None: DEFAULT_PROMPT, or with json_schema DEFAULT_JSON_PROMPT and the schema's property names."""
+    return prompt if prompt is not None else json_prompt(json_schema) if json_schema is not None else DEFAULT_PROMPT
+
+
+def takes_video(llm) -> bool:
+    return getattr(llm.processor, "video_config", None) is not None
+
+
 def caption_folder(llm, root, out, *, prompt: str | None = None, tags: bool = False,
                    tags_prompt: str = DEFAULT_TAGS_PROMPT, max_new_tokens: int = 96, batch_size: int = 8,
                    model_name: str = "", progress: bool = True, json_schema: dict | None = None) -> Summary:
     """Caption every image under root that out does not hold yet, appending to out; returns what was done.
     prompt None: DEFAULT_PROMPT, or with json_schema DEFAULT_JSON_PROMPT and the schema's property names."""
-    from tqdm import tqdm
-
     root, out = Path(root), Path(out)
-    if not llm.model.config.is_vlm:
-        raise InputError("captioning needs a vision-language model (a SmolVLM checkpoint): this one is text-only")
-    if json_schema is not None:
-        if tags:
-            raise InputError("--tags and --json-schema do not go together: put the tags in the schema")
-        llm.check_response_format(SamplingParams(json_schema=json_schema))  # before any image is read
-    prompt = prompt if prompt is not None else json_prompt(json_schema) if json_schema is not None else DEFAULT_PROMPT
-    images = find_images(root, videos=getattr(llm.processor, "video_config", None) is not None)
-    done = read_done(out)
-    todo = [p for p in images if relative_name(p, root) not in done]
-    summary = Summary(total=len(images), already_done=len(images) - len(todo))
-    errors_file = errors_path(out)
-    errors_file.unlink(missing_ok=True)  # the images that failed last time are tried again
-    results, failures = JsonLines(out), JsonLines(errors_file)
-    bar = tqdm(total=len(images), initial=summary.already_done, unit="img", desc="captioning", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
-
-    def on_record(record):
-        results.write(record)
-        summary.captioned += 1
-        bar.update()
-
-    def on_error(name, message):
-        summary.errors[name] = message
-        failures.write({"path": name, "error": message})
-        bar.write(f"smolvlm-fast caption: skipped {name}: {message}", file=sys.stderr)
-        bar.update()
-
+    check_options(tags, json_schema)
+    check_llm(llm, json_schema)
+    prompt = caption_prompt(prompt, json_schema)
+    log = CaptionLog(find_images(root, videos=takes_video(llm)), root, out, progress)
     captioner = Captioner(llm, prompt, tags_prompt if tags else None, max_new_tokens, model_name, json_schema)
     start = time.perf_counter()
     try:
-        asyncio.run(caption_paths(captioner, todo, root, on_record, on_error, batch_size))
+        asyncio.run(caption_paths(captioner, log.todo, root, log.record, log.error, batch_size))
     except KeyboardInterrupt:
-        bar.write(f"smolvlm-fast caption: interrupted after {summary.captioned} images; run again to resume",
-                  file=sys.stderr)
+        log.interrupted()
         raise
     finally:
-        summary.seconds = time.perf_counter() - start
-        bar.close()
-        results.close()
-        failures.close()
+        log.close(time.perf_counter() - start)
         llm.shutdown()
-    return summary
+    return log.summary
 
 
 def json_prompt(schema) -> str:
@@ -280,15 +319,27 @@ def run(args) -> int:
     """The `smolvlm-fast caption` command (arguments from cli.py)."""
     from .llm import LLM
 
+    llm = LLM(args.model, **llm_options(args))
+    summary = caption_folder(llm, args.dir, args.out, prompt=args.prompt, tags=args.tags, tags_prompt=args.tags_prompt,
+                             max_new_tokens=max_new_tokens(args), batch_size=args.batch_size, model_name=args.model,
+                             progress=not args.no_progress, json_schema=args.json_schema)
+    print_summary(summary, args.out)
+    return 0
+
+
+def llm_options(args) -> dict:
+    """The LLM's keyword arguments for the caption command's flags (the same for the local run and each Ray actor)."""
     from ..inputs.image_budget import ImageBudget
 
-    llm = LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype, quantize=args.quantize,
-              max_num_seqs=2 * max(1, args.batch_size), **ImageBudget.of_flags(args).llm_options())
-    summary = caption_folder(llm, args.dir, args.out, prompt=args.prompt, tags=args.tags, tags_prompt=args.tags_prompt,
-                             max_new_tokens=args.max_new_tokens or (256 if args.json_schema is not None else 96),
-                             batch_size=args.batch_size, model_name=args.model,
-                             progress=not args.no_progress, json_schema=args.json_schema)
-    print(f"smolvlm-fast caption: {summary} -> {args.out}", file=sys.stderr)
+    return dict(backend=args.backend, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                max_num_seqs=2 * max(1, args.batch_size), **ImageBudget.of_flags(args).llm_options())
+
+
+def max_new_tokens(args) -> int:
+    return args.max_new_tokens or (256 if args.json_schema is not None else 96)
+
+
+def print_summary(summary: Summary, out) -> None:
+    print(f"smolvlm-fast caption: {summary} -> {out}", file=sys.stderr)
     if summary.errors:
-        print(f"smolvlm-fast caption: the skipped images are listed in {errors_path(Path(args.out))}", file=sys.stderr)
-    return 0
+        print(f"smolvlm-fast caption: the skipped images are listed in {errors_path(Path(out))}", file=sys.stderr)
