@@ -378,3 +378,34 @@ def test_paged_decode_threads_give_identical_results():
     finally:
         cpu.set_num_threads(before)
     np.testing.assert_array_equal(one, three)
+
+
+POOL_STRESS = """
+import sys, time
+import numpy as np
+from smolvlm_fast import _cpu
+_cpu.set_num_threads(2)
+rng = np.random.default_rng(0)
+qkv = rng.standard_normal((260, 384), dtype=np.float32)
+out = np.empty((260, 128), np.float32)
+x = rng.standard_normal((40, 64), dtype=np.float32)
+w = _cpu.bf16_pack(rng.standard_normal((64, 64), dtype=np.float32))
+y = np.empty((40, 64), np.float32)
+end = time.time() + float(sys.argv[1])
+while time.time() < end:  # a job of many chunks, then one of few, as fast as they go
+    _cpu.vision_attention(qkv, 2, 130, 2, None, out)
+    _cpu.bf16_gemm(x, w, 64, 64, None, False, False, y)
+print("ok")
+"""
+
+
+def test_pool_survives_jobs_of_alternating_sizes():
+    """Back-to-back parallel jobs of different chunk counts, for 10 s in a child process. The pool used to let a
+    worker holding a stale ticket of the last job win its swap on the next one (it compared the stale index with
+    the new, larger chunk count): a chunk of no job, then a wait that never ended. That hung this loop within 10 s
+    every time on a 2-core VM."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", POOL_STRESS, "10"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

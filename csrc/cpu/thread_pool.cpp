@@ -83,11 +83,17 @@ public:
     ~Pool() { stop(); }
 
     void run(ChunkFn fn, void* ctx, int64_t n_chunks) {
+        const uint64_t last = ticket_.load(std::memory_order_relaxed) >> 32;
+        // Close the last job before changing n_chunks_: a worker still holding a stale ticket of it (index = its
+        // chunk count) would otherwise compare that index with the new, larger n_chunks_, win its compare-and-swap
+        // on the unchanged ticket and run a chunk of no job (a stale fn_, and done_ one past n_chunks: the wait
+        // below never ends). Closed, its swap fails and its next load reads "no chunk left".
+        ticket_.store((last << 32) | kNoChunk);
         fn_ = fn;
         ctx_ = ctx;
-        n_chunks_.store(n_chunks, std::memory_order_relaxed);
+        n_chunks_.store(n_chunks, std::memory_order_release);  // after the close, for a worker that reads it
         done_.store(0, std::memory_order_relaxed);
-        const uint64_t job = (ticket_.load(std::memory_order_relaxed) >> 32) + 1;
+        const uint64_t job = last + 1;
         ticket_.store(job << 32);  // seq_cst: publishes the job, ordered before reading sleepers_
         if (sleepers_.load() > 0) {
             { std::lock_guard<std::mutex> lock(mu_); }
@@ -113,10 +119,10 @@ private:
     void work(uint64_t job) {
         uint64_t t = ticket_.load(std::memory_order_acquire);
         for (;;) {
-            if ((t >> 32) != job || int64_t(t & 0xffffffffu) >= n_chunks_.load(std::memory_order_relaxed)) return;
+            if ((t >> 32) != job || int64_t(t & kNoChunk) >= n_chunks_.load(std::memory_order_acquire)) return;
             if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire))
                 continue;
-            fn_(ctx_, int64_t(t & 0xffffffffu));
+            fn_(ctx_, int64_t(t & kNoChunk));
             done_.fetch_add(1, std::memory_order_release);
             t = ticket_.load(std::memory_order_acquire);
         }
@@ -146,6 +152,8 @@ private:
         sleepers_.fetch_sub(1);
         return job();
     }
+
+    static constexpr uint64_t kNoChunk = 0xffffffffu;  // a ticket's chunk index past every job's chunks
 
     const int threads_;
     const int64_t spin_;
@@ -179,7 +187,7 @@ const bool g_atfork = [] { return pthread_atfork(nullptr, nullptr, after_fork_in
 // second caller (another Python thread, or a task of this job) never waits for the first.
 void parallel_for(ChunkFn fn, void* ctx, int64_t n_chunks, int64_t work) {
     constexpr int64_t kMinParallelWork = 1 << 16;  // below this, waking a thread costs more than it saves
-    if (n_chunks > 1 && work >= kMinParallelWork) {
+    if (n_chunks > 1 && n_chunks < int64_t(0xffffffffu) && work >= kMinParallelWork) {  // a ticket counts 32 bits
         std::unique_lock<std::mutex> lock(*g_run_mu, std::try_to_lock);
         if (lock.owns_lock()) {
             if (g_threads.load() == 0) g_threads = default_threads();
