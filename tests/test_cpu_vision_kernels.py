@@ -17,8 +17,18 @@ Two layers of checks:
   the roundings themselves are the parts' checks.
   And against the float32 NumPy encoder: ours is no further from it than 2x the same-arithmetic reference is.
 
+The attention runs on each kernel this CPU can run (_cpu.vision_attention's isa): AMX tiles, the same AMX loop
+with each tile instruction emulated in software (any CPU: how CI without AMX tests the AMX layouts), AVX512-BF16
+and float32 FMAs, all under the same bounds. They differ only in float32 summation order (the AMX hardware's
+TDPBF16PS does not add its products one at a time as the emulator does), so on inputs where every sum is exact
+they agree bit for bit.
+
 Fresh random inputs every test (the per-test seed), NaN-poisoned outputs where the op writes a fresh array."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -33,7 +43,15 @@ from tests import vision_bf16_reference as ref
 
 pytestmark = pytest.mark.skipif(not cpu_vision.available(), reason="the C++ vision encoder is not built")
 RNG = np.random.default_rng()  # replaced for each test by one from that test's seed (tests/conftest_seed.py)
-DOTS = [False] + ([True] if _cpu is not None and _cpu.vision_attention_isa() == "avx512bf16" else [])
+ISAS = ["f32", "avx512bf16", "amx-emulated", "amx"]  # the attention kernels (csrc/cpu/vision_attention.h)
+
+
+def runnable(isa: str) -> bool:
+    return _cpu is not None and hasattr(_cpu, "vision_attention_runnable") and _cpu.vision_attention_runnable(isa)
+
+
+KERNELS = [pytest.param(isa, marks=pytest.mark.skipif(not runnable(isa), reason=f"this CPU (or build, or OS) "
+                                                      f"cannot run the {isa} attention kernel")) for isa in ISAS]
 EPS = 1e-6
 
 
@@ -55,34 +73,89 @@ def scale_of(Dh: int) -> float:
 
 # ---------------------------------------------------------------- the attention alone
 
-ATTENTION_SHAPES = [(1, 1, 2, 32), (2, 3, 2, 64), (3, 17, 4, 32), (1, 64, 3, 64), (2, 100, 2, 32), (3, 100, 4, 24),
-                    (2, 130, 2, 64)]  # (B, S, H, Dh): S across key blocks of 64 and query groups of 6; Dh 24 padded
+ATTENTION_SHAPES = [(1, 1, 2, 32), (2, 3, 2, 64), (3, 17, 4, 32), (2, 33, 3, 64), (1, 64, 3, 64), (2, 100, 2, 32),
+                    (3, 100, 4, 24), (2, 130, 2, 64)]
+# (B, S, H, Dh): S across key blocks of 64, query groups of 6 and AMX items of 32, paddings to 32; Dh 24 padded
 
 
 @pytest.mark.parametrize("B,S,H,Dh", ATTENTION_SHAPES)
 @pytest.mark.parametrize("mask_kind", ["none", "pad", "one"])
-@pytest.mark.parametrize("bf16_dot", DOTS)
-def test_attention_matches_float64(B, S, H, Dh, mask_kind, bf16_dot):
+@pytest.mark.parametrize("isa", KERNELS)
+def test_attention_matches_float64(B, S, H, Dh, mask_kind, isa):
     qkv = (RNG.standard_normal((B * S, 3 * H * Dh)) * RNG.choice([0.5, 2.0])).astype(np.float32)
     mask = key_mask(B, S, mask_kind)
     out = np.full((B * S, H * Dh), np.nan, np.float32)
-    _cpu.vision_attention(qkv, B, S, H, mask, out, bf16_dot)
+    _cpu.vision_attention(qkv, B, S, H, mask, out, isa)
     expect, bound = ref.attention(qkv.astype(np.float64), B, S, H, mask, scale_of(Dh))
     assert np.isfinite(out).all()
     assert (np.abs(out - expect) <= bound).all(), float((np.abs(out - expect) / bound).max())
 
 
-def test_attention_masked_keys_are_ignored():
+@pytest.mark.parametrize("isa", KERNELS)
+def test_attention_masked_keys_are_ignored(isa):
     """Changing masked keys' k and v changes nothing (padding patches' own rows are still computed)."""
     B, S, H, Dh = 2, 40, 2, 32
     qkv = RNG.standard_normal((B * S, 3 * H * Dh), dtype=np.float32)
     mask = key_mask(B, S, "pad")
     out, other = (np.full((B * S, H * Dh), np.nan, np.float32) for _ in range(2))
-    _cpu.vision_attention(qkv, B, S, H, mask, out)
+    _cpu.vision_attention(qkv, B, S, H, mask, out, isa)
     changed = qkv.copy()
     changed[~mask.reshape(-1), H * Dh:] = 1e3  # masked rows' k and v
-    _cpu.vision_attention(changed, B, S, H, mask, other)
+    _cpu.vision_attention(changed, B, S, H, mask, other, isa)
     np.testing.assert_array_equal(out, other)
+
+
+def exact_qkv(B: int, S: int, H: int, Dh: int) -> np.ndarray:
+    """qkv [B * S, 3 H Dh] on which every kernel's sums are exact in float32, whatever their order.
+
+    q . k is a small integer: q has feature 0 = 1 and three more of +-1, k's entries are in {-1, 0, 1} except that
+    key 0 of each tile is 4 at feature 0 and 0 elsewhere. So key 0 (in the first key block, kept by the masks) has
+    every query's largest score, 4 scale against at most 3 scale for the rest: the running max is set once, and
+    every later rescaling is by exactly 1. Then p = bf16(exp(s - m)) >= e^(-7 scale) > 1/8 (scale <= 1 / sqrt(24))
+    is a multiple of 2^-10, v is an integer in [-2, 2], so each partial sum of p v or p (|.| <= 2 S <= 2^11 for
+    S <= 1024) needs at most 22 bits."""
+    q = np.zeros((B, S, H, Dh))
+    q[..., 0] = 1
+    for idx in np.ndindex(B, S, H):
+        q[idx][1 + RNG.choice(Dh - 1, min(3, Dh - 1), replace=False)] = RNG.choice([-1, 1], min(3, Dh - 1))
+    k = RNG.integers(-1, 2, (B, S, H, Dh)).astype(np.float64)
+    k[..., 0] = 0
+    k[:, 0] = 0
+    k[:, 0, :, 0] = 4
+    v = RNG.integers(-2, 3, (B, S, H, Dh)).astype(np.float64)
+    return np.concatenate([a.reshape(B * S, H * Dh) for a in (q, k, v)], axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize("B,S,H,Dh", [(1, 1, 2, 64), (2, 17, 2, 64), (3, 33, 2, 32), (1, 100, 3, 64), (2, 200, 2, 24),
+                                     (1, 1024, 2, 64)])
+def test_attention_kernels_agree_where_sums_are_exact(B, S, H, Dh):
+    """With every sum exact (exact_qkv), the summation order is moot: every kernel this CPU runs, the AMX hardware's
+    and its emulation included, gives the same bits, and those match the float64 reference (up to S = 256: its
+    bound's [B, H, S, S, Dh] intermediate would take a GB at S = 1024)."""
+    qkv = exact_qkv(B, S, H, Dh)
+    mask = key_mask(B, S, "pad")
+    mask[:, 0] = True  # key 0 holds every query's max
+    outs = {}
+    for isa in filter(runnable, ISAS):
+        outs[isa] = np.full((B * S, H * Dh), np.nan, np.float32)
+        _cpu.vision_attention(qkv, B, S, H, mask, outs[isa], isa)
+    assert "amx-emulated" in outs and "f32" in outs
+    for isa, out in outs.items():
+        np.testing.assert_array_equal(out, outs["f32"], err_msg=isa)
+    if S <= 256:
+        expect, bound = ref.attention(qkv.astype(np.float64), B, S, H, mask, scale_of(Dh))
+        assert (np.abs(outs["f32"] - expect) <= bound).all()
+
+
+def test_attention_kernel_choice():
+    """isa None is what the encoder runs: the products' kernel (bf16_isa), so SMOLVLM_FAST_CPU_ISA moves both."""
+    assert _cpu.vision_attention_isa() in ISAS and runnable(_cpu.vision_attention_isa())
+    assert _cpu.vision_attention_isa() == _cpu.bf16_isa()
+    code = "from smolvlm_fast import _cpu; print(_cpu.vision_attention_isa())"
+    for cap, expect in (("avx512bf16", "avx512bf16" if runnable("avx512bf16") else "f32"), ("f32", "f32")):
+        env = {**os.environ, "SMOLVLM_FAST_CPU_ISA": cap}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == expect, (cap, done.stdout, done.stderr)
 
 
 def test_attention_bad_arguments():
@@ -104,6 +177,13 @@ def test_attention_bad_arguments():
         _cpu.vision_attention(qkv, B, S, H, np.ones((B, S), np.int32), out)
     with pytest.raises(ValueError, match="need B >= 0 tiles of S >= 1"):
         _cpu.vision_attention(qkv[:0], 1, 0, H, None, out[:0])
+    for bad in ("sse2", True):
+        with pytest.raises(ValueError, match="isa must be None or one of"):
+            _cpu.vision_attention(qkv, B, S, H, None, out, bad)
+    for isa in ISAS:
+        if not runnable(isa):
+            with pytest.raises(ValueError, match=f"cannot run the {isa} kernel"):
+                _cpu.vision_attention(qkv, B, S, H, None, out, isa)
 
 
 # ---------------------------------------------------------------- the whole encoder

@@ -171,9 +171,24 @@ private:
     smolvlm_cpu::VisionShape shape_{};
 };
 
-// out [B * S, H * Dh] = attention over qkv [B * S, 3 * H * Dh]; bf16_dot None: what the encoder uses.
+// The attention kernel named by isa ("amx", "amx-emulated", "avx512bf16", "f32"; None: what the encoder uses).
+smolvlm_cpu::Bf16Isa attention_isa(const std::string& fn, const py::object& isa) {
+    using smolvlm_cpu::Bf16Isa;
+    if (isa.is_none()) return smolvlm_cpu::vision_attention_default_isa();
+    const std::string name = py::isinstance<py::str>(isa) ? isa.cast<std::string>() : "";
+    for (const Bf16Isa k : {Bf16Isa::amx, Bf16Isa::amx_emulated, Bf16Isa::avx512bf16, Bf16Isa::f32}) {
+        if (name != smolvlm_cpu::bf16_isa_name(k)) continue;
+        if (!smolvlm_cpu::vision_attention_runnable(k))
+            throw py::value_error(fn + ": this CPU (or build, or OS) cannot run the " + name + " kernel");
+        return k;
+    }
+    throw py::value_error(fn + ": isa must be None or one of 'amx', 'amx-emulated', 'avx512bf16', 'f32', got " +
+                          std::string(py::repr(isa)));
+}
+
+// out [B * S, H * Dh] = attention over qkv [B * S, 3 * H * Dh]; isa: the kernel (attention_isa).
 void vision_attention(const py::array& qkv, int64_t B, int64_t S, int64_t heads, const py::object& key_mask,
-                      const py::array& out, const py::object& bf16_dot) {
+                      const py::array& out, const py::object& isa) {
     const std::string fn = "vision_attention";
     check_tiles(fn, B, S);
     if (qkv.ndim() != 2 || heads <= 0 || qkv.shape(1) % (3 * heads) || qkv.shape(1) == 0)
@@ -186,12 +201,10 @@ void vision_attention(const py::array& qkv, int64_t B, int64_t S, int64_t heads,
     check_no_overlap(fn, out, qkv, "qkv");
     a.key_mask = checked_key_mask(fn, key_mask, B, S);
     if (a.key_mask) check_no_overlap(fn, out, key_mask, "key_mask");
-    const bool dot = bf16_dot.is_none() ? smolvlm_cpu::vision_attention_default_bf16_dot() : bf16_dot.cast<bool>();
-    if (dot && !smolvlm_cpu::vision_attention_has_bf16_dot())
-        throw py::value_error(fn + ": this CPU (or build) has no AVX512-BF16");
+    const smolvlm_cpu::Bf16Isa kernel = attention_isa(fn, isa);
     py::gil_scoped_release release;
     smolvlm_cpu::VisionAttentionWork work;
-    smolvlm_cpu::vision_attention(a, dot, work, op);
+    smolvlm_cpu::vision_attention(a, kernel, work, op);
 }
 
 }  // namespace
@@ -213,10 +226,21 @@ void register_vision(py::module_& m) {
         .def_property_readonly("num_heads", &VisionEncoder::num_heads)
         .def("__len__", &VisionEncoder::num_layers);
     m.def("vision_attention", &vision_attention, py::arg("qkv"), py::arg("B"), py::arg("S"), py::arg("heads"),
-          py::arg("key_mask"), py::arg("out"), py::arg("bf16_dot") = py::none(),
+          py::arg("key_mask"), py::arg("out"), py::arg("isa") = py::none(),
           "the encoder's attention alone: out [B * S, H * Dh] from qkv [B * S, 3 * H * Dh] (q | k | v), bf16 "
-          "operands and probabilities, float32 softmax; bf16_dot: True (AVX512-BF16), False (float32 FMAs), None "
-          "(what the encoder uses)");
-    m.def("vision_attention_isa", [] { return smolvlm_cpu::vision_attention_default_bf16_dot() ? "avx512bf16" : "f32"; },
-          "the dot products the encoder's attention uses");
+          "operands and probabilities, float32 softmax; isa: the dot products, 'amx' (AMX tiles), 'amx-emulated' "
+          "(that kernel with each tile instruction in software), 'avx512bf16' (vdpbf16ps), 'f32' (float32 FMAs), "
+          "or None (what the encoder uses); one this CPU cannot run raises ValueError");
+    m.def("vision_attention_isa",
+          [] { return smolvlm_cpu::bf16_isa_name(smolvlm_cpu::vision_attention_default_isa()); },
+          "the kernel the encoder's attention uses: 'amx', 'amx-emulated', 'avx512bf16' or 'f32'");
+    m.def(
+        "vision_attention_runnable",
+        [](const std::string& isa) {
+            using smolvlm_cpu::Bf16Isa;
+            for (const Bf16Isa k : {Bf16Isa::amx, Bf16Isa::amx_emulated, Bf16Isa::avx512bf16, Bf16Isa::f32})
+                if (isa == smolvlm_cpu::bf16_isa_name(k)) return smolvlm_cpu::vision_attention_runnable(k);
+            throw py::value_error("vision_attention_runnable: not a kernel name: " + isa);
+        },
+        py::arg("isa"), "whether this CPU can run that attention kernel (see vision_attention)");
 }

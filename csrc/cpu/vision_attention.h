@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "bf16_gemm.h"  // Bf16Isa
+
 namespace smolvlm_cpu {
 
 struct VisionAttention {
@@ -22,13 +24,19 @@ struct VisionAttentionWork {
     std::vector<float> bias;
 };
 
-// out [B * S, H * Dh] (row r: the heads side by side). bf16_dot: AVX512-BF16 dot products (vdpbf16ps), else
-// float32 FMAs over the same bf16 values (the same result up to float32 summation order). On the thread pool.
-void vision_attention(const VisionAttention& a, bool bf16_dot, VisionAttentionWork& work, float* out);
+// out [B * S, H * Dh] (row r: the heads side by side), on the thread pool. isa picks the kernel; all of them do the
+// arithmetic above with the same 64-key softmax blocks and differ only in float32 summation order:
+//   amx           QK^T and PV on the AMX tile unit (_tile_dpbf16ps)
+//   amx_emulated  that kernel's loop with each tile instruction done in software (amx_tiles.h): tests, any CPU
+//   avx512bf16    vdpbf16ps register tiles
+//   f32           float32 FMAs over the same bf16 values
+// One that vision_attention_runnable says this CPU cannot run falls back to f32.
+void vision_attention(const VisionAttention& a, Bf16Isa isa, VisionAttentionWork& work, float* out);
 
-// Whether this CPU and build can run bf16_dot (AVX-512 build, AVX512-BF16 on the CPU).
-bool vision_attention_has_bf16_dot();
-// What the encoder uses: bf16_dot where the CPU has it, unless SMOLVLM_FAST_CPU_ISA=f32 (read once).
-bool vision_attention_default_bf16_dot();
+// Whether this CPU, OS and build can run isa's kernel (amx: AMX-TILE, AMX-BF16 and Linux's permission).
+bool vision_attention_runnable(Bf16Isa isa);
+// What the encoder uses: the products' kernel, bf16_isa() (the best runnable one, capped by SMOLVLM_FAST_CPU_ISA
+// or set by bf16_set_isa), so that one switch moves both.
+Bf16Isa vision_attention_default_isa();
 
 }  // namespace smolvlm_cpu

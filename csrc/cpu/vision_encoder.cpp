@@ -48,7 +48,7 @@ void vision_encoder(const std::vector<VisionLayer>& layers, const float* post_w,
     VisionAttentionWork work;
     const int64_t Dh = D / c.H;
     const float scale = 1.f / std::sqrt(static_cast<float>(Dh));
-    const bool bf16_dot = vision_attention_default_bf16_dot();
+    const Bf16Isa attn_isa = vision_attention_default_isa();  // the products' kernel (AMX where runnable)
     using T = VisionTimes;
 
     for (const VisionLayer& w : layers) {
@@ -59,7 +59,7 @@ void vision_encoder(const std::vector<VisionLayer>& layers, const float* post_w,
             timed(t, &T::norms, [&] { layer_norm(xg, w.ln1_w, w.ln1_b, c.eps, rows, D, h.get()); });
             timed(t, &T::qkv,
                   [&] { bf16_gemm(h.get(), rows, D, w.qkv, w.qkv_b, Epilogue::none, false, qkv.get(), 3 * D); });
-            timed(t, &T::attention, [&] { vision_attention(attn, bf16_dot, work, h.get()); });
+            timed(t, &T::attention, [&] { vision_attention(attn, attn_isa, work, h.get()); });
             timed(t, &T::out_proj, [&] { bf16_gemm(h.get(), rows, D, w.out, w.out_b, Epilogue::none, true, xg, D); });
         }
         for (int64_t r0 = 0; r0 < M; r0 += block) {
