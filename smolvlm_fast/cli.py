@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_image_flags(gen)
     add_caption_command(commands)
     add_serve_command(commands)
+    add_demo_command(commands)
     add_bench_command(commands)
     add_doctor_command(commands)
     return parser
@@ -205,7 +206,22 @@ def add_serve_command(commands) -> None:
     add_image_flags(srv)  # the server's defaults; a request's image_url.detail overrides --detail
     add_limit_flags(srv.add_argument_group("limits", "a request over one gets an OpenAI-style 400 error (413 for "
                                                      "the body)"))
+    add_serve_ray_flags(srv)
     srv.set_defaults(run=run_serve)
+
+
+def add_serve_ray_flags(srv) -> None:
+    group = srv.add_argument_group("ray", "serve on Ray Serve (pip install 'smolvlm_fast[ray]'): N replicas, one LLM "
+                                          "each, a request's image or prompt prefix kept on one replica")
+    group.add_argument("--ray", action="store_true", help="serve with Ray Serve instead of one process")
+    group.add_argument("--replicas", type=int, default=2, metavar="N", help="engine replicas (default: 2)")
+    group.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="join this cluster (auto: the one `ray start` made on this machine); default: start a "
+                            "local Ray on this machine's CPUs")
+    group.add_argument("--ray-cpus-per-replica", type=float, default=None, metavar="N",
+                       help="CPUs each replica reserves and sizes its threads to (default: the cluster's / N)")
+    group.add_argument("--ray-gpus-per-replica", type=float, default=0, metavar="N",
+                       help="GPUs each replica reserves (default: 0; 1 with --device cuda)")
 
 
 def add_limit_flags(group) -> None:
@@ -233,6 +249,10 @@ def run_serve(args) -> int:
     except ImportError as e:
         raise SmolVLMError(f"the server needs its extra: pip install 'smolvlm_fast[server]' ({e})") from None
     limits = Limits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Limits)})
+    if args.ray:
+        from .ray.cli import run
+        return run(args, limits, dict(backend=args.backend, device=args.device, dtype=args.dtype,
+                                      quantize=args.quantize, **image_budget_of(args).llm_options()))
     serve(args.model, host=args.host, port=args.port, model_name=args.served_model_name,
           allowed_local_dir=args.allowed_local_dir, allow_remote_urls=args.allow_remote_urls, limits=limits,
           allowed_domains=tuple(h.strip() for h in args.allowed_image_domains.split(",") if h.strip()),
@@ -240,6 +260,40 @@ def run_serve(args) -> int:
           **image_budget_of(args).llm_options())
     return 0
 
+
+
+def add_demo_command(commands) -> None:
+    demo = commands.add_parser("demo", help="a web page (Gradio) to ask about an image and watch the answer stream "
+                                            "in; every user shares the one engine")
+    demo.add_argument("model", nargs="?", default=None,
+                      help=f"checkpoint directory, .gguf file or hub id ({DEFAULT_MODEL_NOTE}, text-only)")
+    demo.add_argument("--host", default="127.0.0.1",
+                      help="address to listen on (default: 127.0.0.1, this machine only)")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--backend", choices=("torch", "numpy"), default=None, help=BACKEND_HELP)
+    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    demo.add_argument("--dtype", default=None, help=DTYPE_HELP)
+    demo.add_argument("--quantize", choices=("int4",), default=None, help="the decoder's linear layers in int4")
+    demo.add_argument("--concurrency", type=int, default=16, metavar="N",
+                      help="questions answered at once, batched by the one engine (default: 16)")
+    demo.add_argument("--max-image-bytes", type=int, default=10 << 20, metavar="N",
+                      help="bytes of one uploaded image (default: 10 MiB)")
+    demo.add_argument("--max-image-pixels", type=int, default=40_000_000, metavar="N",
+                      help="width x height of one uploaded image (default: 40 million)")
+    demo.add_argument("--max-video-bytes", type=int, default=32 << 20, metavar="N",
+                      help="bytes of one uploaded video (default: 32 MiB)")
+    add_kernels_flag(demo)
+    add_image_flags(demo)
+    demo.set_defaults(run=run_demo)
+
+
+def run_demo(args) -> int:
+    image_budget_of(args)  # a bad --max-image-tiles is a usage error before the model loads
+    try:
+        from .serving.demo import run
+    except ImportError as e:
+        raise SmolVLMError(f"the demo needs its extra: pip install 'smolvlm_fast[demo]' ({e})") from None
+    return run(args)
 
 
 class TimedStreamer:

@@ -121,14 +121,17 @@ def size_threads(threads: int) -> None:
 
 # ---------------------------------------------------------------- the driver
 
-def init_ray(address: str | None):
+def init_ray(address: str | None, part: str = "data"):
     """Join the cluster at address ('auto': the one `ray start` made here), else start a local one on this
-    process's CPUs. Returns the ray module."""
+    process's CPUs. part: the half of Ray the caller needs ("data" here, "serve" for the server), each its own
+    extra of Ray's. Returns the ray module."""
+    import importlib
+
     try:
         import ray
-        import ray.data  # noqa: F401  the pipeline's half of Ray, a separate extra
+        importlib.import_module(f"ray.{part}")
     except ImportError as e:
-        raise SmolVLMError(f"--ray needs Ray Data: pip install 'smolvlm_fast[ray]' ({e})") from None
+        raise SmolVLMError(f"--ray needs Ray {part.title()}: pip install 'smolvlm_fast[ray]' ({e})") from None
     if not ray.is_initialized():
         if address:
             ray.init(address=address)
