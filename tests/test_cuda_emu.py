@@ -13,6 +13,7 @@ smolvlm_fast/ops/reference.py under test_cuda_kernels.py's rule (twice the plain
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 
@@ -130,8 +131,17 @@ def test_paged_attention(emulated, seed, dtype, seq_lens, heads, head_dim, rotar
     assert not out.isnan().any(), f"{int(out.isnan().sum())} NaN outputs (unwritten, or a poisoned input read)"
     err = error(out, expect)
     plain = paged_pytorch_error(args, kwargs, dtype, expect) if dtype != torch.float32 else 0.0
-    limit = 1e-5 * expect.abs().max().item() if dtype == torch.float32 else 2 * plain + 1e-6
+    limit = 1e-5 * expect.abs().max().item() if dtype == torch.float32 else low_precision_limit(plain, expect, dtype)
     assert err <= limit, f"{dtype} error {err:.3g} > {limit:.3g}"
+
+
+def low_precision_limit(plain: float, expect: torch.Tensor, dtype) -> float:
+    """Twice the plain PyTorch op's error, plus the output's own rounding (half a unit in the last place of the
+    largest output): both round every output once to dtype, and the plain op's largest error may fall where its
+    rounding happened to be small, so doubling it does not cover the kernel's rounding on top of its arithmetic
+    (seed 3874289526 of the 15/5-head, d80 fp16 decode case: 0.00142 against 2 x 0.00070)."""
+    half_ulp = torch.finfo(dtype).eps / 2 * 2.0 ** math.floor(math.log2(expect.abs().max().item() or 1.0))
+    return 2 * plain + half_ulp + 1e-6
 
 
 @pytest.mark.parametrize("dtype", ALL)
@@ -147,7 +157,7 @@ def test_paged_attention_reads_every_key_past_max_seq_len(emulated, seed, dtype,
     emulated["paged_attention"](*low, **kwargs, out=out, max_seq_len=max_seq_len, split_size=split_size)
     assert not out.isnan().any()
     plain = paged_pytorch_error(args, kwargs, dtype, expect) if dtype != torch.float32 else 0.0
-    limit = 1e-5 * expect.abs().max().item() if dtype == torch.float32 else 2 * plain + 1e-6
+    limit = 1e-5 * expect.abs().max().item() if dtype == torch.float32 else low_precision_limit(plain, expect, dtype)
     assert error(out, expect) <= limit, f"{dtype}: max_seq_len {max_seq_len} dropped keys"
 
 
